@@ -1,0 +1,458 @@
+"""Model layer: backbone loading, the three adapters (LoRA, AdaLoRA, GLoRA) on PEFT, and GLoRA's allocation and rebuild.
+
+GLoRA here is *gradient-norm aware rank allocation* on top of PEFT's own LoRA; it is unrelated to PEFT's
+"GLoRA" (Generalized LoRA), which this project never imports.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import AdaLoraConfig, LoraConfig, PeftModel, TaskType, get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+ADAPTER = "default"
+
+
+class ModelError(ValueError):
+    """A model folder, hub id or adapter setting that cannot work: the message says which and why."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backbone.
+
+def load_backbone(backbone: str, num_labels: int, cache_dir: str):
+    """Tokenizer and sequence-classification model from a hub id (cached in cache_dir) or a save_pretrained folder."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    looks_local = backbone.startswith((".", "/", "~")) or Path(backbone).exists()
+    if looks_local and not (Path(backbone).expanduser() / "config.json").is_file():
+        raise ModelError(f"model folder {backbone!r} not found or has no config.json "
+                         f"(model.backbone must be a hub id or a save_pretrained folder)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(backbone, cache_dir=cache_dir)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            backbone, num_labels=num_labels, cache_dir=cache_dir, ignore_mismatched_sizes=True,  # a fresh task head
+            problem_type="regression" if num_labels == 1 else "single_label_classification")
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"could not load model {backbone!r} (hub or {cache_dir}): {first}") from None
+    return tokenizer, model
+
+
+def target_module_names(model: nn.Module, target_modules: str) -> list[str]:
+    """Names of the Linear layers PEFT will adapt (PEFT full-matches a string target against module names)."""
+    pattern = re.compile(target_modules)
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.fullmatch(n)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Adapter configs: one switch for the three methods.
+
+def adapter_kind(cfg) -> str:
+    """'lora', 'adalora' or 'glora' (GLoRA is a LoRA whose run config has a glo_ra section)."""
+    kind = cfg.model.peft.type
+    if kind not in ("lora", "adalora"):
+        raise ModelError(f"model.peft.type={kind!r}: use lora or adalora")
+    if kind == "adalora" and "adalora" not in cfg:
+        raise ModelError("model.peft.type=adalora needs an adalora section in the run config")
+    if kind == "lora" and "glo_ra" in cfg:
+        return "glora"
+    return kind
+
+
+def resolve_glora_budget(glo_ra, n_matrices: int, init_rank: int) -> int:
+    """glo_ra.total_rank_budget as an int; 'uniform' means #matrices x init_rank (uniform LoRA's budget)."""
+    budget = glo_ra.total_rank_budget
+    if budget == "uniform":
+        return n_matrices * init_rank
+    if not isinstance(budget, int) or isinstance(budget, bool):
+        raise ModelError(f"glo_ra.total_rank_budget={budget!r}: an integer or 'uniform'")
+    return budget
+
+
+def check_budget(cfg, base_model: nn.Module, total_steps: int) -> None:
+    """Fail at start-up, before training, when the method's schedule or rank budget cannot be met."""
+    p = cfg.model.peft
+    names = target_module_names(base_model, p.target_modules)
+    n = len(names)
+    if n == 0:
+        raise ModelError(f"model.peft.target_modules matches no Linear layer of {cfg.model.backbone!r}")
+    kind = adapter_kind(cfg)
+    if kind == "adalora":
+        a = cfg.adalora
+        if a.init_rank != p.init_rank:
+            raise ModelError(f"adalora.init_rank={a.init_rank} differs from model.peft.init_rank={p.init_rank}")
+        init_budget = n * a.init_rank
+        if not 0 < a.total_rank_budget < init_budget:
+            raise ModelError(f"adalora.total_rank_budget={a.total_rank_budget} is infeasible: it must lie in "
+                             f"(0, {init_budget}) = #matrices ({n}) x init_rank ({a.init_rank})")
+        # PEFT scores at steps < total - final_steps and masks to the final budget at step total - final_steps
+        if a.adaptation_start_step >= total_steps - a.final_steps or total_steps - a.final_steps < 2:
+            raise ModelError(f"AdaLoRA schedule leaves no budgeting phase: adaptation_start_step="
+                             f"{a.adaptation_start_step} >= total optimizer steps ({total_steps}) - final_steps="
+                             f"{a.final_steps}")
+    if kind == "glora":
+        g = cfg.glo_ra
+        budget = resolve_glora_budget(g, n, p.init_rank)
+        caps = _max_ranks(base_model, names, g.max_rank)
+        if g.min_rank < 1:
+            raise ModelError(f"glo_ra.min_rank={g.min_rank}: PEFT LoRA layers need rank >= 1")
+        if not n * g.min_rank <= budget <= sum(caps.values()):
+            raise ModelError(f"glo_ra.total_rank_budget={budget} is infeasible: it must lie in "
+                             f"[#matrices ({n}) x min_rank ({g.min_rank}) = {n * g.min_rank}, "
+                             f"sum of max ranks = {sum(caps.values())}]")
+        if not 1 <= g.warmup_steps < total_steps:
+            raise ModelError(f"glo_ra.warmup_steps={g.warmup_steps} must lie in [1, total optimizer steps "
+                             f"({total_steps})) so that the reallocation happens during training")
+        if not 0.0 <= g.beta_ema < 1.0:
+            raise ModelError(f"glo_ra.beta_ema={g.beta_ema} must lie in [0, 1)")
+        if g.score not in SCORES:
+            raise ModelError(f"glo_ra.score={g.score!r}: one of {sorted(SCORES)}")
+
+
+def _max_ranks(model: nn.Module, names: list[str], max_rank: int | None) -> dict[str, int]:
+    """Per-matrix rank cap: min(in, out) of the matrix, and glo_ra.max_rank when set."""
+    modules = dict(model.named_modules())
+    caps = {}
+    for n in names:
+        m = modules[n]
+        w = (m.get_base_layer() if hasattr(m, "get_base_layer") else m).weight
+        cap = min(w.shape)
+        caps[n] = cap if max_rank is None else min(cap, max_rank)
+    return caps
+
+
+def build_adapter(cfg, base_model: nn.Module, total_steps: int) -> PeftModel:
+    """Wrap the backbone in the run's PEFT adapter; classifier and pooler are trained and saved with it."""
+    p = cfg.model.peft
+    common = dict(task_type=TaskType.SEQ_CLS, target_modules=p.target_modules, lora_alpha=p.lora_alpha,
+                  lora_dropout=p.lora_dropout, modules_to_save=list(p.modules_to_save))
+    kind = adapter_kind(cfg)
+    if kind == "adalora":
+        a = cfg.adalora
+        n = len(target_module_names(base_model, p.target_modules))
+        config = AdaLoraConfig(
+            init_r=a.init_rank, target_r=max(1, math.ceil(a.total_rank_budget / n)), tinit=a.adaptation_start_step,
+            tfinal=a.final_steps, deltaT=a.mask_interval, beta1=a.beta1, beta2=a.beta2,
+            orth_reg_weight=a.orth_reg_weight, total_step=total_steps, **common)
+        model = get_peft_model(base_model, config)
+        # PEFT's target is target_r x #matrices, an integer multiple; the config's total budget is exact instead.
+        model.base_model.rankallocator.target_bgt = int(a.total_rank_budget)
+        return model
+    config = LoraConfig(r=p.init_rank, use_rslora=p.use_rslora, **common)
+    return get_peft_model(base_model, config)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parameter and rank accounting.
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
+    """Adapted layers by their name in the base model (PEFT's `base_model.model.` prefix removed)."""
+    return {_base_name(n): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def _base_name(name: str) -> str:
+    return name.removeprefix("base_model.model.")
+
+
+def current_ranks(model: nn.Module) -> dict[str, int]:
+    """Rank of every adapted matrix; for AdaLoRA the unmasked triplets of its latest rank pattern."""
+    pattern = getattr(model.peft_config[ADAPTER], "rank_pattern", None)
+    if isinstance(model.peft_config[ADAPTER], AdaLoraConfig) and pattern:
+        return {k.replace(f".lora_E.{ADAPTER}", "").removeprefix("base_model.model."): int(sum(v))
+                for k, v in pattern.items()}
+    return {n: int(m.r[ADAPTER]) for n, m in lora_layers(model).items()}
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Trainable parameters, split into adapter (lora_*) and head (classifier, pooler), plus the adapter's effective
+    size at the final ranks (AdaLoRA trains init_rank triplets and only prunes them by masking)."""
+    trainable = adapter = 0
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            trainable += p.numel()
+            adapter += p.numel() if ".lora_" in n else 0
+    effective = 0
+    ranks = current_ranks(model)
+    for n, layer in lora_layers(model).items():
+        base = layer.get_base_layer()
+        per_rank = base.in_features + base.out_features + (1 if hasattr(layer, "lora_E") else 0)
+        effective += ranks[n] * per_rank
+    return {"trainable_params": trainable, "adapter_params": adapter, "head_params": trainable - adapter,
+            "adapter_params_effective": effective}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GLoRA, step 3: the allocation (pure: no torch, no model).
+
+def allocate_ranks(scores: dict[str, float], total: int, min_rank: int = 1,
+                   max_rank: dict[str, int] | int | None = None) -> dict[str, int]:
+    """r_k = round(total * s_k) with s_k = g_k / sum_j g_j, within [min_rank, max_rank_k], summing to `total` exactly.
+
+    The real-valued target x_k = clip(lam * g_k, min, max) is found by bisection on lam (sum_k x_k = total), so the
+    bounds are met by shifting rank between the other matrices rather than by clipping after rounding. Rounding is
+    largest remainder: every x_k is floored, and the missing units go to the largest fractional parts (ties: higher
+    score, then name). Without binding bounds this is exactly round(total * s_k) corrected to the budget.
+    All-zero scores give a uniform split.
+    """
+    names = sorted(scores)
+    caps = {n: (max_rank.get(n, total) if isinstance(max_rank, dict) else (total if max_rank is None else max_rank))
+            for n in names}
+    if any(not math.isfinite(scores[n]) or scores[n] < 0 for n in names):
+        raise ValueError(f"scores must be finite and non-negative: {scores}")
+    if not len(names) * min_rank <= total <= sum(min(caps[n], total) for n in names):
+        raise ValueError(f"rank budget {total} is infeasible for {len(names)} matrices within "
+                         f"[{min_rank}, max_rank]")
+    top = max(scores.values())
+    # all-zero scores: uniform; otherwise a 1e-12 relative floor lets a zero-score matrix take rank beyond
+    # min_rank when the bounds leave no other way to meet the budget
+    scores = {n: 1.0 for n in names} if top == 0 else {n: scores[n] + 1e-12 * top for n in names}
+
+    def target(lam: float) -> dict[str, float]:
+        return {n: min(max(lam * scores[n], min_rank), caps[n]) for n in names}
+
+    lo, hi = 0.0, 1.0
+    while sum(target(hi).values()) < total:
+        hi *= 2.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if sum(target(mid).values()) < total else (lo, mid)
+    x = target(hi)
+    ranks = {n: min(max(math.floor(x[n] + 1e-9), min_rank), caps[n]) for n in names}
+    missing = total - sum(ranks.values())
+    order = sorted((n for n in names if ranks[n] < caps[n]), key=lambda n: (-(x[n] - ranks[n]), -scores[n], n))
+    for n in order[:max(missing, 0)]:
+        ranks[n] += 1
+    while sum(ranks.values()) > total:  # float slack at a bound: take back from the smallest remainders
+        n = min((n for n in names if ranks[n] > min_rank), key=lambda n: (x[n] - ranks[n], scores[n], n))
+        ranks[n] -= 1
+    assert sum(ranks.values()) == total, (ranks, total)
+    return ranks
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GLoRA, step 4: the function-preserving rebuild.
+
+def component_importance(layer: LoraLayer) -> torch.Tensor:
+    """Importance of each rank-1 component i of B @ A: ||b_i|| * ||a_i|| (the Frobenius norm of its contribution)."""
+    a = layer.lora_A[ADAPTER].weight  # (r, in)
+    b = layer.lora_B[ADAPTER].weight  # (out, r)
+    return a.norm(dim=1) * b.norm(dim=0)
+
+
+@torch.no_grad()
+def rebuild_lora_layer(layer: LoraLayer, new_rank: int, config: LoraConfig) -> tuple[torch.Tensor, nn.Parameter,
+                                                                                      nn.Parameter]:
+    """Resize one PEFT LoRA layer in place and return (kept component indices, old A, old B).
+
+    Kept components (the most important ones, in their original order) keep their values; added ones get LoRA's
+    init (A kaiming-uniform, B = 0, so they contribute nothing yet); dropped ones go. alpha is rescaled so PEFT's
+    `scaling` (alpha / r, or alpha / sqrt(r) with rsLoRA) does not change with r.
+    """
+    if config.lora_bias:
+        raise ModelError("GLoRA rebuild does not support lora_bias=True")
+    old_a, old_b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+    r_old = old_a.shape[0]
+    scaling = layer.scaling[ADAPTER]
+    keep_n = min(r_old, new_rank)
+    keep = torch.argsort(component_importance(layer), descending=True, stable=True)[:keep_n].sort().values
+    alpha = scaling * (math.sqrt(new_rank) if config.use_rslora else new_rank)
+    layer.update_layer(ADAPTER, new_rank, lora_alpha=alpha, config=config)
+    new_a, new_b = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
+    # update_layer casts to the base layer's dtype; keep the adapter's own dtype (fp32 under bf16 autocast).
+    new_a.to(device=old_a.device, dtype=old_a.dtype)
+    new_b.to(device=old_b.device, dtype=old_b.dtype)
+    new_a.weight[:keep_n] = old_a[keep]
+    new_b.weight[:, :keep_n] = old_b[:, keep]
+    layer.scaling[ADAPTER] = scaling  # exact: alpha / r can differ from `scaling` in the last bit
+    return keep, old_a, old_b
+
+
+def _move_optimizer_state(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter,
+                          keep: torch.Tensor, dim: int) -> None:
+    """Point the optimizer at `new` instead of `old`: moments of kept components are carried (sliced along `dim`),
+    moments of added components start at zero, scalars such as AdamW's step count are kept."""
+    for group in optimizer.param_groups:
+        group["params"] = [new if p is old else p for p in group["params"]]
+    state = optimizer.state.pop(old, None)
+    if not state:
+        return
+    carried = {}
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.shape == old.shape:
+            fresh = torch.zeros_like(new)
+            fresh.narrow(dim, 0, keep.numel()).copy_(value.index_select(dim, keep.to(value.device)))
+            carried[key] = fresh
+        else:
+            carried[key] = value.clone() if torch.is_tensor(value) else value
+    optimizer.state[new] = carried
+
+
+def rebuild_lora_layers(model: PeftModel, new_ranks: dict[str, int],
+                        optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+    """Rebuild every adapted layer whose rank changes, carry its optimizer state, and record the new ranks and alphas
+    in the LoraConfig's rank_pattern / alpha_pattern so that `save_pretrained` writes a stock PEFT adapter.
+
+    Returns the old ranks."""
+    config = model.peft_config[ADAPTER]
+    layers = lora_layers(model)
+    old_ranks = {n: int(m.r[ADAPTER]) for n, m in layers.items()}
+    if set(new_ranks) != set(layers):
+        raise ValueError("new_ranks must name exactly the adapted layers")
+    rank_pattern, alpha_pattern = dict(config.rank_pattern or {}), dict(config.alpha_pattern or {})
+    for name, layer in layers.items():
+        if new_ranks[name] == old_ranks[name]:
+            continue
+        keep, old_a, old_b = rebuild_lora_layer(layer, new_ranks[name], config)
+        if optimizer is not None:
+            _move_optimizer_state(optimizer, old_a, layer.lora_A[ADAPTER].weight, keep, dim=0)
+            _move_optimizer_state(optimizer, old_b, layer.lora_B[ADAPTER].weight, keep, dim=1)
+        rank_pattern[name] = int(new_ranks[name])
+        alpha_pattern[name] = float(layer.lora_alpha[ADAPTER])
+    config.rank_pattern, config.alpha_pattern = rank_pattern, alpha_pattern
+    return old_ranks
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-optimizer-step hooks: the one place where the three methods differ inside the training loop.
+
+def _score_grad_norm(params, grads):
+    return torch.stack(torch._foreach_norm(grads))
+
+
+def _score_per_param(params, grads):
+    return torch.stack(torch._foreach_norm(grads)) / torch.tensor(
+        [math.sqrt(p.numel()) for p in params], device=grads[0].device)
+
+
+def _score_sensitivity(params, grads):
+    return torch.stack(torch._foreach_norm(torch._foreach_mul(params, grads)))
+
+
+# Each returns one value per tensor (A_k, B_k interleaved); a matrix's score combines its A and B as sqrt(a^2 + b^2).
+SCORES = {
+    "grad_norm": _score_grad_norm,              # ||dL/dA||_F, ||dL/dB||_F: the hypothesis as stated
+    "grad_norm_per_param": _score_per_param,    # divided by sqrt(numel): RMS gradient, removes the width bias
+    "sensitivity": _score_sensitivity,          # ||theta * dL/dtheta||_F, as AdaLoRA's importance
+}
+
+
+class AdapterHook:
+    """Plain LoRA: nothing to do. The loop calls, once per optimizer step:
+    `on_gradients(step)` after backward/accumulation/unscaling and before clipping, then
+    `optimizer.step(); scheduler.step(); event = on_optimizer_step(step)` before `optimizer.zero_grad()`."""
+
+    def __init__(self, model: PeftModel):
+        self.model = model
+
+    def on_gradients(self, step: int) -> None:
+        pass
+
+    def on_optimizer_step(self, step: int) -> dict | None:
+        return None
+
+    def summary(self) -> dict:
+        return {}
+
+
+class AdaLoraHook(AdapterHook):
+    """PEFT's RankAllocator: importance scores and budget masking (after step, before zero_grad: it reads p.grad)."""
+
+    def on_optimizer_step(self, step: int) -> dict | None:
+        self.model.base_model.update_and_allocate(step)
+        return None
+
+
+@dataclass
+class GloraHook(AdapterHook):
+    """GLoRA: an EMA of each matrix's adapter gradient norm during warm-up, then one reallocation and rebuild.
+
+    The EMA lives on the device and is updated with fused foreach ops, so warm-up adds no host sync per step; after
+    the reallocation the hook does nothing and the step costs what LoRA's costs.
+    """
+
+    model: PeftModel
+    optimizer: torch.optim.Optimizer
+    total_rank_budget: int
+    warmup_steps: int
+    beta_ema: float = 0.9
+    score: str = "grad_norm"
+    min_rank: int = 1
+    max_rank: int | None = None
+    names: list[str] = field(init=False)
+    ema: torch.Tensor = field(init=False)
+    n_updates: int = field(init=False, default=0)
+    event: dict | None = field(init=False, default=None)
+
+    def __post_init__(self):
+        layers = lora_layers(self.model)
+        self.names = list(layers)
+        self._tensors = [t for n in self.names
+                         for t in (layers[n].lora_A[ADAPTER].weight, layers[n].lora_B[ADAPTER].weight)]
+        self.ema = torch.zeros(len(self.names), device=self._tensors[0].device)
+        self._score_fn = SCORES[self.score]
+
+    def on_gradients(self, step: int) -> None:
+        if self.event is not None or step > self.warmup_steps:
+            return
+        grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in self._tensors]  # no grad: 0
+        per_tensor = self._score_fn(self._tensors, [g.float() for g in grads]).float()
+        g = per_tensor.view(-1, 2).square().sum(dim=1).sqrt()  # (K,): A and B together
+        ema = self.beta_ema * self.ema + (1 - self.beta_ema) * g
+        # A step with non-finite gradients is skipped, without a host sync.
+        self.ema = torch.where(torch.isfinite(g).all(), ema, self.ema)
+        self.n_updates += 1
+
+    def on_optimizer_step(self, step: int) -> dict | None:
+        if self.event is not None or step != self.warmup_steps:
+            return None
+        return self.reallocate(step)
+
+    def reallocate(self, step: int) -> dict:
+        """Steps 3 and 4: shares of the budget from the EMA scores, then the in-place rebuild."""
+        device = self.ema.device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        tic = time.perf_counter()
+        scores = dict(zip(self.names, self.ema.tolist()))
+        caps = _max_ranks(self.model.base_model.model, self.names, self.max_rank)
+        new_ranks = allocate_ranks(scores, self.total_rank_budget, self.min_rank, caps)
+        before = parameter_counts(self.model)["trainable_params"]
+        old_ranks = rebuild_lora_layers(self.model, new_ranks, self.optimizer)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - tic
+        total = sum(scores.values()) or 1.0
+        self.event = {"step": step, "score": self.score, "scores": scores,
+                      "shares": {n: s / total for n, s in scores.items()},
+                      "old_ranks": old_ranks, "new_ranks": new_ranks, "total_rank_budget": self.total_rank_budget,
+                      "realloc_seconds": seconds, "trainable_params_before": before,
+                      "trainable_params_after": parameter_counts(self.model)["trainable_params"]}
+        self._tensors = []  # warm-up is over: drop references to the replaced parameters
+        return self.event
+
+    def summary(self) -> dict:
+        if self.event is None:
+            return {"realloc_step": None}
+        return {"realloc_step": self.event["step"], "realloc_seconds": self.event["realloc_seconds"],
+                "trainable_params_initial": self.event["trainable_params_before"]}
+
+
+def make_hook(cfg, model: PeftModel, optimizer: torch.optim.Optimizer) -> AdapterHook:
+    """The method switch for the training loop."""
+    kind = adapter_kind(cfg)
+    if kind == "adalora":
+        return AdaLoraHook(model)
+    if kind == "glora":
+        g = cfg.glo_ra
+        n = len(lora_layers(model))
+        return GloraHook(model, optimizer, resolve_glora_budget(g, n, cfg.model.peft.init_rank), g.warmup_steps,
+                         g.beta_ema, g.score, g.min_rank, g.max_rank)
+    return AdapterHook(model)

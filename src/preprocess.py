@@ -1,0 +1,234 @@
+"""Data layer: GLUE tasks from the hub or from a local GLUE folder, tokenisation, loaders and metrics."""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding
+
+
+class DataError(ValueError):
+    """Bad or missing data: the message names the file (and line) at fault."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    hub_config: str                 # nyu-mll/glue config name
+    folder: str                     # official GLUE folder name
+    hub_keys: tuple[str, str | None]
+    tsv_keys: tuple[str, str | None] | tuple[int, int | None]  # header names (or column numbers for CoLA)
+    tsv_label: str | int
+    labels: tuple[str, ...] | None  # file label strings in the hub's id order; None: regression
+    dev_files: dict[str, str]       # eval split -> file name
+    glue_metric: str                # the number the AdaLoRA paper reports for this task
+
+    @property
+    def is_regression(self) -> bool:
+        return self.labels is None
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.labels is None else len(self.labels)
+
+
+_DEV = {"validation": "dev.tsv"}
+TASKS: dict[str, TaskSpec] = {
+    "cola": TaskSpec("cola", "CoLA", ("sentence", None), (3, None), 1, ("0", "1"), _DEV, "mcc"),
+    "sst2": TaskSpec("sst2", "SST-2", ("sentence", None), ("sentence", None), "label", ("0", "1"), _DEV, "accuracy"),
+    "mrpc": TaskSpec("mrpc", "MRPC", ("sentence1", "sentence2"), ("#1 String", "#2 String"), "Quality",
+                     ("0", "1"), _DEV, "accuracy"),
+    "qqp": TaskSpec("qqp", "QQP", ("question1", "question2"), ("question1", "question2"), "is_duplicate",
+                    ("0", "1"), _DEV, "accuracy_f1_mean"),
+    "stsb": TaskSpec("stsb", "STS-B", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "score",
+                     None, _DEV, "pearson"),
+    "mnli": TaskSpec("mnli", "MNLI", ("premise", "hypothesis"), ("sentence1", "sentence2"), "gold_label",
+                     ("entailment", "neutral", "contradiction"),
+                     {"validation": "dev_matched.tsv", "validation_mm": "dev_mismatched.tsv"}, "accuracy_m_mm_mean"),
+    "qnli": TaskSpec("qnli", "QNLI", ("question", "sentence"), ("question", "sentence"), "label",
+                     ("entailment", "not_entailment"), _DEV, "accuracy"),
+    "rte": TaskSpec("rte", "RTE", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label",
+                    ("entailment", "not_entailment"), _DEV, "accuracy"),
+    "wnli": TaskSpec("wnli", "WNLI", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label",
+                     ("0", "1"), _DEV, "accuracy"),
+}
+HUB_EVAL_SPLITS = {"validation": "validation", "validation_mm": "validation_mismatched"}
+
+
+def task_spec(dataset_name: str) -> tuple[str, TaskSpec]:
+    """`glue_mnli` -> ("mnli", spec); a clear error for anything else."""
+    task = dataset_name.removeprefix("glue_")
+    if not dataset_name.startswith("glue_") or task not in TASKS:
+        raise DataError(f"dataset.name={dataset_name!r} is not a GLUE task; use one of "
+                        f"{', '.join('glue_' + t for t in TASKS)}")
+    return task, TASKS[task]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading: official GLUE TSV folders, or the hub.
+
+def read_glue_tsv(path: Path, spec: TaskSpec) -> dict[str, list]:
+    """Parse one official GLUE TSV file into text_a / text_b / label columns.
+
+    GLUE files are unquoted tab-separated text (quotes are literal), so csv runs with QUOTE_NONE. Every row must have
+    exactly the header's number of fields and a label of the task's label set: anything else is a DataError naming
+    the file and line.
+    """
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    rows: dict[str, list] = {"text_a": [], "text_b": [], "label": []}
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = None if isinstance(spec.tsv_label, int) else next(reader, None)
+        if header is not None:
+            missing = [k for k in (*spec.tsv_keys, spec.tsv_label) if k is not None and k not in header]
+            if missing:
+                raise DataError(f"{path}:1: header lacks column(s) {missing} for task {spec.folder}; got {header}")
+            cols = [header.index(k) if k is not None else None for k in (*spec.tsv_keys, spec.tsv_label)]
+            n_fields = len(header)
+        else:
+            cols, n_fields = [*spec.tsv_keys, spec.tsv_label], None
+        for row in reader:
+            line = reader.line_num
+            if not row:
+                continue
+            if n_fields is None:
+                n_fields = len(row)
+            if len(row) != n_fields:
+                raise DataError(f"{path}:{line}: malformed row: expected {n_fields} tab-separated fields, "
+                                f"found {len(row)}")
+            a, b, raw = (row[c] if c is not None else None for c in cols)
+            rows["text_a"].append(a)
+            rows["text_b"].append(b)
+            rows["label"].append(_parse_label(raw, spec, path, line))
+    if not rows["label"]:
+        raise DataError(f"{path}: no data rows")
+    if spec.tsv_keys[1] is None:
+        del rows["text_b"]
+    return rows
+
+
+def _parse_label(raw: str, spec: TaskSpec, path: Path, line: int) -> float | int:
+    if spec.is_regression:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise DataError(f"{path}:{line}: label {raw!r} is not a number (task {spec.folder} is regression)")
+        if not math.isfinite(value):
+            raise DataError(f"{path}:{line}: label {raw!r} is not finite")
+        return value
+    raw = raw.strip()
+    if raw not in spec.labels:
+        raise DataError(f"{path}:{line}: label {raw!r} does not belong to task {spec.folder} "
+                        f"(expected one of {list(spec.labels)})")
+    return spec.labels.index(raw)
+
+
+def load_glue(task: str, data_dir: str | None, cache_dir: str) -> DatasetDict:
+    """Train and eval splits with columns text_a, (text_b), label, idx.
+
+    `data_dir` is a GLUE folder in the official layout (SST-2/train.tsv, MNLI/dev_matched.tsv, ...); None loads
+    nyu-mll/glue from the hub into `cache_dir`.
+    """
+    spec = TASKS[task]
+    if data_dir is None:
+        return _load_glue_hub(spec, cache_dir)
+    folder = Path(data_dir) / spec.folder
+    if not folder.is_dir():
+        raise DataError(f"GLUE folder not found: {folder} (dataset.data_dir={data_dir!r}; expected the official "
+                        f"layout, e.g. {Path(data_dir) / spec.folder / 'train.tsv'})")
+    files = {"train": "train.tsv", **spec.dev_files}
+    splits = {split: Dataset.from_dict(read_glue_tsv(folder / name, spec)) for split, name in files.items()}
+    return DatasetDict({k: v.add_column("idx", list(range(len(v)))) for k, v in splits.items()})
+
+
+def _load_glue_hub(spec: TaskSpec, cache_dir: str) -> DatasetDict:
+    from datasets import load_dataset
+
+    try:
+        raw = load_dataset("nyu-mll/glue", spec.hub_config, cache_dir=cache_dir)
+    except (ConnectionError, OSError) as e:
+        raise DataError(f"could not load nyu-mll/glue/{spec.hub_config} from the hub or {cache_dir}: "
+                        f"{str(e).splitlines()[0]}; for local files pass dataset.data_dir=<GLUE folder>") from None
+    out = {}
+    for split in ("train", *spec.dev_files):
+        ds = raw[HUB_EVAL_SPLITS.get(split, split)]
+        a, b = spec.hub_keys
+        cols = {"text_a": ds[a], "label": ds["label"], "idx": list(range(len(ds)))}
+        if b is not None:
+            cols["text_b"] = ds[b]
+        out[split] = Dataset.from_dict(cols)
+    return DatasetDict(out)
+
+
+def subsample(ds: Dataset, n: int | None, seed: int = 0) -> Dataset:
+    """The first n rows of a fixed permutation (seed 0 by default): the same subset for every method and run seed."""
+    if n is None or n >= len(ds):
+        return ds
+    return ds.shuffle(seed=seed).select(range(n))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenisation and loaders.
+
+def tokenize(ds: DatasetDict, tokenizer, max_length: int) -> DatasetDict:
+    def encode(batch):
+        texts = (batch["text_a"],) if "text_b" not in batch else (batch["text_a"], batch["text_b"])
+        return tokenizer(*texts, truncation=True, max_length=max_length)
+
+    drop = [c for c in ("text_a", "text_b") if c in ds["train"].column_names]
+    out = ds.map(encode, batched=True, remove_columns=drop, desc="tokenize")
+    return out.rename_column("label", "labels")
+
+
+def make_loaders(ds: DatasetDict, tokenizer, batch_size: int, eval_batch_size: int, seed: int,
+                 num_workers: int = 0) -> tuple[DataLoader, dict[str, DataLoader]]:
+    """Shuffled train loader driven by its own seeded generator, so every method sees the same data order for a
+    given seed whatever its parameter initialisation consumed from the global RNG."""
+    collate = DataCollatorWithPadding(tokenizer)
+    ds = ds.with_format("torch")
+    generator = torch.Generator().manual_seed(seed)
+    train = DataLoader(ds["train"], batch_size=batch_size, shuffle=True, generator=generator,
+                       collate_fn=collate, num_workers=num_workers)
+    evals = {split: DataLoader(ds[split], batch_size=eval_batch_size, shuffle=False, collate_fn=collate,
+                               num_workers=num_workers)
+             for split in ds if split != "train"}
+    return train, evals
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics (scikit-learn / scipy: `evaluate.load("glue")` would need the hub).
+
+def compute_metrics(spec: TaskSpec, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Task metrics for one eval split: accuracy and MCC (and F1 for MRPC/QQP), or Pearson/Spearman for STS-B."""
+    if spec.is_regression:
+        return {"pearson": float(pearsonr(predictions, labels)[0]),
+                "spearman": float(spearmanr(predictions, labels)[0])}
+    out = {"accuracy": float(accuracy_score(labels, predictions)),
+           "mcc": float(matthews_corrcoef(labels, predictions))}
+    if spec.folder in ("MRPC", "QQP"):
+        out["f1"] = float(f1_score(labels, predictions))
+    return out
+
+
+def glue_score(spec: TaskSpec, metrics: dict[str, float]) -> float:
+    """The task's number in the AdaLoRA paper's GLUE average: MNLI mean of m/mm accuracy, QQP mean of accuracy/F1,
+    CoLA MCC, STS-B Pearson, the rest accuracy."""
+    if spec.glue_metric == "accuracy_m_mm_mean":
+        return (metrics["accuracy"] + metrics["accuracy_mm"]) / 2
+    if spec.glue_metric == "accuracy_f1_mean":
+        return (metrics["accuracy"] + metrics["f1"]) / 2
+    return metrics[spec.glue_metric]
+
+
+def primary_metric(spec: TaskSpec) -> str:
+    """The validation metric that picks the best step."""
+    return "pearson" if spec.is_regression else ("mcc" if spec.folder == "CoLA" else "accuracy")

@@ -1,0 +1,331 @@
+"""Training layer: one readable loop for LoRA, AdaLoRA and GLoRA, with the run record written as it goes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+from transformers import get_scheduler, set_seed
+
+from src import model as M
+from src import preprocess as P
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN); the message names the step."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run record: history.jsonl as it goes, summary.json at the end, the same rows to W&B when it is on.
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Temp file in the same folder, then rename: a reader never sees half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=_json_default)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    if torch.is_tensor(o):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+class Recorder:
+    """Appends each row to history.jsonl (flushed, so a killed run keeps its history) and mirrors it to W&B."""
+
+    def __init__(self, run_dir: Path, cfg, run_name: str):
+        self.run_dir = run_dir
+        self.history = (run_dir / "history.jsonl").open("a", encoding="utf-8")
+        self.wandb = None
+        if cfg.wandb.mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(
+                project=cfg.wandb.project, entity=cfg.wandb.entity, id=run_name, name=run_name, group=cfg.run_id,
+                job_type="train", mode=cfg.wandb.mode, resume="allow", dir=str(run_dir),
+                config=OmegaConf.to_container(cfg, resolve=True))
+
+    def log(self, row: dict) -> None:
+        self.history.write(json.dumps(row, default=_json_default) + "\n")
+        self.history.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if k not in ("step", "event")}, step=row["step"])
+
+    def finish(self, summary: dict) -> None:
+        write_json_atomic(self.run_dir / "summary.json", summary)
+        if self.wandb is not None:
+            self.wandb.summary.update(summary)
+            self.wandb.finish()
+        self.history.close()
+
+    def abort(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=1)
+        self.history.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Set-up helpers.
+
+def open_run_dir(cfg, run_dir: Path) -> None:
+    """Create the run folder and write the resolved config; an existing folder is moved aside, never deleted."""
+    if run_dir.exists():
+        aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(run_dir, aside)
+        log.warning("existing run folder moved aside to %s", aside)
+    run_dir.mkdir(parents=True)
+    tmp = run_dir / ".config.yaml.tmp"
+    OmegaConf.save(cfg, tmp, resolve=True)
+    os.replace(tmp, run_dir / "config.yaml")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no weight decay on biases and LayerNorm weights."""
+    if t.optimizer != "adamw":
+        raise ValueError(f"training.optimizer={t.optimizer!r}: only adamw is supported")
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "LayerNorm" in n or "layer_norm" in n else decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=tuple(t.adam_betas), eps=t.adam_eps)
+
+
+def batches_per_epoch(n_batches: int, t) -> int:
+    return n_batches if t.max_train_batches is None else min(n_batches, t.max_train_batches)
+
+
+@torch.no_grad()
+def evaluate_split(model, loader, spec: P.TaskSpec, device, autocast) -> tuple[np.ndarray, np.ndarray, float]:
+    """Predictions, labels and mean loss on one eval split."""
+    model.eval()
+    preds, labels, loss_sum, n = [], [], 0.0, 0
+    for batch in tqdm(loader, desc="eval", leave=False, mininterval=2):
+        batch = {k: v.to(device) for k, v in batch.items() if k != "idx"}
+        with autocast():
+            out = model(**batch)
+        logits = out.logits.float()
+        preds.append(logits.squeeze(-1) if spec.is_regression else logits.argmax(-1))
+        labels.append(batch["labels"])
+        loss_sum += out.loss.float().item() * len(batch["labels"])
+        n += len(batch["labels"])
+    model.train()
+    return torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy(), loss_sum / max(n, 1)
+
+
+def run_evaluation(model, eval_loaders, spec, device, autocast) -> tuple[dict, dict]:
+    """`validation_*` metrics of every eval split (MNLI's mismatched split gets the `_mm` suffix) and predictions."""
+    metrics, predictions = {}, {}
+    for split, loader in eval_loaders.items():
+        preds, labels, loss = evaluate_split(model, loader, spec, device, autocast)
+        suffix = "_mm" if split == "validation_mm" else ""
+        for k, v in {**P.compute_metrics(spec, preds, labels), "loss": loss}.items():
+            metrics[f"validation_{k}{suffix}"] = v
+        predictions[split] = (loader.dataset["idx"], labels, preds)
+    plain = {k.removeprefix("validation_"): v for k, v in metrics.items()}
+    if spec.glue_metric != "accuracy_m_mm_mean" or "accuracy_mm" in plain:
+        metrics["validation_glue_score"] = P.glue_score(spec, plain)
+    return metrics, predictions
+
+
+def save_predictions(path: Path, predictions: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["split", "idx", "label", "prediction"])
+        for split, (idx, labels, preds) in predictions.items():
+            for i, y, p in zip(np.asarray(idx).tolist(), labels.tolist(), preds.tolist()):
+                w.writerow([split, i, y, p])
+    os.replace(tmp, path)
+
+
+def save_adapter(model, path: Path) -> None:
+    """PEFT save_pretrained (safetensors), written beside and renamed into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run.
+
+def train_run(cfg, run_dir: Path, run_name: str) -> dict:
+    """Train one run of `cfg` into `run_dir` and return its summary (also written to summary.json)."""
+    t, d = cfg.training, cfg.dataset
+    set_seed(cfg.seed)
+    if cfg.hardware.deterministic:
+        torch.use_deterministic_algorithms(True)
+    device = pick_device(cfg.hardware.device)
+    bf16 = cfg.hardware.precision == "bf16"
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+
+    # data first: a bad file fails before the model is loaded
+    task, spec = P.task_spec(d.name)
+    data = P.load_glue(task, d.data_dir, d.cache_dir)
+    data["train"] = P.subsample(data["train"], d.max_train_samples)
+    for split in [s for s in data if s != "train"]:
+        data[split] = P.subsample(data[split], d.max_eval_samples)
+    tokenizer, base = M.load_backbone(cfg.model.backbone, spec.num_labels, cfg.model.cache_dir)
+    data = P.tokenize(data, tokenizer, d.max_length)
+    train_loader, eval_loaders = P.make_loaders(data, tokenizer, d.batch_size, d.eval_batch_size, cfg.seed,
+                                                d.num_workers)
+    n_batches = batches_per_epoch(len(train_loader), t)
+    per_epoch = math.ceil(n_batches / t.gradient_accumulation_steps)
+    total_steps = per_epoch * t.epochs
+    M.check_budget(cfg, base, total_steps)
+    open_run_dir(cfg, run_dir)  # only now: bad input above leaves results_dir untouched
+
+    if t.gradient_checkpointing:
+        base.gradient_checkpointing_enable()
+    model = M.build_adapter(cfg, base, total_steps).to(device)
+    if t.gradient_checkpointing:
+        model.enable_input_require_grads()
+    model.train()
+    optimizer = build_optimizer(model, t)
+    scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
+                              num_training_steps=total_steps)
+    hook = M.make_hook(cfg, model, optimizer)
+    counts_initial = M.parameter_counts(model)
+    initial_ranks = M.current_ranks(model)
+    log.info("%s | %s on %s | %d train examples, %d optimizer steps (%d/epoch), batch %d x accum %d | "
+             "trainable params %d, rank budget %d | device %s", run_name, cfg.method_name, task,
+             len(data["train"]), total_steps, per_epoch, d.batch_size, t.gradient_accumulation_steps,
+             counts_initial["trainable_params"], sum(initial_ranks.values()), device)
+
+    recorder = Recorder(run_dir, cfg, run_name)
+    try:
+        summary = _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, spec, device, autocast,
+                        n_batches, total_steps, recorder)
+    except BaseException:
+        recorder.abort()
+        raise
+    counts = M.parameter_counts(model)
+    final_ranks = M.current_ranks(model)
+    summary.update(
+        run_id=cfg.run_id, run_name=run_name, method=cfg.method, method_name=cfg.method_name, task=task,
+        dataset=d.name, backbone=str(cfg.model.backbone), seed=cfg.seed, status="finished",
+        total_steps=total_steps, epochs=t.epochs, **counts, rank_budget_total=sum(final_ranks.values()),
+        rank_budget_initial=sum(initial_ranks.values()), final_ranks=final_ranks, **hook.summary())
+    if hook.summary().get("realloc_step") is not None:
+        write_json_atomic(run_dir / "rank_allocation.json", hook.event)
+    save_adapter(model, run_dir / "adapter")
+    recorder.finish(summary)
+    return summary
+
+
+def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, spec, device, autocast, n_batches,
+          total_steps, recorder) -> dict:
+    """The training loop; returns the metric part of the summary."""
+    t = cfg.training
+    accum = t.gradient_accumulation_steps
+    per_epoch = math.ceil(n_batches / accum)
+    primary = f"validation_{P.primary_metric(spec)}"
+    best = {"value": -math.inf, "step": None, "metrics": {}}
+    last_metrics, last_predictions = {}, {}
+    train_time = eval_time = 0.0
+    step, running_loss, running_n = 0, torch.zeros((), device=device), 0
+    pbar = tqdm(total=total_steps, desc="train", mininterval=1)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def evaluate(epoch: float):
+        nonlocal eval_time, last_metrics, last_predictions
+        tic = time.perf_counter()
+        last_metrics, last_predictions = run_evaluation(model, eval_loaders, spec, device, autocast)
+        eval_time += time.perf_counter() - tic
+        recorder.log({"step": step, "epoch": epoch, **last_metrics})
+        if last_metrics[primary] > best["value"]:
+            best.update(value=last_metrics[primary], step=step, metrics=dict(last_metrics))
+
+    sync()
+    tic = time.perf_counter()
+    for epoch in range(t.epochs):
+        for i, batch in enumerate(train_loader):
+            if i >= n_batches:
+                break
+            # forward / backward (the loss is averaged over the accumulated micro-batches)
+            batch = {k: v.to(device) for k, v in batch.items() if k != "idx"}
+            with autocast():
+                loss = model(**batch).loss  # AdaLoRA adds its orthogonal regulariser here (labels are passed)
+            (loss / accum).backward()
+            running_loss += loss.detach().float()
+            running_n += 1
+            if (i + 1) % accum and i + 1 != n_batches:
+                continue
+            # one optimizer step: score hook (unclipped grads), clip, step, schedule, adapter hook, zero_grad
+            step += 1
+            hook.on_gradients(step)
+            if t.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            event = hook.on_optimizer_step(step)
+            optimizer.zero_grad(set_to_none=True)
+            pbar.update(1)
+            if event is not None:
+                recorder.log({"step": step, "event": "glora_reallocation",
+                              **{k: event[k] for k in ("realloc_seconds", "trainable_params_before",
+                                                       "trainable_params_after", "scores", "old_ranks",
+                                                       "new_ranks")}})
+            if step % t.log_every_steps == 0 or step == total_steps:
+                mean_loss = (running_loss / running_n).item()
+                if not math.isfinite(mean_loss):
+                    raise TrainingError(f"training loss became {mean_loss} at optimizer step {step}; "
+                                        f"stopping (try a lower training.learning_rate)")
+                recorder.log({"step": step, "epoch": step / per_epoch, "train_loss": mean_loss,
+                              "lr": scheduler.get_last_lr()[0]})
+                pbar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                running_loss.zero_()
+                running_n = 0
+            end_of_epoch = step % per_epoch == 0
+            if end_of_epoch or (t.eval_every_steps and step % t.eval_every_steps == 0):
+                sync()
+                train_time += time.perf_counter() - tic
+                evaluate(step / per_epoch)
+                sync()
+                tic = time.perf_counter()
+    sync()
+    train_time += time.perf_counter() - tic
+    pbar.close()
+
+    out = {k.removeprefix("validation_"): v for k, v in last_metrics.items()}
+    out["glue_metric"] = spec.glue_metric
+    out["glue_score"] = last_metrics.get("validation_glue_score")
+    out["best_step"] = best["step"]
+    out.update({f"best_{k}": v for k, v in best["metrics"].items()})
+    out.update(train_time_s=train_time, eval_time_s=eval_time, final_step=step)
+    if cfg.evaluation.save_predictions:
+        save_predictions(recorder.run_dir / "predictions.csv", last_predictions)
+    return out

