@@ -8,6 +8,7 @@ typo is reported in a second, not after the libraries have loaded.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 import netrc
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 log = logging.getLogger("src.main")
@@ -43,7 +44,8 @@ if not OmegaConf.has_resolver("package_model"):
 
 
 def user_errors() -> tuple[type[Exception], ...]:
-    """Errors that mean bad input or a run that cannot go on: one line to the user, not a traceback."""
+    """Errors that mean bad input or a run that cannot go on: one line to the user, not a traceback.
+    (Imported on demand: a ConfigError is reported without loading torch.)"""
     from src import model as M
     from src import preprocess as P
     from src import train as T
@@ -82,6 +84,7 @@ def prepare(cfg: DictConfig) -> DictConfig:
 
     P.task_spec(cfg.dataset.name)
     M.adapter_kind(cfg)
+    resolve_search_space(cfg)
     return cfg
 
 
@@ -130,6 +133,218 @@ def wandb_key_available() -> bool:
     return bool(auth and auth[2])
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Hyper-parameter search (Optuna, inside the app; trials never reach W&B).
+
+COMMON_KEYS = {"learning_rate": "training.learning_rate", "batch_size": "dataset.batch_size",
+               "weight_decay": "training.weight_decay", "lr_warmup_steps": "training.lr_warmup_steps",
+               "lora_dropout": "model.peft.lora_dropout", "lora_alpha": "model.peft.lora_alpha"}
+SEARCH_KEYS = {  # short key -> config path, one explicit table per method
+    "lora": COMMON_KEYS,
+    "adalora": {**COMMON_KEYS, "total_rank_budget": "adalora.total_rank_budget",
+                "orth_reg_weight": "adalora.orth_reg_weight", "adaptation_start_step": "adalora.adaptation_start_step",
+                "final_steps": "adalora.final_steps", "beta1": "adalora.beta1", "beta2": "adalora.beta2"},
+    "glora": {**COMMON_KEYS, "total_rank_budget": "glo_ra.total_rank_budget", "beta_ema": "glo_ra.beta_ema",
+              "warmup_steps": "glo_ra.warmup_steps", "min_rank": "glo_ra.min_rank", "score": "glo_ra.score"},
+}
+SPACE_TYPES = ("loguniform", "uniform", "int", "categorical")
+_ABSENT = object()
+
+
+def method_kind(cfg: DictConfig) -> str:
+    """lora | adalora | glora, without importing the model layer."""
+    if cfg.model.peft.type == "adalora":
+        return "adalora"
+    return "glora" if "glo_ra" in cfg else "lora"
+
+
+def resolve_search_space(cfg: DictConfig) -> dict[str, tuple[str, dict]]:
+    """optuna.search_space as {key: (config path, spec)}; a key that maps to nothing, that this method does not
+    use, or a malformed range is a ConfigError (never a value silently added at the top level)."""
+    kind, table = method_kind(cfg), SEARCH_KEYS[method_kind(cfg)]
+    space = {}
+    for key, spec in cfg.optuna.search_space.items():
+        if key in table:
+            path = table[key]
+        elif "." in key and OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT:
+            path = key
+        else:
+            users = [k for k, t in SEARCH_KEYS.items() if key in t]
+            why = (f"it tunes a setting of {'/'.join(users)}, which {cfg.method_name} ({kind}) does not use" if users
+                   else "no such short key or config path")
+            raise ConfigError(f"optuna.search_space.{key}: {why}; short keys for {kind}: {sorted(table)}")
+        space[key] = (path, _check_space_spec(key, OmegaConf.to_container(spec)))
+    return space
+
+
+def _check_space_spec(key: str, spec) -> dict:
+    where = f"optuna.search_space.{key}"
+    if not isinstance(spec, dict) or spec.get("type") not in SPACE_TYPES:
+        raise ConfigError(f"{where}={spec!r}: needs type one of {SPACE_TYPES}")
+    if spec["type"] == "categorical":
+        if not isinstance(spec.get("choices"), list) or not spec["choices"]:
+            raise ConfigError(f"{where}: categorical needs a non-empty choices list")
+        return spec
+    low, high = spec.get("low"), spec.get("high")
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high))
+    if not numeric or not low < high or (spec["type"] == "loguniform" and low <= 0):
+        raise ConfigError(f"{where}: malformed range low={low!r}, high={high!r} (need numbers, low < high"
+                          f"{', low > 0' if spec['type'] == 'loguniform' else ''})")
+    if spec["type"] == "int" and not (isinstance(low, int) and isinstance(high, int)):
+        raise ConfigError(f"{where}: int range needs integer bounds, got {low!r}..{high!r}")
+    return spec
+
+
+def suggest(trial, key: str, spec: dict):
+    kind = spec["type"]
+    if kind == "categorical":
+        return trial.suggest_categorical(key, spec["choices"])
+    if kind == "int":
+        return trial.suggest_int(key, spec["low"], spec["high"], step=spec.get("step", 1), log=spec.get("log", False))
+    if kind == "loguniform":
+        return trial.suggest_float(key, spec["low"], spec["high"], log=True)
+    return trial.suggest_float(key, spec["low"], spec["high"], step=spec.get("step"), log=spec.get("log", False))
+
+
+def make_study(cfg: DictConfig, study_dir: Path, name: str):
+    """Optuna's own storages: sqlite under the run folder by default (a killed study resumes), an RDB URL or a
+    journal file (journal:///path) for many workers on many machines."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    o = cfg.optuna
+    url = o.storage or f"sqlite:///{(study_dir / 'study.db').resolve()}"
+    study_dir.mkdir(parents=True, exist_ok=True)
+    if url.startswith("journal://"):
+        storage = JournalStorage(JournalFileBackend(url.removeprefix("journal://")))
+    else:
+        storage = _rdb_storage(url)
+    p = o.pruner
+    pruner = {"median": lambda: optuna.pruners.MedianPruner(p.n_startup_trials, p.n_warmup_steps),
+              "percentile": lambda: optuna.pruners.PercentilePruner(p.percentile, p.n_startup_trials,
+                                                                    p.n_warmup_steps),
+              "hyperband": lambda: optuna.pruners.HyperbandPruner(),
+              "none": lambda: optuna.pruners.NopPruner()}
+    if p.type not in pruner:
+        raise ConfigError(f"optuna.pruner.type={p.type!r}: one of {sorted(pruner)}")
+    study = optuna.create_study(study_name=name, storage=storage, direction=o.direction, load_if_exists=True,
+                                pruner=pruner[p.type]())
+    # seeded for reproducibility; offset by the trials already there so that a second worker or a resumed
+    # study does not replay the first one's random start-up samples
+    study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(study.trials))
+    return study
+
+
+class StudyFull(RuntimeError):
+    """Raised inside a trial that started after other workers had already taken the study's last trial."""
+
+
+def _rdb_storage(url: str, attempts: int = 5):
+    """RDBStorage, retried: workers that start together race to create the schema (sqlite: 'table already
+    exists', 'database is locked'); the loser simply opens what the winner made."""
+    import random
+    import time
+
+    from optuna.storages import RDBStorage
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for attempt in range(attempts):
+        try:
+            return RDBStorage(url, heartbeat_interval=60, grace_period=120)  # a killed worker's trial is failed
+        except SQLAlchemyError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 + random.random())
+
+
+def tune(cfg: DictConfig, run_dir: Path, name: str, pruner=None) -> dict:
+    """Run (or resume) the study and return its summary: best_params, best_trial_value, trial counts."""
+    import optuna
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    from src import train as T
+
+    space = resolve_search_space(cfg)
+    study_dir = run_dir / "optuna"
+    study = make_study(cfg, study_dir, name)
+    if pruner is not None:
+        study.pruner = pruner
+    metric = cfg.optuna.metric
+    done_states = (TrialState.COMPLETE, TrialState.PRUNED)
+
+    def objective(trial) -> float:
+        others = [t for t in study.get_trials(deepcopy=False, states=(*done_states, TrialState.RUNNING))
+                  if t.number != trial.number]
+        if len(others) >= cfg.optuna.n_trials:  # another worker took the last trial: stop, record nothing
+            study.stop()
+            raise StudyFull(f"study has its {cfg.optuna.n_trials} trials")
+        tcfg = copy.deepcopy(cfg)
+        for key, (path, spec) in space.items():
+            OmegaConf.update(tcfg, path, suggest(trial, key, spec), merge=False)
+        tcfg.wandb.mode = "disabled"
+        tcfg.training.epochs = cfg.optuna.trial_epochs or cfg.training.epochs
+        tcfg.training.max_steps = cfg.optuna.trial_max_steps or cfg.training.max_steps
+
+        def on_eval(metrics: dict, step: int, adaptation_done: bool) -> None:
+            if metric not in metrics:
+                raise ConfigError(f"optuna.metric={metric!r} is not reported; choose one of {sorted(metrics)}")
+            trial.report(metrics[metric], step)
+            if adaptation_done and trial.should_prune():  # never before the ranks are final
+                raise optuna.TrialPruned(f"pruned at step {step}")
+
+        summary = T.train_run(tcfg, study_dir / f"trial-{trial.number:03d}", f"{name}/trial-{trial.number}",
+                              on_eval=on_eval)
+        return summary[metric.removeprefix("validation_")]
+
+    done = sum(t.state in done_states for t in study.trials)
+    if done < cfg.optuna.n_trials:
+        log.info("optuna: %d of %d trials done in %s; running the rest", done, cfg.optuna.n_trials, study_dir)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study.optimize(objective, n_trials=cfg.optuna.n_trials - done, gc_after_trial=True, catch=(StudyFull,),
+                       callbacks=[MaxTrialsCallback(cfg.optuna.n_trials, states=done_states)])
+    else:
+        log.info("optuna: study already has %d finished trials; training with its best parameters", done)
+    write_study_record(study, study_dir)
+    states = [t.state for t in study.trials]
+    if TrialState.COMPLETE not in states:
+        raise ConfigError(f"optuna: no trial of {name} completed ({len(states)} trials); see {study_dir}")
+    return {"best_params": study.best_params, "best_trial_value": study.best_value,
+            "best_trial_number": study.best_trial.number,
+            "n_trials_complete": states.count(TrialState.COMPLETE), "n_trials_pruned": states.count(TrialState.PRUNED)}
+
+
+def write_study_record(study, study_dir: Path) -> None:
+    """trials.csv / trials.json and Optuna's own figures (optimisation history, parameter importances)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ov
+
+    from src import train as T
+
+    frame = study.trials_dataframe()
+    tmp = study_dir / ".trials.csv.tmp"
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, study_dir / "trials.csv")
+    T.write_json_atomic(study_dir / "trials.json", [
+        {"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+         "intermediate_values": t.intermediate_values} for t in study.trials])
+    for fname, plot in (("optimization_history.pdf", ov.plot_optimization_history),
+                        ("param_importances.pdf", ov.plot_param_importances)):
+        try:
+            ax = plot(study)
+        except (ValueError, RuntimeError) as e:  # e.g. importances need 2+ complete trials
+            log.info("optuna: %s skipped (%s)", fname, e)
+            continue
+        fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+        fig.tight_layout()
+        fig.savefig(study_dir / fname)
+        plt.close(fig)
+
+
 def run_name(cfg: DictConfig) -> str:
     """The run folder (and W&B run id): the config's run id, plus the seed when it is not the default one."""
     return cfg.run_id if cfg.seed == cfg.default_seed else f"{cfg.run_id}-seed{cfg.seed}"
@@ -142,12 +357,17 @@ def run(cfg: DictConfig) -> dict:
     cfg = prepare(cfg)
     name = run_name(cfg)
     run_dir = Path(cfg.results_dir) / name
-    if cfg.mode == "full" and cfg.optuna.n_trials > 0:
-        raise ConfigError(f"optuna.n_trials={cfg.optuna.n_trials}: the in-app search is not built yet; "
-                          f"pass optuna.n_trials=0 to train with the run config's values")
     from src import train as T
 
-    summary = T.train_run(cfg, run_dir, name)
+    extra = {}
+    if cfg.mode == "full" and cfg.optuna.n_trials > 0:
+        extra = tune(cfg, run_dir, name)
+        for key, value in extra["best_params"].items():
+            OmegaConf.update(cfg, resolve_search_space(cfg)[key][0], value, merge=False)
+        with open_dict(cfg):  # the best values now sit at their config paths; W&B's config gets the list too
+            cfg.optuna.best_params = extra["best_params"]
+        log.info("optuna: best %s=%.4f with %s", cfg.optuna.metric, extra["best_trial_value"], extra["best_params"])
+    summary = T.train_run(cfg, run_dir, name, extra_summary=extra)
     metric = summary.get("accuracy", summary.get("pearson"))
     log.info("%s finished: %s=%.4f, train_time_s=%.1f, rank_budget_total=%d, trainable_params=%d -> %s", name,
              "accuracy" if "accuracy" in summary else "pearson", metric, summary["train_time_s"],
@@ -161,7 +381,7 @@ def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except Exception as e:
-        if not isinstance(e, user_errors()):
+        if not isinstance(e, ConfigError) and not isinstance(e, user_errors()):
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -358,6 +358,10 @@ class AdapterHook:
     def on_optimizer_step(self, step: int) -> dict | None:
         return None
 
+    def adaptation_done(self, step: int) -> bool:
+        """Whether the ranks are final: before that, validation scores are not comparable across trials."""
+        return True
+
     def summary(self) -> dict:
         return {}
 
@@ -368,6 +372,10 @@ class AdaLoraHook(AdapterHook):
     def on_optimizer_step(self, step: int) -> dict | None:
         self.model.base_model.update_and_allocate(step)
         return None
+
+    def adaptation_done(self, step: int) -> bool:
+        config = self.model.peft_config[ADAPTER]
+        return step >= config.total_step - config.tfinal
 
 
 @dataclass
@@ -414,6 +422,9 @@ class GloraHook(AdapterHook):
         if self.event is not None or step != self.warmup_steps:
             return None
         return self.reallocate(step)
+
+    def adaptation_done(self, step: int) -> bool:
+        return self.event is not None
 
     def reallocate(self, step: int) -> dict:
         """Steps 3 and 4: shares of the budget from the EMA scores, then the in-place rebuild."""

@@ -176,6 +176,15 @@ def subsample(ds: Dataset, n: int | None, seed: int = 0) -> Dataset:
     return ds.shuffle(seed=seed).select(range(n))
 
 
+def tuning_split(train: Dataset, holdout_fraction: float, seed: int = 0) -> DatasetDict:
+    """Hold out a fixed share of the training set for hyper-parameter search, so that the dev set, which the final
+    run reports, never selects anything."""
+    if not 0 < holdout_fraction < 1:
+        raise DataError(f"optuna.holdout_fraction={holdout_fraction} must lie in (0, 1)")
+    parts = train.train_test_split(test_size=holdout_fraction, seed=seed, shuffle=True)
+    return DatasetDict({"train": parts["train"], "validation": parts["test"]})
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Tokenisation and loaders.
 

@@ -89,12 +89,17 @@ class Recorder:
 # Set-up helpers.
 
 def open_run_dir(cfg, run_dir: Path) -> None:
-    """Create the run folder and write the resolved config; an existing folder is moved aside, never deleted."""
-    if run_dir.exists():
+    """Create the run folder and write the resolved config. A folder left by an earlier run is moved aside, never
+    deleted; its Optuna study (optuna/) comes back into the new folder so that a search resumes."""
+    leftovers = [p for p in run_dir.iterdir() if p.name != "optuna"] if run_dir.exists() else []
+    if leftovers:
         aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
         os.replace(run_dir, aside)
+        if (aside / "optuna").exists():
+            run_dir.mkdir(parents=True)
+            os.replace(aside / "optuna", run_dir / "optuna")
         log.warning("existing run folder moved aside to %s", aside)
-    run_dir.mkdir(parents=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / ".config.yaml.tmp"
     OmegaConf.save(cfg, tmp, resolve=True)
     os.replace(tmp, run_dir / "config.yaml")
@@ -179,8 +184,14 @@ def save_adapter(model, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # The run.
 
-def train_run(cfg, run_dir: Path, run_name: str) -> dict:
-    """Train one run of `cfg` into `run_dir` and return its summary (also written to summary.json)."""
+def train_run(cfg, run_dir: Path, run_name: str, on_eval=None, extra_summary: dict | None = None) -> dict:
+    """Train one run of `cfg` into `run_dir` and return its summary (also written to summary.json).
+
+    `on_eval(metrics, step, adaptation_done)` makes this an Optuna trial: it trains on the training set minus a
+    held-out tuning split, evaluates on that split (never on the dev set that the final run reports), and saves no
+    adapter or predictions. The callback may raise to prune.
+    """
+    tuning = on_eval is not None
     t, d = cfg.training, cfg.dataset
     set_seed(cfg.seed)
     if cfg.hardware.deterministic:
@@ -193,6 +204,8 @@ def train_run(cfg, run_dir: Path, run_name: str) -> dict:
     task, spec = P.task_spec(d.name)
     data = P.load_glue(task, d.data_dir, d.cache_dir)
     data["train"] = P.subsample(data["train"], d.max_train_samples)
+    if tuning:
+        data = P.tuning_split(data["train"], cfg.optuna.holdout_fraction)
     for split in [s for s in data if s != "train"]:
         data[split] = P.subsample(data[split], d.max_eval_samples)
     tokenizer, base = M.load_backbone(cfg.model.backbone, spec.num_labels, cfg.model.cache_dir)
@@ -201,7 +214,7 @@ def train_run(cfg, run_dir: Path, run_name: str) -> dict:
                                                 d.num_workers)
     n_batches = batches_per_epoch(len(train_loader), t)
     per_epoch = math.ceil(n_batches / t.gradient_accumulation_steps)
-    total_steps = per_epoch * t.epochs
+    total_steps = per_epoch * t.epochs if t.max_steps is None else min(per_epoch * t.epochs, t.max_steps)
     M.check_budget(cfg, base, total_steps)
     open_run_dir(cfg, run_dir)  # only now: bad input above leaves results_dir untouched
 
@@ -225,7 +238,7 @@ def train_run(cfg, run_dir: Path, run_name: str) -> dict:
     recorder = Recorder(run_dir, cfg, run_name)
     try:
         summary = _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, spec, device, autocast,
-                        n_batches, total_steps, recorder)
+                        n_batches, total_steps, recorder, on_eval)
     except BaseException:
         recorder.abort()
         raise
@@ -235,16 +248,18 @@ def train_run(cfg, run_dir: Path, run_name: str) -> dict:
         run_id=cfg.run_id, run_name=run_name, method=cfg.method, method_name=cfg.method_name, task=task,
         dataset=d.name, backbone=str(cfg.model.backbone), seed=cfg.seed, status="finished",
         total_steps=total_steps, epochs=t.epochs, **counts, rank_budget_total=sum(final_ranks.values()),
-        rank_budget_initial=sum(initial_ranks.values()), final_ranks=final_ranks, **hook.summary())
+        rank_budget_initial=sum(initial_ranks.values()), final_ranks=final_ranks, **hook.summary(),
+        **(extra_summary or {}))
     if hook.summary().get("realloc_step") is not None:
         write_json_atomic(run_dir / "rank_allocation.json", hook.event)
-    save_adapter(model, run_dir / "adapter")
+    if not tuning:
+        save_adapter(model, run_dir / "adapter")
     recorder.finish(summary)
     return summary
 
 
 def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, spec, device, autocast, n_batches,
-          total_steps, recorder) -> dict:
+          total_steps, recorder, on_eval=None) -> dict:
     """The training loop; returns the metric part of the summary."""
     t = cfg.training
     accum = t.gradient_accumulation_steps
@@ -268,12 +283,16 @@ def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, sp
         recorder.log({"step": step, "epoch": epoch, **last_metrics})
         if last_metrics[primary] > best["value"]:
             best.update(value=last_metrics[primary], step=step, metrics=dict(last_metrics))
+        if on_eval is not None:
+            on_eval(last_metrics, step, hook.adaptation_done(step))
 
     sync()
     tic = time.perf_counter()
     for epoch in range(t.epochs):
+        if step >= total_steps:
+            break
         for i, batch in enumerate(train_loader):
-            if i >= n_batches:
+            if i >= n_batches or step >= total_steps:
                 break
             # forward / backward (the loss is averaged over the accumulated micro-batches)
             batch = {k: v.to(device) for k, v in batch.items() if k != "idx"}
@@ -309,7 +328,7 @@ def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, sp
                 pbar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 running_loss.zero_()
                 running_n = 0
-            end_of_epoch = step % per_epoch == 0
+            end_of_epoch = step % per_epoch == 0 or step == total_steps
             if end_of_epoch or (t.eval_every_steps and step % t.eval_every_steps == 0):
                 sync()
                 train_time += time.perf_counter() - tic
@@ -326,6 +345,6 @@ def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, sp
     out["best_step"] = best["step"]
     out.update({f"best_{k}": v for k, v in best["metrics"].items()})
     out.update(train_time_s=train_time, eval_time_s=eval_time, final_step=step)
-    if cfg.evaluation.save_predictions:
+    if cfg.evaluation.save_predictions and on_eval is None:
         save_predictions(recorder.run_dir / "predictions.csv", last_predictions)
     return out

