@@ -258,6 +258,29 @@ def train_run(cfg, run_dir: Path, run_name: str, on_eval=None, extra_summary: di
     return summary
 
 
+def forward_backward(model, batch: dict, device, autocast, accum: int = 1) -> torch.Tensor:
+    """Forward and backward of one micro-batch; returns its loss (detached, on the device: no host sync).
+    The backward pass sees loss / accum, so accumulated gradients are those of the mean loss."""
+    batch = {k: v.to(device) for k, v in batch.items() if k != "idx"}
+    with autocast():
+        loss = model(**batch).loss  # AdaLoRA adds its orthogonal regulariser here (labels are passed)
+    (loss / accum).backward()
+    return loss.detach().float()
+
+
+def optimizer_step(model, optimizer, scheduler, hook, step: int, max_grad_norm: float) -> dict | None:
+    """One optimizer step in the order the adapters need: GLoRA's score hook on the unclipped gradients, clip, step,
+    schedule, then the adapter hook (AdaLoRA's update_and_allocate, GLoRA's reallocation read p.grad), zero_grad."""
+    hook.on_gradients(step)
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    event = hook.on_optimizer_step(step)
+    optimizer.zero_grad(set_to_none=True)
+    return event
+
+
 def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, spec, device, autocast, n_batches,
           total_steps, recorder, on_eval=None) -> dict:
     """The training loop; returns the metric part of the summary."""
@@ -294,24 +317,12 @@ def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, sp
         for i, batch in enumerate(train_loader):
             if i >= n_batches or step >= total_steps:
                 break
-            # forward / backward (the loss is averaged over the accumulated micro-batches)
-            batch = {k: v.to(device) for k, v in batch.items() if k != "idx"}
-            with autocast():
-                loss = model(**batch).loss  # AdaLoRA adds its orthogonal regulariser here (labels are passed)
-            (loss / accum).backward()
-            running_loss += loss.detach().float()
+            running_loss += forward_backward(model, batch, device, autocast, accum)
             running_n += 1
             if (i + 1) % accum and i + 1 != n_batches:
                 continue
-            # one optimizer step: score hook (unclipped grads), clip, step, schedule, adapter hook, zero_grad
             step += 1
-            hook.on_gradients(step)
-            if t.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            event = hook.on_optimizer_step(step)
-            optimizer.zero_grad(set_to_none=True)
+            event = optimizer_step(model, optimizer, scheduler, hook, step, t.max_grad_norm)
             pbar.update(1)
             if event is not None:
                 recorder.log({"step": step, "event": "glora_reallocation",

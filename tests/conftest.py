@@ -115,8 +115,7 @@ def glue_dir(tmp_path_factory) -> Path:
 
 def run_cli(*args: str, cwd: Path = REPO, env_extra: dict | None = None, timeout: int = 300):
     """`python -m src.main ...` as a user runs it (the test's interpreter is the project's venv)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "",
-           "TQDM_DISABLE": "1", **(env_extra or {})}
-    env.pop("WANDB_API_KEY", None) if not (env_extra or {}).get("WANDB_API_KEY") else None
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}  # the config decides W&B's mode
+    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1", **(env_extra or {})})
     return subprocess.run([sys.executable, "-u", "-m", "src.main", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)

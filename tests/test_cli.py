@@ -107,3 +107,20 @@ def test_infeasible_budget_fails_before_training(tiny_model, glue_dir, tmp_path)
     assert proc.returncode != 0
     assert "error: adalora.total_rank_budget=500 is infeasible" in proc.stderr, proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_full_run_with_offline_wandb_writes_no_secret(tiny_model, glue_dir, tmp_path):
+    """The W&B key reaches neither the config, the logs, the history, the summary nor W&B's own files."""
+    secret = "0123456789abcdef0123456789abcdef01234567"
+    run_id, _ = RUNS["LoRA"]
+    proc = run_cli(f"run={run_id}", "mode=full", "wandb.mode=offline", "optuna.n_trials=0", "training.epochs=1",
+                   "training.max_train_batches=2", *tiny_args(tiny_model, glue_dir, tmp_path),
+                   env_extra={"WANDB_API_KEY": secret, "WANDB_SILENT": "true"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / run_id
+    assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run not written"
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+    assert secret not in proc.stdout + proc.stderr
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
