@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import logging
 import netrc
 import os
+import socket
 import sys
+import urllib.parse
 from pathlib import Path
 
 import hydra
@@ -50,7 +53,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from src import preprocess as P
     from src import train as T
 
-    return ConfigError, P.DataError, M.ModelError, T.TrainingError
+    return ConfigError, P.DataError, M.ModelError, T.TrainingError, T.CheckpointError
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -79,10 +82,13 @@ def prepare(cfg: DictConfig) -> DictConfig:
     if cfg.wandb.mode == "online" and not wandb_key_available():
         raise ConfigError("wandb.mode=online but no W&B key: export WANDB_API_KEY=... (or `wandb login`), "
                           "or pass wandb.mode=offline / wandb.mode=disabled")
+    if cfg.wandb.mode == "online":
+        check_wandb_reachable()
     from src import model as M
     from src import preprocess as P
 
     P.task_spec(cfg.dataset.name)
+    M.check_model_folder(str(cfg.model.backbone))
     M.adapter_kind(cfg)
     resolve_search_space(cfg)
     return cfg
@@ -131,6 +137,17 @@ def wandb_key_available() -> bool:
     except (FileNotFoundError, netrc.NetrcParseError):
         return False
     return bool(auth and auth[2])
+
+
+def check_wandb_reachable(timeout: float = 5.0) -> None:
+    """Online logging needs the W&B server: fail now, not after the model has loaded."""
+    url = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    host, port = url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise ConfigError(f"wandb.mode=online but the W&B server {host}:{port} is unreachable ({e}); pass "
+                          f"wandb.mode=offline (sync later with `wandb sync`) or wandb.mode=disabled") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -359,6 +376,9 @@ def run(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.results_dir) / name
     from src import train as T
 
+    if cfg.mode == "full" and cfg.resume and (run_dir / "summary.json").exists():
+        log.info("%s already finished (%s); pass resume=false to train it again", name, run_dir / "summary.json")
+        return json.loads((run_dir / "summary.json").read_text())
     extra = {}
     if cfg.mode == "full" and cfg.optuna.n_trials > 0:
         extra = tune(cfg, run_dir, name)

@@ -7,6 +7,7 @@ GLoRA here is *gradient-norm aware rank allocation* on top of PEFT's own LoRA; i
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -27,14 +28,20 @@ class ModelError(ValueError):
 # ---------------------------------------------------------------------------------------------------------------
 # Backbone.
 
+def check_model_folder(backbone: str) -> None:
+    """A backbone that names a folder must be a readable save_pretrained folder (a hub id is checked on loading)."""
+    folder = Path(backbone).expanduser()
+    looks_local = backbone.startswith((".", "/", "~")) or folder.exists()
+    if looks_local and not ((folder / "config.json").is_file() and os.access(folder / "config.json", os.R_OK)):
+        raise ModelError(f"model folder {backbone!r} not found, unreadable or without config.json "
+                         f"(model.backbone must be a hub id or a save_pretrained folder)")
+
+
 def load_backbone(backbone: str, num_labels: int, cache_dir: str):
     """Tokenizer and sequence-classification model from a hub id (cached in cache_dir) or a save_pretrained folder."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    looks_local = backbone.startswith((".", "/", "~")) or Path(backbone).exists()
-    if looks_local and not (Path(backbone).expanduser() / "config.json").is_file():
-        raise ModelError(f"model folder {backbone!r} not found or has no config.json "
-                         f"(model.backbone must be a hub id or a save_pretrained folder)")
+    check_model_folder(backbone)
     try:
         tokenizer = AutoTokenizer.from_pretrained(backbone, cache_dir=cache_dir)
         model = AutoModelForSequenceClassification.from_pretrained(

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -88,9 +89,17 @@ class Recorder:
 # ---------------------------------------------------------------------------------------------------------------
 # Set-up helpers.
 
-def open_run_dir(cfg, run_dir: Path) -> None:
-    """Create the run folder and write the resolved config. A folder left by an earlier run is moved aside, never
-    deleted; its Optuna study (optuna/) comes back into the new folder so that a search resumes."""
+def open_run_dir(cfg, run_dir: Path, can_resume: bool = True) -> bool:
+    """Create the run folder and write the resolved config; returns True when the run continues from a checkpoint.
+
+    With `resume=true`, an unfinished run with a checkpoint is continued (after checking that its config is this
+    one). Otherwise a folder left by an earlier run is moved aside, never deleted; its Optuna study (optuna/) comes
+    back into the new folder so that a search resumes."""
+    ckpt = run_dir / "checkpoint"
+    if (can_resume and cfg.resume and ckpt.is_dir() and any(ckpt.glob("step-*"))
+            and not (run_dir / "summary.json").exists()):
+        check_same_config(cfg, run_dir / "config.yaml")
+        return True
     leftovers = [p for p in run_dir.iterdir() if p.name != "optuna"] if run_dir.exists() else []
     if leftovers:
         aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -103,6 +112,43 @@ def open_run_dir(cfg, run_dir: Path) -> None:
     tmp = run_dir / ".config.yaml.tmp"
     OmegaConf.save(cfg, tmp, resolve=True)
     os.replace(tmp, run_dir / "config.yaml")
+    return False
+
+
+RESUME_MAY_DIFFER = ("resume", "wandb.")
+
+
+def check_same_config(cfg, saved_path: Path) -> None:
+    """Refuse to continue a checkpoint written under another config; name the keys that differ."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    saved = flat(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)) if saved_path.exists() else {}
+    now = flat(OmegaConf.to_container(cfg, resolve=True))
+    diff = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k) and not k.startswith(RESUME_MAY_DIFFER)]
+    if diff:
+        raise CheckpointError(f"{saved_path.parent} holds a checkpoint of a different config ({'; '.join(diff[:5])}"
+                              f"{' ...' if len(diff) > 5 else ''}); pass resume=false to start over")
+
+
+def truncate_history(path: Path, step: int) -> None:
+    """Drop history rows after the checkpoint's step (the resumed run logs them again), and a half-written line."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError):
+            continue
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def pick_device(name: str) -> torch.device:
@@ -216,7 +262,7 @@ def train_run(cfg, run_dir: Path, run_name: str, on_eval=None, extra_summary: di
     per_epoch = math.ceil(n_batches / t.gradient_accumulation_steps)
     total_steps = per_epoch * t.epochs if t.max_steps is None else min(per_epoch * t.epochs, t.max_steps)
     M.check_budget(cfg, base, total_steps)
-    open_run_dir(cfg, run_dir)  # only now: bad input above leaves results_dir untouched
+    resuming = open_run_dir(cfg, run_dir, can_resume=not tuning)  # only now: bad input leaves results untouched
 
     if t.gradient_checkpointing:
         base.gradient_checkpointing_enable()
@@ -235,10 +281,16 @@ def train_run(cfg, run_dir: Path, run_name: str, on_eval=None, extra_summary: di
              len(data["train"]), total_steps, per_epoch, d.batch_size, t.gradient_accumulation_steps,
              counts_initial["trainable_params"], sum(initial_ranks.values()), device)
 
+    checkpoints = None if tuning else Checkpoints(run_dir / "checkpoint", model, optimizer, scheduler, hook,
+                                                   train_loader.generator, t.keep_checkpoints)
+    state = None
+    if resuming:
+        state = checkpoints.restore_latest()
+        truncate_history(run_dir / "history.jsonl", state.step)
     recorder = Recorder(run_dir, cfg, run_name)
     try:
         summary = _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, spec, device, autocast,
-                        n_batches, total_steps, recorder, on_eval)
+                        n_batches, total_steps, recorder, on_eval, state, checkpoints)
     except BaseException:
         recorder.abort()
         raise
@@ -256,6 +308,149 @@ def train_run(cfg, run_dir: Path, run_name: str, on_eval=None, extra_summary: di
         save_adapter(model, run_dir / "adapter")
     recorder.finish(summary)
     return summary
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints: resume after a kill, also after GLoRA's reallocation.
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (unreadable, or from another config)."""
+
+
+class Checkpoints:
+    """{run_dir}/checkpoint/step-NNNNNNN/: trainable weights (safetensors), optimizer and scheduler state dicts
+    (torch.save, read back with weights_only=True), AdaLoRA's allocator and GLoRA's score state, RNG states and the
+    loop state (data position, elapsed train time). Each is written to a temp folder and renamed, so a kill mid-write
+    leaves the previous checkpoint whole; the last `keep` are kept."""
+
+    def __init__(self, root: Path, model, optimizer, scheduler, hook, generator: torch.Generator, keep: int):
+        self.root, self.model, self.optimizer, self.scheduler = root, model, optimizer, scheduler
+        self.hook, self.generator, self.keep = hook, generator, max(1, keep)
+        self._epoch_start_state = None
+        self._restore_generator = None
+
+    def epoch_start(self) -> None:
+        """Called before each epoch's iteration: on resume, put the loader's generator back where that epoch began."""
+        if self._restore_generator is not None:
+            self.generator.set_state(self._restore_generator)
+            self._restore_generator = None
+        self._epoch_start_state = self.generator.get_state()
+
+    def save(self, st: LoopState) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / f"step-{st.step:07d}"
+        tmp = self.root / f".tmp-{final.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        from safetensors.torch import save_file
+
+        tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in self.model.named_parameters()
+                   if p.requires_grad}
+        bad = [n for n, v in tensors.items() if not torch.isfinite(v).all()]
+        if bad:  # never replace a good checkpoint with a broken one
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise TrainingError(f"weights became non-finite at optimizer step {st.step} ({bad[0].removeprefix('param/')}"
+                                f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); stopping, the last good "
+                                f"checkpoint is kept; try a lower training.learning_rate")
+        # mid-epoch: the epoch's start state replays its permutation; at an epoch end: the next epoch's start state
+        loader_state = self._epoch_start_state if st.batches_done else self.generator.get_state()
+        tensors["rng/torch"] = torch.get_rng_state()
+        tensors["rng/loader"] = loader_state
+        if torch.cuda.is_available():
+            for i, state in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng/cuda/{i}"] = state
+        tensors.update({f"hook/{k}": v.detach().cpu().contiguous() for k, v in self._hook_tensors().items()})
+        save_file(tensors, tmp / "state.safetensors")
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   tmp / "optimizer.pt")
+        write_json_atomic(tmp / "state.json", {"loop": asdict(st), "hook": self._hook_json()})
+        if final.exists():  # a stale checkpoint of this step (the run resumed from before it): replaced
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in sorted(self.root.glob("step-*"))[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _hook_tensors(self) -> dict:
+        if isinstance(self.hook, M.GloraHook):
+            return {"glora/ema": self.hook.ema}
+        if isinstance(self.hook, M.AdaLoraHook):
+            ra = self.model.base_model.rankallocator
+            return {f"adalora/{kind}/{n}": t for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc")
+                    for n, t in getattr(ra, kind).items()}
+        return {}
+
+    def _hook_json(self) -> dict:
+        if isinstance(self.hook, M.GloraHook):
+            return {"n_updates": self.hook.n_updates, "event": self.hook.event}
+        if isinstance(self.hook, M.AdaLoraHook):
+            return {"rank_pattern": self.model.peft_config[M.ADAPTER].rank_pattern}
+        return {}
+
+    def available(self) -> list[Path]:
+        return sorted(self.root.glob("step-*"), reverse=True) if self.root.exists() else []
+
+    def restore_latest(self) -> LoopState:
+        """Load the newest readable checkpoint; an unreadable one is reported and the previous one used."""
+        problems = []
+        for path in self.available():
+            try:
+                parts = self._read(path)
+            except Exception as e:  # corrupt or truncated files: fall back to the previous checkpoint
+                problems.append(f"{path.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                aside = path.with_name(f"corrupt-{path.name}")  # kept for inspection; out of the step-* rotation
+                shutil.rmtree(aside, ignore_errors=True)
+                path.rename(aside)
+                log.warning("checkpoint %s is unreadable (%s); moved to %s, trying the previous one", path,
+                            problems[-1], aside.name)
+                continue
+            st = self._apply(*parts)
+            log.info("resuming from %s (optimizer step %d, epoch %d)", path, st.step, st.epoch)
+            return st
+        raise CheckpointError(f"no readable checkpoint in {self.root}: {'; '.join(problems) or 'none found'}")
+
+    @staticmethod
+    def _read(path: Path):
+        from safetensors.torch import load_file
+
+        state = json.loads((path / "state.json").read_text())
+        tensors = load_file(path / "state.safetensors")
+        opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        return state, tensors, opt
+
+    def _apply(self, state: dict, tensors: dict, opt: dict) -> LoopState:
+        hook_state = state["hook"]
+        if isinstance(self.hook, M.GloraHook) and hook_state.get("event"):
+            # after the reallocation: the ranks must be rebuilt before the weights fit
+            M.rebuild_lora_layers(self.model, hook_state["event"]["new_ranks"], self.optimizer)
+            self.hook.event = hook_state["event"]
+            self.hook._tensors = []
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        saved = {k.removeprefix("param/"): v for k, v in tensors.items() if k.startswith("param/")}
+        if set(saved) != set(params) or any(saved[n].shape != params[n].shape for n in params):
+            raise CheckpointError("checkpoint weights do not match this model (different config or code)")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n].to(p.device))
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+        if isinstance(self.hook, M.GloraHook):
+            self.hook.ema = tensors["hook/glora/ema"].to(self.hook.ema.device)
+            self.hook.n_updates = hook_state["n_updates"]
+        if isinstance(self.hook, M.AdaLoraHook):
+            ra = self.model.base_model.rankallocator
+            for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+                prefix = f"hook/adalora/{kind}/"
+                setattr(ra, kind, {k.removeprefix(prefix): v.to(params[next(iter(params))].device)
+                                   for k, v in tensors.items() if k.startswith(prefix)})
+            self.model.peft_config[M.ADAPTER].rank_pattern = hook_state["rank_pattern"]
+        torch.set_rng_state(tensors["rng/torch"])
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda/")])
+        self._restore_generator = tensors["rng/loader"]
+        st = LoopState(**state["loop"])
+        st.resumes += 1
+        return st
 
 
 def forward_backward(model, batch: dict, device, autocast, accum: int = 1) -> torch.Tensor:
@@ -281,81 +476,115 @@ def optimizer_step(model, optimizer, scheduler, hook, step: int, max_grad_norm: 
     return event
 
 
+@dataclass
+class LoopState:
+    """Everything the loop needs to continue exactly where a checkpoint left it."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_done: int = 0          # micro-batches consumed in the current epoch
+    train_time: float = 0.0
+    eval_time: float = 0.0
+    running_loss: float = 0.0
+    running_n: int = 0
+    best_value: float = -math.inf
+    best_step: int | None = None
+    best_metrics: dict = field(default_factory=dict)
+    last_metrics: dict = field(default_factory=dict)
+    resumes: int = 0
+
+
 def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, spec, device, autocast, n_batches,
-          total_steps, recorder, on_eval=None) -> dict:
+          total_steps, recorder, on_eval=None, state: LoopState | None = None, checkpoints=None) -> dict:
     """The training loop; returns the metric part of the summary."""
     t = cfg.training
     accum = t.gradient_accumulation_steps
     per_epoch = math.ceil(n_batches / accum)
     primary = f"validation_{P.primary_metric(spec)}"
-    best = {"value": -math.inf, "step": None, "metrics": {}}
-    last_metrics, last_predictions = {}, {}
-    train_time = eval_time = 0.0
-    step, running_loss, running_n = 0, torch.zeros((), device=device), 0
-    pbar = tqdm(total=total_steps, desc="train", mininterval=1)
+    st = state or LoopState()
+    last_predictions = {}
+    running_loss = torch.tensor(st.running_loss, device=device)
+    pbar = tqdm(total=total_steps, initial=st.step, desc="train", mininterval=1)
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def evaluate(epoch: float):
-        nonlocal eval_time, last_metrics, last_predictions
+    def evaluate():
+        nonlocal last_predictions
         tic = time.perf_counter()
-        last_metrics, last_predictions = run_evaluation(model, eval_loaders, spec, device, autocast)
-        eval_time += time.perf_counter() - tic
-        recorder.log({"step": step, "epoch": epoch, **last_metrics})
-        if last_metrics[primary] > best["value"]:
-            best.update(value=last_metrics[primary], step=step, metrics=dict(last_metrics))
+        st.last_metrics, last_predictions = run_evaluation(model, eval_loaders, spec, device, autocast)
+        st.eval_time += time.perf_counter() - tic
+        recorder.log({"step": st.step, "epoch": st.step / per_epoch, **st.last_metrics})
+        if st.last_metrics[primary] > st.best_value:
+            st.best_value, st.best_step, st.best_metrics = st.last_metrics[primary], st.step, dict(st.last_metrics)
         if on_eval is not None:
-            on_eval(last_metrics, step, hook.adaptation_done(step))
+            on_eval(st.last_metrics, st.step, hook.adaptation_done(st.step))
 
     sync()
     tic = time.perf_counter()
-    for epoch in range(t.epochs):
-        if step >= total_steps:
-            break
+    while st.epoch < t.epochs and st.step < total_steps:
+        # the loader's permutation for this epoch is drawn from its generator when iteration starts
+        if checkpoints:
+            checkpoints.epoch_start()
         for i, batch in enumerate(train_loader):
-            if i >= n_batches or step >= total_steps:
+            if i < st.batches_done:  # resuming mid-epoch: these batches were trained on before the kill
+                continue
+            if i >= n_batches or st.step >= total_steps:
                 break
             running_loss += forward_backward(model, batch, device, autocast, accum)
-            running_n += 1
+            st.running_n += 1
+            st.batches_done = i + 1
             if (i + 1) % accum and i + 1 != n_batches:
                 continue
-            step += 1
-            event = optimizer_step(model, optimizer, scheduler, hook, step, t.max_grad_norm)
+            st.step += 1
+            event = optimizer_step(model, optimizer, scheduler, hook, st.step, t.max_grad_norm)
             pbar.update(1)
             if event is not None:
-                recorder.log({"step": step, "event": "glora_reallocation",
+                recorder.log({"step": st.step, "event": "glora_reallocation",
                               **{k: event[k] for k in ("realloc_seconds", "trainable_params_before",
                                                        "trainable_params_after", "scores", "old_ranks",
                                                        "new_ranks")}})
-            if step % t.log_every_steps == 0 or step == total_steps:
-                mean_loss = (running_loss / running_n).item()
+            if st.step % t.log_every_steps == 0 or st.step == total_steps:
+                mean_loss = (running_loss / st.running_n).item()
                 if not math.isfinite(mean_loss):
-                    raise TrainingError(f"training loss became {mean_loss} at optimizer step {step}; "
-                                        f"stopping (try a lower training.learning_rate)")
-                recorder.log({"step": step, "epoch": step / per_epoch, "train_loss": mean_loss,
+                    raise TrainingError(f"training loss became {mean_loss} at optimizer step {st.step}; stopping "
+                                        f"(the last good checkpoint is kept; try a lower training.learning_rate)")
+                recorder.log({"step": st.step, "epoch": st.step / per_epoch, "train_loss": mean_loss,
                               "lr": scheduler.get_last_lr()[0]})
                 pbar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 running_loss.zero_()
-                running_n = 0
-            end_of_epoch = step % per_epoch == 0 or step == total_steps
-            if end_of_epoch or (t.eval_every_steps and step % t.eval_every_steps == 0):
+                st.running_n = 0
+            end_of_epoch = st.step % per_epoch == 0 or st.step == total_steps
+            do_eval = end_of_epoch or (t.eval_every_steps and st.step % t.eval_every_steps == 0)
+            do_checkpoint = checkpoints and (end_of_epoch or (t.checkpoint_every_steps and
+                                                              st.step % t.checkpoint_every_steps == 0))
+            if do_eval or do_checkpoint:
                 sync()
-                train_time += time.perf_counter() - tic
-                evaluate(step / per_epoch)
+                st.train_time += time.perf_counter() - tic
+                if do_eval:
+                    evaluate()
+                if do_checkpoint:
+                    st.running_loss = running_loss.item()
+                    if end_of_epoch:  # the next checkpoint's data position starts a new epoch
+                        st.epoch, st.batches_done = st.epoch + 1, 0
+                    checkpoints.save(st)
                 sync()
                 tic = time.perf_counter()
+        if st.batches_done:  # the epoch ran out of batches without a checkpoint at its end
+            st.epoch, st.batches_done = st.epoch + 1, 0
     sync()
-    train_time += time.perf_counter() - tic
+    st.train_time += time.perf_counter() - tic
     pbar.close()
+    if not last_predictions and st.last_metrics:  # resumed after the final evaluation: redo it, unlogged
+        st.last_metrics, last_predictions = run_evaluation(model, eval_loaders, spec, device, autocast)
 
-    out = {k.removeprefix("validation_"): v for k, v in last_metrics.items()}
+    out = {k.removeprefix("validation_"): v for k, v in st.last_metrics.items()}
     out["glue_metric"] = spec.glue_metric
-    out["glue_score"] = last_metrics.get("validation_glue_score")
-    out["best_step"] = best["step"]
-    out.update({f"best_{k}": v for k, v in best["metrics"].items()})
-    out.update(train_time_s=train_time, eval_time_s=eval_time, final_step=step)
+    out["glue_score"] = st.last_metrics.get("validation_glue_score")
+    out["best_step"] = st.best_step
+    out.update({f"best_{k}": v for k, v in st.best_metrics.items()})
+    out.update(train_time_s=st.train_time, eval_time_s=st.eval_time, final_step=st.step, resumes=st.resumes)
     if cfg.evaluation.save_predictions and on_eval is None:
         save_predictions(recorder.run_dir / "predictions.csv", last_predictions)
     return out

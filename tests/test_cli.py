@@ -124,3 +124,47 @@ def test_full_run_with_offline_wandb_writes_no_secret(tiny_model, glue_dir, tmp_
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_missing_model_folder_and_unwritable_results_dir(tiny_model, glue_dir, tmp_path):
+    run_id, _ = RUNS["LoRA"]
+    proc = run_cli(f"run={run_id}", "mode=trial", *tiny_args(tmp_path / "no-model", glue_dir, tmp_path / "r"))
+    assert proc.returncode != 0 and "error: model folder" in proc.stderr and "without config.json" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "r").exists()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    proc = run_cli(f"run={run_id}", "mode=trial", *tiny_args(tiny_model, glue_dir, blocker / "results"))
+    assert proc.returncode != 0 and "is not writable" in proc.stderr.splitlines()[0], proc.stderr
+
+
+def test_online_wandb_without_network_fails_before_loading(tiny_model, glue_dir, tmp_path):
+    run_id, _ = RUNS["LoRA"]
+    proc = run_cli(f"run={run_id}", "mode=full", *tiny_args(tiny_model, glue_dir, tmp_path / "r"),
+                   env_extra={"WANDB_API_KEY": "f" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"})
+    assert proc.returncode != 0
+    assert "error: wandb.mode=online but the W&B server 127.0.0.1:9 is unreachable" in proc.stderr, proc.stderr
+    assert "f" * 40 not in proc.stdout + proc.stderr and not (tmp_path / "r").exists()
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_model, glue_dir, tmp_path):
+    run_id, _ = RUNS["LoRA"]
+    proc = run_cli(f"run={run_id}", "mode=full", "wandb.mode=disabled", "optuna.n_trials=0", "training.epochs=1",
+                   "dataset.batch_size=4", "training.lr_warmup_steps=0", "training.checkpoint_every_steps=1",
+                   "training.learning_rate=1e20", *tiny_args(tiny_model, glue_dir, tmp_path))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: training loss became nan at optimizer step 2" in proc.stderr, proc.stderr
+    run_dir = tmp_path / run_id
+    assert [p.name for p in (run_dir / "checkpoint").glob("step-*")] == ["step-0000001"]
+    assert not (run_dir / "summary.json").exists()
+
+
+def test_resume_false_moves_the_old_run_aside(tiny_model, glue_dir, tmp_path):
+    run_id, extra = RUNS["LoRA"]
+    args = [f"run={run_id}", "mode=trial", *extra, *tiny_args(tiny_model, glue_dir, tmp_path)]
+    assert run_cli(*args).returncode == 0
+    first = (tmp_path / run_id / "summary.json").read_text()
+    proc = run_cli(*args, "resume=false")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    aside = list(tmp_path.glob(f"{run_id}.old-*"))
+    assert len(aside) == 1 and (aside[0] / "summary.json").read_text() == first
+    assert "moved aside" in proc.stdout + proc.stderr and (tmp_path / run_id / "summary.json").exists()

@@ -1,0 +1,100 @@
+"""Kill-and-resume: a run SIGKILLed mid-training and re-run with the same command ends exactly as an uninterrupted
+run (same final metrics, same adapter weights to 1e-6), for every method, also across GLoRA's reallocation."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO
+
+CASES = {  # name: (run id, extra overrides, kill once a checkpoint at or after this optimizer step exists)
+    "LoRA": ("comparative-2-DeBERTa-v3-base-86M--GLUE-SST-2", [], 9),
+    "AdaLoRA-budgeting": ("comparative-1-DeBERTa-v3-base-86M--GLUE-RTE",
+                          ["adalora.total_rank_budget=40", "adalora.adaptation_start_step=4",
+                           "adalora.final_steps=8", "adalora.mask_interval=2"], 9),
+    "GLoRA-after-realloc": ("proposed-DeBERTa-v3-base-86M--GLUE-RTE",
+                            ["glo_ra.total_rank_budget=60", "glo_ra.warmup_steps=6"], 10),
+    "GLoRA-before-realloc": ("proposed-DeBERTa-v3-base-86M--GLUE-RTE",
+                             ["glo_ra.total_rank_budget=60", "glo_ra.warmup_steps=12"], 5),
+}
+COMMON = ["mode=full", "wandb.mode=disabled", "optuna.n_trials=0", "training.epochs=2", "dataset.batch_size=4",
+          "training.lr_warmup_steps=0", "training.checkpoint_every_steps=1", "training.eval_every_steps=8",
+          "hardware.device=cpu"]
+ENV = {"HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+
+
+def command(run_id, extra, tiny_model, glue_dir, results):
+    return [sys.executable, "-u", "-m", "src.main", f"run={run_id}", *COMMON, *extra,
+            f"model.backbone={tiny_model}", f"dataset.data_dir={glue_dir}", f"results_dir={results}"]
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    return [int(p.name.split("-")[1]) for p in (run_dir / "checkpoint").glob("step-*")] \
+        if (run_dir / "checkpoint").exists() else []
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_killed_run_resumes_to_the_same_result(tiny_model, glue_dir, tmp_path, case):
+    run_id, extra, kill_at = CASES[case]
+    ref = subprocess.run(command(run_id, extra, tiny_model, glue_dir, tmp_path / "ref"), cwd=REPO, env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+
+    cmd = command(run_id, extra, tiny_model, glue_dir, tmp_path / "killed")
+    run_dir = tmp_path / "killed" / run_id
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline and max(checkpoint_steps(run_dir), default=0) < kill_at:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (run_dir / "summary.json").exists()
+    resumed = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout + resumed.stderr
+
+    want = json.loads((tmp_path / "ref" / run_id / "summary.json").read_text())
+    got = json.loads((run_dir / "summary.json").read_text())
+    for key in ("accuracy", "mcc", "glue_score", "best_step", "rank_budget_total", "final_ranks",
+                "trainable_params", "realloc_step"):
+        assert got.get(key) == pytest.approx(want.get(key), abs=1e-6), key
+    assert got["resumes"] == 1 and want["resumes"] == 0
+    w_ref = load_file(tmp_path / "ref" / run_id / "adapter" / "adapter_model.safetensors")
+    w_got = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert set(w_ref) == set(w_got)
+    for k in w_ref:
+        assert w_ref[k].shape == w_got[k].shape and torch.allclose(w_ref[k], w_got[k], atol=1e-6, rtol=0), k
+    rows = lambda d: [json.loads(x) for x in (d / "history.jsonl").read_text().splitlines()]  # noqa: E731
+    losses = lambda d: [(r["step"], round(r["train_loss"], 6)) for r in rows(d) if "train_loss" in r]  # noqa: E731
+    assert losses(run_dir) == losses(tmp_path / "ref" / run_id)
+
+
+def test_checkpoint_of_another_config_is_refused_and_a_corrupt_one_skipped(tiny_model, glue_dir, tmp_path):
+    run_id, extra, _ = CASES["LoRA"]
+    cmd = command(run_id, extra, tiny_model, glue_dir, tmp_path)
+    run_dir = tmp_path / run_id
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and max(checkpoint_steps(run_dir), default=0) < 6:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    other = subprocess.run([*cmd, "training.learning_rate=1e-3"], cwd=REPO, env=ENV, capture_output=True,
+                           text=True, timeout=300)
+    assert other.returncode != 0
+    assert "checkpoint of a different config (training.learning_rate: 0.0002 -> 0.001)" in other.stderr
+    newest = max((run_dir / "checkpoint").glob("step-*"))
+    (newest / "state.safetensors").write_bytes(b"not a safetensors file")
+    resumed = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    out = resumed.stdout + resumed.stderr
+    assert f"checkpoint {newest} is unreadable" in out and "resuming from" in out
+    assert (newest.parent / f"corrupt-{newest.name}" / "state.json").exists()  # set aside, not deleted
