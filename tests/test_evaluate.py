@@ -1,0 +1,425 @@
+"""src/evaluate.py on hand-built run records with known numbers: aggregation, tests, files, errors, W&B mapping."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+from scipy import stats
+from sklearn.metrics import matthews_corrcoef
+from statsmodels.stats.contingency_tables import mcnemar
+
+from src import evaluate as E
+
+REPO = Path(__file__).resolve().parent.parent
+N_EVAL = 200
+LABELS = np.random.default_rng(123).integers(0, 2, N_EVAL)
+METHODS = {"LoRA": "comparative-2", "AdaLoRA": "comparative-1", "GLoRA": "proposed"}
+# (method, seed) -> (number of wrong eval predictions, train seconds, trainable params)
+RUNS = {("LoRA", 42): (30, 100.0, 1000), ("LoRA", 7): (34, 104.0, 1000),
+        ("AdaLoRA", 42): (20, 150.0, 1100), ("AdaLoRA", 7): (24, 160.0, 1100),
+        ("GLoRA", 42): (22, 110.0, 900), ("GLoRA", 7): (25, 112.0, 900)}
+TYPES = ["attention.self.query_proj", "attention.self.key_proj", "attention.self.value_proj",
+         "attention.output.dense", "intermediate.dense", "output.dense"]
+
+
+def run_id(method: str, task: str = "sst2") -> str:
+    return f"{METHODS[method]}-tiny--GLUE-{task}"
+
+
+def run_name(method: str, seed: int, task: str = "sst2") -> str:
+    return run_id(method, task) if seed == 42 else f"{run_id(method, task)}-seed{seed}"
+
+
+def final_ranks(method: str, seed: int) -> dict:
+    ranks = [8] * 12 if method == "LoRA" else [(seed + len(method) * i) % 13 for i in range(12)]
+    return {f"deberta.encoder.layer.{i // 6}.{TYPES[i % 6]}": r for i, r in enumerate(ranks)}
+
+
+def predictions(method: str, seed: int) -> np.ndarray:
+    wrong = np.random.default_rng(list(RUNS).index((method, seed))).choice(N_EVAL, RUNS[(method, seed)][0],
+                                                                       replace=False)
+    preds = LABELS.copy()
+    preds[wrong] = 1 - preds[wrong]
+    return preds
+
+
+def history(method: str, accuracy: float) -> list[dict]:
+    rows = [{"step": s, "epoch": s / 10, "train_loss": 0.7 / s ** 0.3, "lr": 2e-4 * (1 - s / 20)} for s in range(1, 21)]
+    rows.insert(10, {"step": 10, "epoch": 1.0, "validation_accuracy": accuracy - 0.02, "validation_mcc": 0.5,
+                     "validation_loss": 0.4, "validation_glue_score": accuracy - 0.02})
+    rows.append({"step": 20, "epoch": 2.0, "validation_accuracy": accuracy, "validation_mcc": 0.6,
+                 "validation_loss": 0.35, "validation_glue_score": accuracy})
+    if method == "GLoRA":
+        rows.insert(4, {"step": 5, "event": "glora_reallocation", "realloc_seconds": 0.1, "trainable_params_before": 1000,
+                        "trainable_params_after": 900, "scores": {"a": 1.0}, "old_ranks": {"a": 8},
+                        "new_ranks": {"a": 6}})
+    return rows
+
+
+def write_run(results: Path, method: str, seed: int, wandb_mode: str = "disabled", task: str = "sst2") -> Path:
+    """A run folder exactly as training leaves it."""
+    name, rid = run_name(method, seed, task), run_id(method, task)
+    folder = results / name
+    folder.mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({
+        "run_id": rid, "method": METHODS[method], "method_name": method, "seed": seed, "default_seed": 42,
+        "dataset": {"name": f"glue_{task}"}, "wandb": {"mode": wandb_mode, "entity": "ent", "project": "proj"}}),
+        folder / "config.yaml")
+    preds = predictions(method, seed)
+    acc = float((preds == LABELS).mean())
+    pd.DataFrame({"split": "validation", "idx": np.arange(N_EVAL), "label": LABELS, "prediction": preds}).to_csv(
+        folder / "predictions.csv", index=False)
+    rows = history(method, acc)
+    (folder / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ranks = final_ranks(method, seed)
+    _, seconds, params = RUNS[(method, seed)]
+    summary = {"accuracy": acc, "mcc": float(matthews_corrcoef(LABELS, preds)), "loss": 0.35,
+               "glue_metric": "accuracy", "glue_score": acc, "best_step": 20, "best_validation_accuracy": acc,
+               "best_validation_glue_score": acc, "train_time_s": seconds, "eval_time_s": 3.0, "final_step": 20,
+               "run_id": rid, "run_name": name, "method": METHODS[method], "method_name": method, "task": task,
+               "dataset": f"glue_{task}", "backbone": "tiny", "seed": seed, "status": "finished", "total_steps": 20,
+               "epochs": 2, "trainable_params": params, "adapter_params": params - 100, "head_params": 100,
+               "rank_budget_total": sum(ranks.values()), "final_ranks": ranks}
+    if method == "GLoRA":
+        summary.update(realloc_step=5, realloc_seconds=0.1, trainable_params_initial=1000)
+        (folder / "rank_allocation.json").write_text(json.dumps(
+            {"step": 5, "scores": {k: 1.0 for k in ranks}, "old_ranks": {k: 8 for k in ranks}, "new_ranks": ranks,
+             "total_rank_budget": sum(ranks.values()), "realloc_seconds": 0.1}))
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+def write_all(results: Path) -> Path:
+    for method, seed in RUNS:
+        write_run(results, method, seed)
+    return results
+
+
+def accuracy(method: str, seed: int) -> float:
+    return float((predictions(method, seed) == LABELS).mean())
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env.pop("WANDB_API_KEY", None)
+    return subprocess.run([sys.executable, "-m", "src.evaluate", *args], cwd=REPO, env=env, check=False,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(autouse=True)
+def no_real_wandb(monkeypatch):
+    """Never the real W&B from a test: only the fake API below, passed in explicitly."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """All six runs evaluated in-process once; the tests below read what it wrote."""
+    results = write_all(tmp_path_factory.mktemp("results"))
+    ids = [run_id(m) for m in METHODS]  # config run_ids: each expands to both seeds
+    assert E.main([f"results_dir={results}", f"run_ids={json.dumps(ids)}"]) == 0
+    return results, json.loads((results / "comparison" / "aggregated_metrics.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Numbers.
+
+def test_group_means_and_stds(evaluated):
+    _, agg = evaluated
+    assert len(agg["runs"]) == 6
+    for method in METHODS:
+        group = agg["groups"]["sst2"][method]
+        accs = [accuracy(method, s) for s in (42, 7)]
+        times = [RUNS[(method, s)][1] for s in (42, 7)]
+        assert group["n"] == 2 and sorted(group["seeds"]) == [7, 42]
+        assert group["accuracy"]["mean"] == pytest.approx(np.mean(accs))
+        assert group["accuracy"]["std"] == pytest.approx(np.std(accs, ddof=1))
+        assert group["train_time_s"]["mean"] == pytest.approx(np.mean(times))
+        assert group["glue_score"]["n"] == 2
+
+
+def test_derived_metrics(evaluated):
+    _, agg = evaluated
+    mean = {m: np.mean([accuracy(m, s) for s in (42, 7)]) for m in METHODS}
+    time = {m: np.mean([RUNS[(m, s)][1] for s in (42, 7)]) for m in METHODS}
+    d = agg["derived"]["sst2"]
+    assert d["baseline"] == "LoRA" and set(d["methods"]) == {"AdaLoRA", "GLoRA"}
+    g = d["methods"]["GLoRA"]
+    assert g["accuracy_gain_abs"] == pytest.approx(mean["GLoRA"] - mean["LoRA"])
+    assert g["accuracy_gain_rel"] == pytest.approx((mean["GLoRA"] - mean["LoRA"]) / mean["LoRA"])
+    assert g["train_time_s_ratio"] == pytest.approx(time["GLoRA"] / time["LoRA"])
+    assert g["trainable_params_ratio"] == pytest.approx(900 / 1000)
+    share = d["glora_share_of_adalora_gain"]["accuracy"]
+    assert share["value"] == pytest.approx((mean["GLoRA"] - mean["LoRA"]) / (mean["AdaLoRA"] - mean["LoRA"]))
+    assert agg["glue_average"]["GLoRA"]["value"] == pytest.approx(mean["GLoRA"])
+    assert agg["glue_average"]["GLoRA"]["tasks"] == ["sst2"]
+
+
+def test_recovered_share_is_null_with_a_reason():
+    flat = {"glue_score": {"mean": 0.8}}
+    assert E.recovered_share({"LoRA": flat, "AdaLoRA": flat, "GLoRA": flat}, "glue_score")["value"] is None
+    missing = E.recovered_share({"LoRA": flat, "GLoRA": flat}, "glue_score")
+    assert missing["value"] is None and "AdaLoRA" in missing["reason"]
+
+
+def test_seed_level_p_values_match_scipy(evaluated):
+    _, agg = evaluated
+    entry = next(e for e in agg["significance"]["seed_level"] if (e["method_a"], e["method_b"]) == ("GLoRA", "LoRA"))
+    x, y = [accuracy("GLoRA", s) for s in (7, 42)], [accuracy("LoRA", s) for s in (7, 42)]
+    assert entry["seeds"] == [7, 42] and entry["n"] == 2
+    ttest, wilcoxon = entry["tests"]
+    assert ttest["p_value"] == pytest.approx(stats.ttest_rel(x, y).pvalue)
+    assert ttest["statistic"] == pytest.approx(stats.ttest_rel(x, y).statistic)
+    assert wilcoxon["p_value"] == pytest.approx(stats.wilcoxon(x, y).pvalue)
+    pairs = {(e["method_a"], e["method_b"]) for e in agg["significance"]["seed_level"]}
+    assert pairs == {("GLoRA", "AdaLoRA"), ("GLoRA", "LoRA"), ("AdaLoRA", "LoRA")}
+
+
+def test_example_level_tests_match_statsmodels_and_scipy(evaluated):
+    _, agg = evaluated
+    entry = next(e for e in agg["significance"]["example_level"]
+                 if (e["method_a"], e["method_b"], e["paired_by"]) == ("GLoRA", "AdaLoRA", "seed 42"))
+    ca, cb = predictions("GLoRA", 42) == LABELS, predictions("AdaLoRA", 42) == LABELS
+    table = [[np.sum(ca & cb), np.sum(ca & ~cb)], [np.sum(~ca & cb), np.sum(~ca & ~cb)]]
+    expected = mcnemar(table, exact=True)
+    assert entry["n"] == N_EVAL and entry["split"] == "validation"
+    assert entry["mcnemar"]["p_value"] == pytest.approx(expected.pvalue)
+    assert entry["mcnemar"]["statistic"] == pytest.approx(expected.statistic)
+    boot = stats.bootstrap((ca.astype(float), cb.astype(float)), lambda a, b, axis: a.mean(axis) - b.mean(axis),
+                           paired=True, vectorized=True, n_resamples=E.N_RESAMPLES, method="percentile",
+                           rng=np.random.default_rng(E.BOOT_SEED))
+    assert entry["bootstrap"]["difference"] == pytest.approx(ca.mean() - cb.mean())
+    assert entry["bootstrap"]["ci_low"] == pytest.approx(boot.confidence_interval.low)
+    assert entry["bootstrap"]["ci_high"] == pytest.approx(boot.confidence_interval.high)
+    assert entry["bootstrap"]["ci_low"] <= entry["bootstrap"]["difference"] <= entry["bootstrap"]["ci_high"]
+
+
+def test_unpaired_seeds_fall_back_to_the_first_seed(tmp_path):
+    write_run(tmp_path, "LoRA", 42)
+    write_run(tmp_path, "GLoRA", 7)
+    records = E.load_runs(tmp_path, [run_id("LoRA"), run_id("GLoRA")], False, E.WandbSource())
+    agg = E.aggregate(records)
+    (entry,) = agg["significance"]["example_level"]
+    assert entry["paired_by"].startswith("first seed") and entry["run_b"] == run_name("LoRA", 42)
+    assert agg["significance"]["seed_level"][0]["tests"][0]["reason"].startswith("needs >= 2 seeds")
+    assert agg["derived"]["sst2"]["glora_share_of_adalora_gain"]["accuracy"]["value"] is None
+
+
+def test_mnli_splits_and_stsb_regression():
+    """MNLI's matched and mismatched splits are both tested per example; STS-B has no per-example correctness."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 50)
+
+    def record(task, method, preds: pd.DataFrame) -> E.RunRecord:
+        summary = {"task": task, "method_name": method, "seed": 42, "glue_score": 0.8, "accuracy": None}
+        return E.RunRecord(f"{method}-{task}", {}, summary, [], preds)
+
+    mnli = {m: pd.concat([pd.DataFrame({"split": sp, "idx": range(50), "label": y,
+                                        "prediction": np.where(rng.random(50) < 0.8, y, (y + 1) % 3)})
+                          for sp in ("validation", "validation_mm")]) for m in ("LoRA", "GLoRA")}
+    stsb = {m: pd.DataFrame({"split": "validation", "idx": range(50), "label": rng.uniform(0, 5, 50),
+                             "prediction": rng.uniform(0, 5, 50)}) for m in ("LoRA", "GLoRA")}
+    records = [record("mnli", m, p) for m, p in mnli.items()] + [record("stsb", m, p) for m, p in stsb.items()]
+    entries = E.aggregate(records)["significance"]["example_level"]
+    assert sorted(e["split"] for e in entries if e["task"] == "mnli") == ["validation", "validation_mm"]
+    assert [e["reason"] for e in entries if e["task"] == "stsb"] == ["regression task: no per-example correctness"]
+    matrices = E.confusion_matrices(records[0])
+    assert set(matrices) == {"validation", "validation_mm"} and np.sum(matrices["validation"]["matrix"]) == 50
+    assert E.confusion_matrices(records[2]) == {}
+
+
+def test_rank_table_places_deberta_and_bert_names():
+    ranks = {"deberta.encoder.layer.3.attention.self.query_proj": 1, "deberta.encoder.layer.3.attention.output.dense": 2,
+             "deberta.encoder.layer.3.intermediate.dense": 3, "deberta.encoder.layer.3.output.dense": 4,
+             "bert.encoder.layer.0.attention.self.key": 5, "base_model.model.bert.encoder.layer.0.attention.self.value": 6,
+             "deberta.pooler.dense": 9}
+    table = E.rank_table(ranks)
+    assert list(table.columns) == ["Wq", "Wk", "Wv", "Wo", "Wf1", "Wf2"] and list(table.index) == [0, 3]
+    assert (table.loc[3, "Wq"], table.loc[3, "Wo"], table.loc[3, "Wf1"], table.loc[3, "Wf2"]) == (1, 2, 3, 4)
+    assert (table.loc[0, "Wk"], table.loc[0, "Wv"]) == (5, 6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files.
+
+def test_files_exist(evaluated):
+    results, _ = evaluated
+    for method, seed in RUNS:
+        name = run_name(method, seed)
+        files = {p.name for p in (results / name).iterdir()}
+        expected = {"metrics.json", f"{name}_learning_curve.pdf", f"{name}_confusion_matrix.pdf"}
+        assert expected <= files
+        assert (f"{name}_rank_allocation.pdf" in files) == (method != "LoRA")
+        metrics = json.loads((results / name / "metrics.json").read_text())
+        assert metrics["final"]["accuracy"] == pytest.approx(accuracy(method, seed)) and not metrics["checks"]
+        assert metrics["confusion_matrices"]["validation"]["n"] == N_EVAL
+    comparison = {p.name for p in (results / "comparison").iterdir()}
+    assert {"aggregated_metrics.json", "report.md", "comparison_accuracy_bar_chart.pdf",
+            "comparison_accuracy_box_plot.pdf", "comparison_learning_curves.pdf", "comparison_train_time.pdf",
+            "comparison_rank_allocation.pdf"} <= comparison
+    assert not [n for n in comparison if n.endswith(".tmp")]
+    report = (results / "comparison" / "report.md").read_text()
+    assert "PUBLISHED" in report and "88.34" in report and "89.31" in report and "Checkpoint rule" in report
+
+
+def test_published_averages_follow_the_glue_convention():
+    """The paper's averages are the mean over 8 tasks with MNLI m/mm and QQP acc/F1 averaged first."""
+    for method, average in (("LoRA r=8 (1.33M)", 88.34), ("AdaLoRA (1.27M)", 89.31)):
+        per_task = [np.mean([float(x) for x in cell.split("/")]) for cell in E.PUBLISHED[method][:-1]]
+        assert np.mean(per_task) == pytest.approx(average, abs=0.006)
+
+
+def test_cli_subprocess_expands_a_config_run_id(tmp_path):
+    write_run(tmp_path, "LoRA", 42)
+    write_run(tmp_path, "LoRA", 7)
+    proc = cli(f"results_dir={tmp_path}", f'run_ids=["{run_id("LoRA")}"]')
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("<- local") == 2
+    agg = json.loads((tmp_path / "comparison" / "aggregated_metrics.json").read_text())
+    assert sorted(r["run_name"] for r in agg["runs"]) == sorted([run_name("LoRA", 42), run_name("LoRA", 7)])
+    assert (tmp_path / "comparison" / "comparison_rank_allocation.pdf").exists()  # says there is no adaptive run
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input.
+
+def test_unknown_run_id_names_it_and_lists_existing(tmp_path, capsys):
+    write_run(tmp_path, "LoRA", 42)
+    proc = cli(f"results_dir={tmp_path}", 'run_ids=["nope"]')
+    assert proc.returncode != 0
+    assert "'nope'" in proc.stderr and run_name("LoRA", 42) in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert E.main([f"results_dir={tmp_path}", "run_ids=[nope]"], wandb_api=FakeApi({})) == 2
+    assert "unknown run id 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("run_ids", ["abc", "[1,2]", "[]", None])
+def test_malformed_run_ids(tmp_path, capsys, run_ids):
+    args = [f"results_dir={tmp_path}"] + ([f"run_ids={run_ids}"] if run_ids is not None else [])
+    assert E.main(args) == 2
+    assert "run_ids must be a non-empty list of strings" in capsys.readouterr().err
+
+
+def test_malformed_run_ids_via_cli(tmp_path):
+    proc = cli(f"results_dir={tmp_path}", "run_ids=abc")
+    assert proc.returncode != 0 and "run_ids must be a non-empty list of strings" in proc.stderr
+
+
+def test_unknown_argument_is_an_error(tmp_path, capsys):
+    assert E.main([f"result_dir={tmp_path}", "run_ids=[a]"]) == 2
+    assert "result_dir" in capsys.readouterr().err
+
+
+def test_crashed_run_is_an_error_unless_skip_bad(tmp_path, capsys):
+    write_run(tmp_path, "LoRA", 42)
+    crashed = write_run(tmp_path, "GLoRA", 42)
+    (crashed / "summary.json").unlink()
+    ids = f'run_ids=["{run_id("LoRA")}","{run_id("GLoRA")}"]'
+    assert E.main([f"results_dir={tmp_path}", ids]) == 2
+    err = capsys.readouterr().err
+    assert "no summary.json" in err and run_name("GLoRA", 42) in err and "skip_bad=true" in err
+    assert not (tmp_path / "comparison").exists()
+    assert E.main([f"results_dir={tmp_path}", ids, "skip_bad=true"]) == 0
+    err = capsys.readouterr().err
+    assert "SKIPPED" in err and run_name("GLoRA", 42) in err
+    agg = json.loads((tmp_path / "comparison" / "aggregated_metrics.json").read_text())
+    assert [r["run_name"] for r in agg["runs"]] == [run_name("LoRA", 42)]
+
+
+def test_unknown_id_is_skipped_with_skip_bad(tmp_path, capsys):
+    write_run(tmp_path, "LoRA", 42)
+    assert E.main([f"results_dir={tmp_path}", f'run_ids=["nope","{run_name("LoRA", 42)}"]', "skip_bad=true"]) == 0
+    assert "SKIPPED" in capsys.readouterr().err
+    assert E.main([f"results_dir={tmp_path}", 'run_ids=["nope"]', "skip_bad=true"]) == 2  # nothing left
+
+
+def test_moved_aside_folders_are_not_extra_seeds(tmp_path):
+    folder = write_run(tmp_path, "LoRA", 42)
+    os.replace(folder, tmp_path / f"{folder.name}.old-20250101-000000")
+    write_run(tmp_path, "LoRA", 42)
+    names, problems = E.resolve_run_names(tmp_path, [run_id("LoRA")], E.WandbSource())
+    assert names == [run_name("LoRA", 42)] and not problems
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# W&B.
+
+class FakeSummary:
+    def __init__(self, d):
+        self._json_dict = d
+
+
+class FakeRun:
+    """What wandb.Api().run() gives: W&B merges rows logged at one step and adds `_`-keys."""
+
+    def __init__(self, folder: Path):
+        local = E.load_local(folder)
+        self.id = folder.name
+        self.config = {**{k: {"value": v} for k, v in local.config.items()}, "_wandb": {"value": {"x": 1}}}
+        last = {k: v for row in local.history for k, v in row.items() if k not in ("step", "event")}
+        self.summary = FakeSummary({**last, **local.summary, "_runtime": 12.0, "_step": 20, "_wandb": {"runtime": 12}})
+        self.rows = {}
+        for row in local.history:
+            self.rows.setdefault(row["step"], {"_step": row["step"], "_runtime": 1.0})
+            self.rows[row["step"]].update({k: v for k, v in row.items() if k not in ("step", "event")})
+
+    def scan_history(self):
+        return iter(self.rows.values())
+
+
+class FakeApi:
+    default_entity = "ent"
+
+    def __init__(self, runs: dict):
+        self.runs_by_name, self.calls = runs, []
+
+    def run(self, path):
+        self.calls.append(path)
+        name = path.split("/")[-1]
+        if name not in self.runs_by_name:
+            raise ValueError(f"Could not find run {path}")
+        return self.runs_by_name[name]
+
+    def runs(self, path, filters):
+        return [r for r in self.runs_by_name.values() if r.config["run_id"]["value"] == filters["config.run_id"]]
+
+
+def test_wandb_run_maps_to_the_local_structure(tmp_path):
+    folder = write_run(tmp_path / "local", "GLoRA", 42)
+    local = E.load_local(folder)
+    from_wandb = E.load_wandb(FakeApi({folder.name: FakeRun(folder)}), "ent/proj", folder.name, folder)
+    assert from_wandb.config == local.config
+    assert from_wandb.summary == local.summary
+    assert from_wandb.history == local.history
+    pd.testing.assert_frame_equal(from_wandb.predictions, local.predictions)
+    assert from_wandb.rank_allocation == local.rank_allocation
+    assert from_wandb.source == f"wandb ent/proj/{folder.name}"
+
+
+def test_online_runs_come_from_wandb_first_and_fall_back_to_local(tmp_path, capsys):
+    folder = write_run(tmp_path, "LoRA", 42, wandb_mode="online")
+    api = FakeApi({folder.name: FakeRun(folder)})
+    assert E.main([f"results_dir={tmp_path}", f"run_ids=[{folder.name}]"], wandb_api=api) == 0
+    assert api.calls == [f"ent/proj/{folder.name}"] and "<- wandb ent/proj/" in capsys.readouterr().out
+    assert E.main([f"results_dir={tmp_path}", f"run_ids=[{folder.name}]"], wandb_api=FakeApi({})) == 0
+    assert "<- local" in capsys.readouterr().out
+
+
+def test_run_only_on_wandb_is_found_by_config_run_id(tmp_path):
+    source = write_run(tmp_path / "elsewhere", "AdaLoRA", 7)
+    results = tmp_path / "results"
+    api = FakeApi({source.name: FakeRun(source)})
+    names, problems = E.resolve_run_names(results, [run_id("AdaLoRA")], E.WandbSource(api))
+    assert names == [source.name] and not problems
+    assert E.main([f"results_dir={results}", f"run_ids=[{run_id('AdaLoRA')}]"], wandb_api=api) == 0
+    assert (results / source.name / "metrics.json").exists()
+    assert (results / source.name / f"{source.name}_learning_curve.pdf").exists()
+    assert not (results / source.name / f"{source.name}_confusion_matrix.pdf").exists()  # no local predictions
