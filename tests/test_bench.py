@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -17,3 +18,22 @@ def test_overhead_bench_runs_at_toy_size(tiny_model):
     for name in ("glora/lora", "adalora/lora", "harness/bare"):
         assert re.search(rf"^{name} step-time ratio: \d+\.\d+$", proc.stdout, re.M), proc.stdout
     assert "GLoRA rebuild pause" in proc.stdout and "bare PEFT loop" in proc.stdout
+
+
+def test_accuracy_bench_runs_at_toy_size(tiny_model, glue_dir, tmp_path):
+    """The real CLI per method and task, then src.evaluate; the table names every method and its test."""
+    targets = (REPO / "config" / "config.yaml").read_text().split("target_modules: ")[1].splitlines()[0].strip()
+    proc = subprocess.run(
+        [sys.executable, "bench/accuracy.py", "--results-dir", str(tmp_path), "--tasks", "SST-2", "RTE", "--seeds",
+         "42", "--model", str(tiny_model), "--data-dir", str(glue_dir), "--set", f"model.peft.target_modules={targets}",
+         "adalora.total_rank_budget=96", "adalora.adaptation_start_step=0", "adalora.final_steps=0",
+         "adalora.mask_interval=1", "glo_ra.warmup_steps=1", "training.max_train_batches=2",
+         "dataset.max_eval_samples=32"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for task in ("sst2", "rte"):
+        for method in ("LoRA", "AdaLoRA", "GLoRA"):
+            assert re.search(rf"^{task} +{method} +1 +\d+\.\d\d ", proc.stdout, re.M), proc.stdout
+        assert (tmp_path / f"proposed-MiniLM-L6-22M--GLUE-{task.upper().replace('SST2', 'SST-2')}" / "summary.json"
+                ).exists()
+    assert "McNemar p =" in proc.stdout and (tmp_path / "comparison" / "report.md").exists()
