@@ -448,6 +448,9 @@ def recovered_share(by_method: dict, key: str) -> dict:
     denominator = _mean(by_method["AdaLoRA"], key) - lora
     if abs(denominator) < 1e-9:
         return {"value": None, "metric": key, "reason": "AdaLoRA and LoRA have the same mean (denominator ~0)"}
+    if denominator < 0:  # a ratio over a loss has no meaning as a share (its sign flips)
+        return {"value": None, "metric": key, "reason": f"AdaLoRA is below LoRA ({100 * denominator:+.2f} points): "
+                                                        f"no gain to recover"}
     return {"value": (_mean(by_method["GLoRA"], key) - lora) / denominator, "metric": key, "reason": None}
 
 
@@ -677,7 +680,8 @@ def plot_learning_curve(rec: RunRecord, path: Path) -> None:
         if steps:  # a mismatched-split metric: its matched colour, dashed
             ax_metric.plot(steps, values, "o" + ("--" if metric.endswith("_mm") else "-"), ms=4,
                            color=colors[metric.removesuffix("_mm")], label=metric)
-    for ax, ylabel in ((ax_loss, "loss"), (ax_metric, "validation metric")):
+    loss_label = "loss (train: incl. orthogonal regulariser)" if method_of(rec) == "AdaLoRA" else "loss"
+    for ax, ylabel in ((ax_loss, loss_label), (ax_metric, "validation metric")):
         for step in sorted({r["step"] for r in rec.history if r.get("event") == "glora_reallocation"}):
             ax.axvline(step, color="k", ls=":", lw=1, label="GLoRA reallocation")
         ax.set(xlabel="optimizer step", ylabel=ylabel)
@@ -799,7 +803,9 @@ def plot_learning_curves(records: list[RunRecord], path: Path) -> None:
             row[0].plot(steps, smooth(loss)[0], **style)
             steps, metric = series(rec.history, headline_key(rec.history))
             row[1].plot(steps, np.multiply(metric, 100), marker="o", ms=3, **style)
-        row[0].set(xlabel="optimizer step", ylabel="train loss (moving avg)", title=f"{TASKS.get(task, task)}: train")
+        regulariser = " (AdaLoRA's includes its orthogonal regulariser)" if "AdaLoRA" in methods else ""
+        row[0].set(xlabel="optimizer step", ylabel="train loss (moving avg)",
+                   title=f"{TASKS.get(task, task)}: train loss{regulariser}")
         row[1].set(xlabel="optimizer step", ylabel="dev score (%)", title=f"{task_label(task, ' ')}: dev")
     handles = [Line2D([], [], color=COLORS.get(m, "C7"), lw=2, label=m) for m in methods] + [
         Line2D([], [], color="0.3", ls=styles[s], label=f"seed {s}") for s in seeds]
@@ -875,6 +881,10 @@ def fmt_num(v, digits: int = 4) -> str:
     return "–" if v is None else (f"{v:.{digits}g}" if isinstance(v, float) else str(v))
 
 
+def fmt_ratio(v) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
 def fmt_points(v, suffix: str = "") -> str:
     """A difference of fractions in points (x100), signed."""
     return "–" if v is None else f"{100 * v:+.2f}{suffix}"
@@ -909,7 +919,7 @@ def cost_table(agg: dict) -> list[str]:
             rows.append([TASKS.get(t, t), m, fmt_stat(g["train_time_s"], digits=1),
                          fmt_stat(g["trainable_params"], digits=0), fmt_stat(g["rank_budget_total"], digits=0)]
                         + [fmt_points(d.get("glue_score_gain_abs")), fmt_points(d.get("glue_score_gain_rel"), "%")]
-                        + [fmt_num(d.get(k), 3) for k in ("train_time_s_ratio", "trainable_params_ratio")])
+                        + [fmt_ratio(d.get(k)) for k in ("train_time_s_ratio", "trainable_params_ratio")])
     lines = table(["Task", "Method", "Train time (s)", "Trainable params", "Rank budget", "Score gain (points)",
                    "Score gain (relative)", "Time ratio", "Param ratio"], rows)
     for t, d in agg["derived"].items():

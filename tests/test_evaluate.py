@@ -169,6 +169,8 @@ def test_recovered_share_is_null_with_a_reason():
     assert E.recovered_share({"LoRA": flat, "AdaLoRA": flat, "GLoRA": flat}, "glue_score")["value"] is None
     missing = E.recovered_share({"LoRA": flat, "GLoRA": flat}, "glue_score")
     assert missing["value"] is None and "AdaLoRA" in missing["reason"]
+    below = E.recovered_share({"LoRA": flat, "AdaLoRA": {"glue_score": {"mean": 0.79}}, "GLoRA": flat}, "glue_score")
+    assert below["value"] is None and "AdaLoRA is below LoRA (-1.00 points)" in below["reason"]
 
 
 def test_seed_level_p_values_match_scipy(evaluated):
