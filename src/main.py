@@ -20,6 +20,8 @@ import urllib.parse
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
@@ -84,6 +86,9 @@ def prepare(cfg: DictConfig) -> DictConfig:
                           "or pass wandb.mode=offline / wandb.mode=disabled")
     if cfg.wandb.mode == "online":
         check_wandb_reachable()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg.mode == "full" and cfg.optuna.n_trials > 0:
+        raise ConfigError("optuna.n_trials > 0 under a multi-process launch: tune with one process per study worker "
+                          "(optuna.storage=<RDB URL>), then train the final run data-parallel with optuna.n_trials=0")
     from src import model as M
     from src import preprocess as P
 
@@ -395,15 +400,22 @@ def run(cfg: DictConfig) -> dict:
     return summary
 
 
+class JobFailed(RuntimeError):
+    """A multirun job that stopped on bad input: Hydra records it and goes on with the other jobs."""
+
+
 @hydra.main(config_path="../config", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
-    logging.getLogger("src").setLevel(logging.INFO)
+    worker = int(os.environ.get("RANK", "0")) > 0  # data parallel: the main process reports
+    logging.getLogger("src").setLevel(logging.WARNING if worker else logging.INFO)
     try:
         run(cfg)
     except Exception as e:
         if not isinstance(e, ConfigError) and not isinstance(e, user_errors()):
             raise
         print(f"error: {e}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise JobFailed(str(e)) from None  # sys.exit would end the whole sweep
         sys.exit(2)
 
 

@@ -31,6 +31,89 @@ class TrainingError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Data parallelism over the processes `accelerate launch` or `torchrun` started.
+
+class Dist:
+    """One run on WORLD_SIZE processes (1: everything below is a no-op). Every process draws the same global batch
+    and trains on its slice; gradients are summed with one all-reduce per optimizer step, before GLoRA's scores and
+    AdaLoRA's allocator read them, so every process computes the same ranks. No DDP wrapper: GLoRA's rebuild
+    replaces parameters mid-run, and DDP binds its buckets to the parameters it was built with. Only the main
+    process writes results, logs and shows progress bars."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.main = self.rank == 0
+
+    def init(self, device: torch.device) -> None:
+        if self.world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    def device(self, name: str) -> torch.device:
+        device = pick_device(name)
+        if self.world > 1 and device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", self.local_rank)
+        return device
+
+    def shard(self, batch: dict) -> tuple[dict, float]:
+        """This process's slice of a global batch and its share of the global mean loss."""
+        if self.world == 1:
+            return batch, 1.0
+        n = len(batch["labels"])
+        part = {k: v[self.rank::self.world] for k, v in batch.items()}
+        return part, len(part["labels"]) / n
+
+    def reduce_gradients(self, model) -> None:
+        """Sum the trainable gradients over processes (one flat all-reduce); a missing grad counts as zero."""
+        if self.world == 1:
+            return
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        torch.distributed.all_reduce(flat)
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return value
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        return value
+
+    def broadcast(self, obj):
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def check_same(self, what: str, obj, step: int) -> None:
+        """Every process must hold what the main one holds (e.g. the ranks): a mismatch is an error, never a
+        silent divergence."""
+        if self.world == 1:
+            return
+        objs = [None] * self.world
+        torch.distributed.all_gather_object(objs, obj)
+        bad = [r for r, o in enumerate(objs) if o != objs[0]]
+        if bad:
+            raise TrainingError(f"{what} differ between processes at optimizer step {step} (process {bad[0]} vs 0)")
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The run record: history.jsonl as it goes, summary.json at the end, the same rows to W&B when it is on.
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -55,11 +138,11 @@ def _json_default(o):
 class Recorder:
     """Appends each row to history.jsonl (flushed, so a killed run keeps its history) and mirrors it to W&B."""
 
-    def __init__(self, run_dir: Path, cfg, run_name: str):
-        self.run_dir = run_dir
-        self.history = (run_dir / "history.jsonl").open("a", encoding="utf-8")
+    def __init__(self, run_dir: Path, cfg, run_name: str, enabled: bool = True):
+        self.run_dir, self.enabled = run_dir, enabled
+        self.history = (run_dir / "history.jsonl").open("a", encoding="utf-8") if enabled else None
         self.wandb = None
-        if cfg.wandb.mode != "disabled":
+        if enabled and cfg.wandb.mode != "disabled":
             import wandb
 
             self.wandb = wandb.init(
@@ -68,12 +151,16 @@ class Recorder:
                 config=OmegaConf.to_container(cfg, resolve=True))
 
     def log(self, row: dict) -> None:
+        if not self.enabled:  # a data-parallel worker: the main process records
+            return
         self.history.write(json.dumps(row, default=_json_default) + "\n")
         self.history.flush()
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if k not in ("step", "event")}, step=row["step"])
 
     def finish(self, summary: dict) -> None:
+        if not self.enabled:
+            return
         write_json_atomic(self.run_dir / "summary.json", summary)
         if self.wandb is not None:
             self.wandb.summary.update(summary)
@@ -83,7 +170,8 @@ class Recorder:
     def abort(self) -> None:
         if self.wandb is not None:
             self.wandb.finish(exit_code=1)
-        self.history.close()
+        if self.history is not None:
+            self.history.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -151,6 +239,23 @@ def truncate_history(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+def check_precision(precision: str, device: torch.device) -> bool:
+    """True for bf16 autocast (adapters stay fp32); only on a GPU that supports it: CPU runs stay fp32."""
+    if precision == "fp32":
+        return False
+    if precision != "bf16":
+        raise TrainingError(f"hardware.precision={precision!r}: use fp32 or bf16")
+    if device.type != "cuda" or not torch.cuda.is_bf16_supported():
+        raise TrainingError(f"hardware.precision=bf16 needs a GPU with bf16 support (device {device}); "
+                            f"use hardware.precision=fp32")
+    return True
+
+
+def quiet(progress: bool) -> dict:
+    """tqdm kwargs: off in data-parallel workers; otherwise tqdm's own defaults (and TQDM_* environment)."""
+    return {} if progress else {"disable": True}
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -174,11 +279,12 @@ def batches_per_epoch(n_batches: int, t) -> int:
 
 
 @torch.no_grad()
-def evaluate_split(model, loader, spec: P.TaskSpec, device, autocast) -> tuple[np.ndarray, np.ndarray, float]:
+def evaluate_split(model, loader, spec: P.TaskSpec, device, autocast, progress: bool = True
+                   ) -> tuple[np.ndarray, np.ndarray, float]:
     """Predictions, labels and mean loss on one eval split."""
     model.eval()
     preds, labels, loss_sum, n = [], [], 0.0, 0
-    for batch in tqdm(loader, desc="eval", leave=False, mininterval=2):
+    for batch in tqdm(loader, desc="eval", leave=False, mininterval=2, **quiet(progress)):
         batch = {k: v.to(device) for k, v in batch.items() if k != "idx"}
         with autocast():
             out = model(**batch)
@@ -191,11 +297,11 @@ def evaluate_split(model, loader, spec: P.TaskSpec, device, autocast) -> tuple[n
     return torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy(), loss_sum / max(n, 1)
 
 
-def run_evaluation(model, eval_loaders, spec, device, autocast) -> tuple[dict, dict]:
+def run_evaluation(model, eval_loaders, spec, device, autocast, progress: bool = True) -> tuple[dict, dict]:
     """`validation_*` metrics of every eval split (MNLI's mismatched split gets the `_mm` suffix) and predictions."""
     metrics, predictions = {}, {}
     for split, loader in eval_loaders.items():
-        preds, labels, loss = evaluate_split(model, loader, spec, device, autocast)
+        preds, labels, loss = evaluate_split(model, loader, spec, device, autocast, progress)
         suffix = "_mm" if split == "validation_mm" else ""
         for k, v in {**P.compute_metrics(spec, preds, labels), "loss": loss}.items():
             metrics[f"validation_{k}{suffix}"] = v
@@ -242,8 +348,10 @@ def train_run(cfg, run_dir: Path, run_name: str, on_eval=None, extra_summary: di
     set_seed(cfg.seed)
     if cfg.hardware.deterministic:
         torch.use_deterministic_algorithms(True)
-    device = pick_device(cfg.hardware.device)
-    bf16 = cfg.hardware.precision == "bf16"
+    dist = Dist()
+    device = dist.device(cfg.hardware.device)
+    bf16 = check_precision(cfg.hardware.precision, device)
+    dist.init(device)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
 
     # data first: a bad file fails before the model is loaded
@@ -262,7 +370,9 @@ def train_run(cfg, run_dir: Path, run_name: str, on_eval=None, extra_summary: di
     per_epoch = math.ceil(n_batches / t.gradient_accumulation_steps)
     total_steps = per_epoch * t.epochs if t.max_steps is None else min(per_epoch * t.epochs, t.max_steps)
     M.check_budget(cfg, base, total_steps)
-    resuming = open_run_dir(cfg, run_dir, can_resume=not tuning)  # only now: bad input leaves results untouched
+    # only now: bad input leaves results untouched; the main process owns the folder
+    resuming = dist.broadcast(open_run_dir(cfg, run_dir, can_resume=not tuning) if dist.main else None)
+    dist.barrier()
 
     if t.gradient_checkpointing:
         base.gradient_checkpointing_enable()
@@ -282,31 +392,38 @@ def train_run(cfg, run_dir: Path, run_name: str, on_eval=None, extra_summary: di
              counts_initial["trainable_params"], sum(initial_ranks.values()), device)
 
     checkpoints = None if tuning else Checkpoints(run_dir / "checkpoint", model, optimizer, scheduler, hook,
-                                                   train_loader.generator, t.keep_checkpoints)
+                                                   train_loader.generator, t.keep_checkpoints, dist.main)
     state = None
     if resuming:
         state = checkpoints.restore_latest()
-        truncate_history(run_dir / "history.jsonl", state.step)
-    recorder = Recorder(run_dir, cfg, run_name)
+        if dist.main:
+            truncate_history(run_dir / "history.jsonl", state.step)
+    recorder = Recorder(run_dir, cfg, run_name, enabled=dist.main)
     try:
         summary = _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, spec, device, autocast,
-                        n_batches, total_steps, recorder, on_eval, state, checkpoints)
+                        n_batches, total_steps, recorder, on_eval, state, checkpoints, dist)
+        final_ranks = M.current_ranks(model)
+        dist.check_same("final ranks", final_ranks, summary["final_step"])
     except BaseException:
         recorder.abort()
+        dist.close()
         raise
     counts = M.parameter_counts(model)
-    final_ranks = M.current_ranks(model)
     summary.update(
         run_id=cfg.run_id, run_name=run_name, method=cfg.method, method_name=cfg.method_name, task=task,
         dataset=d.name, backbone=str(cfg.model.backbone), seed=cfg.seed, status="finished",
         total_steps=total_steps, epochs=t.epochs, **counts, rank_budget_total=sum(final_ranks.values()),
         rank_budget_initial=sum(initial_ranks.values()), final_ranks=final_ranks, **hook.summary(),
         **(extra_summary or {}))
-    if hook.summary().get("realloc_step") is not None:
+    if dist.world > 1:
+        summary["processes"] = dist.world
+    if dist.main and hook.summary().get("realloc_step") is not None:
         write_json_atomic(run_dir / "rank_allocation.json", hook.event)
-    if not tuning:
+    if dist.main and not tuning:
         save_adapter(model, run_dir / "adapter")
     recorder.finish(summary)
+    dist.barrier()
+    dist.close()
     return summary
 
 
@@ -323,9 +440,11 @@ class Checkpoints:
     loop state (data position, elapsed train time). Each is written to a temp folder and renamed, so a kill mid-write
     leaves the previous checkpoint whole; the last `keep` are kept."""
 
-    def __init__(self, root: Path, model, optimizer, scheduler, hook, generator: torch.Generator, keep: int):
+    def __init__(self, root: Path, model, optimizer, scheduler, hook, generator: torch.Generator, keep: int,
+                 writer: bool = True):
         self.root, self.model, self.optimizer, self.scheduler = root, model, optimizer, scheduler
         self.hook, self.generator, self.keep = hook, generator, max(1, keep)
+        self.writer = writer  # data parallel: only the main process writes (every process reads)
         self._epoch_start_state = None
         self._restore_generator = None
 
@@ -337,21 +456,22 @@ class Checkpoints:
         self._epoch_start_state = self.generator.get_state()
 
     def save(self, st: LoopState) -> Path:
-        self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"step-{st.step:07d}"
+        tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in self.model.named_parameters()
+                   if p.requires_grad}
+        bad = [n for n, v in tensors.items() if not torch.isfinite(v).all()]
+        if bad:  # never replace a good checkpoint with a broken one
+            raise TrainingError(f"weights became non-finite at optimizer step {st.step} ({bad[0].removeprefix('param/')}"
+                                f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); stopping, the last good "
+                                f"checkpoint is kept; try a lower training.learning_rate")
+        if not self.writer:
+            return final
+        self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f".tmp-{final.name}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         from safetensors.torch import save_file
 
-        tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in self.model.named_parameters()
-                   if p.requires_grad}
-        bad = [n for n, v in tensors.items() if not torch.isfinite(v).all()]
-        if bad:  # never replace a good checkpoint with a broken one
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise TrainingError(f"weights became non-finite at optimizer step {st.step} ({bad[0].removeprefix('param/')}"
-                                f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); stopping, the last good "
-                                f"checkpoint is kept; try a lower training.learning_rate")
         # mid-epoch: the epoch's start state replays its permutation; at an epoch end: the next epoch's start state
         loader_state = self._epoch_start_state if st.batches_done else self.generator.get_state()
         tensors["rng/torch"] = torch.get_rng_state()
@@ -399,8 +519,9 @@ class Checkpoints:
             except Exception as e:  # corrupt or truncated files: fall back to the previous checkpoint
                 problems.append(f"{path.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
                 aside = path.with_name(f"corrupt-{path.name}")  # kept for inspection; out of the step-* rotation
-                shutil.rmtree(aside, ignore_errors=True)
-                path.rename(aside)
+                if self.writer:
+                    shutil.rmtree(aside, ignore_errors=True)
+                    path.rename(aside)
                 log.warning("checkpoint %s is unreadable (%s); moved to %s, trying the previous one", path,
                             problems[-1], aside.name)
                 continue
@@ -453,19 +574,25 @@ class Checkpoints:
         return st
 
 
-def forward_backward(model, batch: dict, device, autocast, accum: int = 1) -> torch.Tensor:
+def forward_backward(model, batch: dict, device, autocast, accum: int = 1, share: float = 1.0) -> torch.Tensor:
     """Forward and backward of one micro-batch; returns its loss (detached, on the device: no host sync).
-    The backward pass sees loss / accum, so accumulated gradients are those of the mean loss."""
+    The backward pass sees loss * share / accum, so accumulated (and, data parallel, summed) gradients are those of
+    the global mean loss; `share` is this process's part of the global batch."""
+    if not len(batch["labels"]):  # data parallel: a last global batch smaller than the number of processes
+        return torch.zeros((), device=device)
     batch = {k: v.to(device) for k, v in batch.items() if k != "idx"}
     with autocast():
         loss = model(**batch).loss  # AdaLoRA adds its orthogonal regulariser here (labels are passed)
-    (loss / accum).backward()
-    return loss.detach().float()
+    (loss * share / accum).backward()
+    return loss.detach().float() * share
 
 
-def optimizer_step(model, optimizer, scheduler, hook, step: int, max_grad_norm: float) -> dict | None:
-    """One optimizer step in the order the adapters need: GLoRA's score hook on the unclipped gradients, clip, step,
-    schedule, then the adapter hook (AdaLoRA's update_and_allocate, GLoRA's reallocation read p.grad), zero_grad."""
+def optimizer_step(model, optimizer, scheduler, hook, step: int, max_grad_norm: float, dist=None) -> dict | None:
+    """One optimizer step in the order the adapters need: (data parallel: sum the gradients), GLoRA's score hook on
+    the unclipped gradients, clip, step, schedule, then the adapter hook (AdaLoRA's update_and_allocate, GLoRA's
+    reallocation read p.grad), zero_grad."""
+    if dist is not None:
+        dist.reduce_gradients(model)
     hook.on_gradients(step)
     if max_grad_norm:
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
@@ -495,8 +622,9 @@ class LoopState:
 
 
 def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, spec, device, autocast, n_batches,
-          total_steps, recorder, on_eval=None, state: LoopState | None = None, checkpoints=None) -> dict:
+          total_steps, recorder, on_eval=None, state: LoopState | None = None, checkpoints=None, dist=None) -> dict:
     """The training loop; returns the metric part of the summary."""
+    dist = dist or Dist()
     t = cfg.training
     accum = t.gradient_accumulation_steps
     per_epoch = math.ceil(n_batches / accum)
@@ -504,7 +632,7 @@ def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, sp
     st = state or LoopState()
     last_predictions = {}
     running_loss = torch.tensor(st.running_loss, device=device)
-    pbar = tqdm(total=total_steps, initial=st.step, desc="train", mininterval=1)
+    pbar = tqdm(total=total_steps, initial=st.step, desc="train", mininterval=1, **quiet(dist.main))
 
     def sync():
         if device.type == "cuda":
@@ -513,8 +641,9 @@ def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, sp
     def evaluate():
         nonlocal last_predictions
         tic = time.perf_counter()
-        st.last_metrics, last_predictions = run_evaluation(model, eval_loaders, spec, device, autocast)
+        st.last_metrics, last_predictions = run_evaluation(model, eval_loaders, spec, device, autocast, dist.main)
         st.eval_time += time.perf_counter() - tic
+        dist.check_same("ranks", M.current_ranks(model), st.step)
         recorder.log({"step": st.step, "epoch": st.step / per_epoch, **st.last_metrics})
         if st.last_metrics[primary] > st.best_value:
             st.best_value, st.best_step, st.best_metrics = st.last_metrics[primary], st.step, dict(st.last_metrics)
@@ -532,21 +661,23 @@ def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, sp
                 continue
             if i >= n_batches or st.step >= total_steps:
                 break
-            running_loss += forward_backward(model, batch, device, autocast, accum)
+            part, share = dist.shard(batch)
+            running_loss += forward_backward(model, part, device, autocast, accum, share)
             st.running_n += 1
             st.batches_done = i + 1
             if (i + 1) % accum and i + 1 != n_batches:
                 continue
             st.step += 1
-            event = optimizer_step(model, optimizer, scheduler, hook, st.step, t.max_grad_norm)
+            event = optimizer_step(model, optimizer, scheduler, hook, st.step, t.max_grad_norm, dist)
             pbar.update(1)
             if event is not None:
+                dist.check_same("GLoRA's new ranks", event["new_ranks"], st.step)
                 recorder.log({"step": st.step, "event": "glora_reallocation",
                               **{k: event[k] for k in ("realloc_seconds", "trainable_params_before",
                                                        "trainable_params_after", "scores", "old_ranks",
                                                        "new_ranks")}})
             if st.step % t.log_every_steps == 0 or st.step == total_steps:
-                mean_loss = (running_loss / st.running_n).item()
+                mean_loss = (dist.sum(running_loss) / st.running_n).item()
                 if not math.isfinite(mean_loss):
                     raise TrainingError(f"training loss became {mean_loss} at optimizer step {st.step}; stopping "
                                         f"(the last good checkpoint is kept; try a lower training.learning_rate)")
@@ -577,7 +708,7 @@ def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, sp
     st.train_time += time.perf_counter() - tic
     pbar.close()
     if not last_predictions and st.last_metrics:  # resumed after the final evaluation: redo it, unlogged
-        st.last_metrics, last_predictions = run_evaluation(model, eval_loaders, spec, device, autocast)
+        st.last_metrics, last_predictions = run_evaluation(model, eval_loaders, spec, device, autocast, dist.main)
 
     out = {k.removeprefix("validation_"): v for k, v in st.last_metrics.items()}
     out["glue_metric"] = spec.glue_metric
@@ -585,6 +716,6 @@ def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, sp
     out["best_step"] = st.best_step
     out.update({f"best_{k}": v for k, v in st.best_metrics.items()})
     out.update(train_time_s=st.train_time, eval_time_s=st.eval_time, final_step=st.step, resumes=st.resumes)
-    if cfg.evaluation.save_predictions and on_eval is None:
+    if cfg.evaluation.save_predictions and on_eval is None and dist.main:
         save_predictions(recorder.run_dir / "predictions.csv", last_predictions)
     return out

@@ -1,0 +1,126 @@
+"""Scale-out on existing engines: one run on two processes (accelerate launch, gloo on the CPU), and the study matrix
+through Hydra multirun with the joblib launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO
+
+RUNS = {
+    "LoRA": ("comparative-2-DeBERTa-v3-base-86M--GLUE-SST-2", []),
+    "AdaLoRA": ("comparative-1-DeBERTa-v3-base-86M--GLUE-RTE",
+                ["adalora.total_rank_budget=40", "adalora.adaptation_start_step=2", "adalora.final_steps=4",
+                 "adalora.mask_interval=1"]),
+    "GLoRA": ("proposed-DeBERTa-v3-base-86M--GLUE-RTE", ["glo_ra.total_rank_budget=60", "glo_ra.warmup_steps=4"]),
+}
+# global batch 7 over 2 processes: shards of 4 and 3; the last batch of SST-2's 96 examples has 5 (3 + 2), of RTE's
+# 64 examples 1 (1 + an empty shard)
+COMMON = ["mode=full", "wandb.mode=disabled", "optuna.n_trials=0", "training.epochs=1", "dataset.batch_size=7",
+          "training.lr_warmup_steps=0", "training.eval_every_steps=5", "hardware.device=cpu"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+ENV = {k: v for k, v in ENV.items() if not k.startswith(("WANDB_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+# Same global batch, same data order: only the order of floating-point sums differs (per-process partial sums).
+TOLERANCE = {"weights": 1e-4, "accuracy": 0.0}
+
+
+@pytest.fixture(scope="module")
+def no_dropout_model(tiny_model, tmp_path_factory):
+    """The tiny model without dropout: one process and two draw different dropout masks for the same examples."""
+    folder = tmp_path_factory.mktemp("tiny-no-dropout")
+    for f in tiny_model.iterdir():
+        shutil.copy(f, folder / f.name)
+    config = json.loads((folder / "config.json").read_text())
+    config.update({k: 0.0 for k in config if k.endswith("dropout_prob") or k.endswith("dropout")})
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def args(run_id, extra, tiny_model, glue_dir, results):
+    return [f"run={run_id}", *COMMON, *extra, f"model.backbone={tiny_model}", f"dataset.data_dir={glue_dir}",
+            f"results_dir={results}"]
+
+
+@pytest.mark.parametrize("method", sorted(RUNS))
+def test_two_processes_match_one(no_dropout_model, glue_dir, tmp_path, method):
+    run_id, extra = RUNS[method]
+    tiny_model = no_dropout_model
+    extra = [*extra, "model.peft.lora_dropout=0.0"]
+    one = subprocess.run([sys.executable, "-u", "-m", "src.main", *args(run_id, extra, tiny_model, glue_dir,
+                                                                        tmp_path / "one")],
+                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    # accelerate's --cpu flag starts one process unless MPI is set up; --multi_gpu starts torch.distributed.run's
+    # processes, and hardware.device=cpu makes them use gloo on the CPU
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "--main_process_port", str(29500 + os.getpid() % 1000), "-m", "src.main",
+                          *args(run_id, extra, tiny_model, glue_dir, tmp_path / "two")],
+                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    want = json.loads((tmp_path / "one" / run_id / "summary.json").read_text())
+    got = json.loads((tmp_path / "two" / run_id / "summary.json").read_text())
+    assert got["processes"] == 2 and "processes" not in want
+    assert got["final_ranks"] == want["final_ranks"] and got["rank_budget_total"] == want["rank_budget_total"]
+    assert got["total_steps"] == want["total_steps"]
+    assert got["accuracy"] == pytest.approx(want["accuracy"], abs=TOLERANCE["accuracy"])
+    w_one = load_file(tmp_path / "one" / run_id / "adapter" / "adapter_model.safetensors")
+    w_two = load_file(tmp_path / "two" / run_id / "adapter" / "adapter_model.safetensors")
+    assert set(w_one) == set(w_two)
+    for k in w_one:
+        assert w_one[k].shape == w_two[k].shape, k
+        assert torch.allclose(w_one[k], w_two[k], atol=TOLERANCE["weights"], rtol=0), k
+    # one writer: one history with one row per step, one progress line per run
+    steps = [json.loads(r)["step"] for r in (tmp_path / "two" / run_id / "history.jsonl").read_text().splitlines()
+             if "train_loss" in r]
+    assert steps == list(range(1, want["total_steps"] + 1))
+    assert (two.stdout + two.stderr).count(f"{run_id} finished:") == 1
+
+
+def multirun(ids, tmp_path, tiny_model, glue_dir, *extra):
+    cmd = [sys.executable, "-u", "-m", "src.main", "-m", "hydra/launcher=local_parallel", f"run={','.join(ids)}",
+           "seed=1,2", "wandb.mode=disabled", "optuna.n_trials=0", "training.max_train_batches=2",
+           "dataset.max_eval_samples=16", f"model.backbone={tiny_model}", f"dataset.data_dir={glue_dir}",
+           f"results_dir={tmp_path}", *extra]
+    return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def test_multirun_with_joblib_makes_every_run_folder_and_skips_finished_runs(tiny_model, glue_dir, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="needs `uv sync --group launchers`")
+    ids = [RUNS["LoRA"][0], "comparative-2-DeBERTa-v3-base-86M--GLUE-RTE"]
+    proc = multirun(ids, tmp_path, tiny_model, glue_dir, "mode=full")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = [f"{i}-seed{s}" for i in ids for s in (1, 2)]
+    summaries = {n: tmp_path / n / "summary.json" for n in names}
+    assert sorted(p.name for p in tmp_path.iterdir() if (p / "summary.json").exists()) == sorted(names)
+    for name, path in summaries.items():
+        summary = json.loads(path.read_text())
+        assert summary["status"] == "finished" and summary["run_name"] == name
+        assert (tmp_path / name / "adapter" / "adapter_model.safetensors").exists()
+    assert list((tmp_path / ".multirun").glob("*/multirun.yaml"))
+    before = {n: p.stat().st_mtime_ns for n, p in summaries.items()}
+    again = multirun(ids, tmp_path, tiny_model, glue_dir, "mode=full")  # the same command: nothing is retrained
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (again.stdout + again.stderr).count("already finished") == 4
+    assert {n: p.stat().st_mtime_ns for n, p in summaries.items()} == before
+
+
+def test_a_failed_multirun_job_does_not_stop_the_others(tiny_model, glue_dir, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="needs `uv sync --group launchers`")
+    # AdaLoRA's shipped budget (128) cannot fit the tiny model's 12 matrices at init rank 8: its jobs fail at start
+    ids = ["comparative-1-DeBERTa-v3-base-86M--GLUE-RTE", RUNS["LoRA"][0]]
+    proc = multirun(ids, tmp_path, tiny_model, glue_dir, "mode=trial")
+    assert proc.returncode != 0
+    assert "error: adalora.total_rank_budget=128 is infeasible" in proc.stderr, proc.stderr[-3000:]
+    for seed in (1, 2):
+        assert (tmp_path / f"{ids[1]}-seed{seed}" / "summary.json").exists()
+        assert not (tmp_path / f"{ids[0]}-seed{seed}").exists()
