@@ -124,3 +124,34 @@ def test_a_failed_multirun_job_does_not_stop_the_others(tiny_model, glue_dir, tm
     for seed in (1, 2):
         assert (tmp_path / f"{ids[1]}-seed{seed}" / "summary.json").exists()
         assert not (tmp_path / f"{ids[0]}-seed{seed}").exists()
+
+
+def _check_same_worker(rank: int, port: int, results) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from src import train as T
+
+    dist = T.Dist()
+    dist.init(torch.device("cpu"))
+    try:
+        dist.check_same("ranks", {"layer.0.query": 8}, step=3)  # equal: passes
+        dist.check_same("ranks", {"layer.0.query": 8 + rank}, step=4)  # process 1 differs
+        results.put((rank, "no error"))
+    except T.TrainingError as e:
+        results.put((rank, str(e)))
+    finally:
+        dist.close()
+
+
+def test_rank_mismatch_between_processes_is_an_error():
+    ctx = torch.multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    port = 30500 + os.getpid() % 1000
+    procs = [ctx.Process(target=_check_same_worker, args=(r, port, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    got = dict(results.get(timeout=5) for _ in procs)
+    for rank in (0, 1):
+        assert got[rank] == "ranks differ between processes at optimizer step 4 (process 1 vs 0)"
