@@ -246,18 +246,20 @@ def split_wandb_row(raw: dict) -> list[dict]:
     return out
 
 
-def load_wandb(api, path: str, name: str, folder: Path) -> RunRecord:
-    """A run from the W&B public API: full history via scan_history (history() samples), summary, config."""
-    run = api.run(f"{path}/{name}")
+def load_wandb(api, path: str, name: str, folder: Path, run_id: str | None = None) -> RunRecord:
+    """A run from the W&B public API: full history via scan_history (history() samples), summary, config.
+    `run_id`: the W&B id when it is not the run name (a run started over gets a fresh one)."""
+    name_or_id = run_id or name
+    run = api.run(f"{path}/{name_or_id}")
     config = {k: (v["value"] if isinstance(v, dict) and set(v) <= {"value", "desc"} and "value" in v else v)
               for k, v in dict(run.config).items() if not k.startswith("_")}  # older servers wrap values
     summary = {k: v for k, v in dict(run.summary._json_dict).items()
                if not k.startswith(("_", "validation_")) and k not in HISTORY_ONLY}
     if summary.get("status") != "finished":  # training writes status=finished into the summary at the very end
-        raise EvaluationError(f"W&B run {path}/{name} did not finish (state {getattr(run, 'state', '?')!r})")
+        raise EvaluationError(f"W&B run {path}/{name_or_id} did not finish (state {getattr(run, 'state', '?')!r})")
     history = [row for raw in run.scan_history() for row in split_wandb_row(raw)]
     preds, alloc = read_local_extras(folder) if folder.is_dir() else (None, None)
-    return RunRecord(name, config, summary, history, preds, alloc, f"wandb {path}/{name}")
+    return RunRecord(name, config, summary, history, preds, alloc, f"wandb {path}/{name_or_id}")
 
 
 def load_run(results_dir: Path, name: str, wb: WandbSource) -> RunRecord:
@@ -272,7 +274,8 @@ def load_run(results_dir: Path, name: str, wb: WandbSource) -> RunRecord:
     api, why = wb.api(), wb.error
     if api is not None:
         try:
-            return load_wandb(api, wandb_path(local_cfg, api), name, folder)
+            run_id = json.loads((folder / "summary.json").read_text()).get("wandb_id") if has_local else None
+            return load_wandb(api, wandb_path(local_cfg, api), name, folder, run_id)
         except Exception as e:
             why = f"{type(e).__name__}: {e}".splitlines()[0]
     if has_local:

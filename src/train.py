@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import logging
 import math
@@ -48,6 +49,8 @@ class Dist:
 
     def init(self, device: torch.device) -> None:
         if self.world > 1 and not torch.distributed.is_initialized():
+            if device.type == "cuda":  # NCCL's object collectives use the current device
+                torch.cuda.set_device(device)
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
     def device(self, name: str) -> torch.device:
@@ -120,11 +123,16 @@ def write_json_atomic(path: Path, obj) -> None:
     """Temp file in the same folder, then rename: a reader never sees half a file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False, default=_json_default)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; results are for everyone who can read the folder
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False, default=_json_default)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _json_default(o):
@@ -138,17 +146,18 @@ def _json_default(o):
 class Recorder:
     """Appends each row to history.jsonl (flushed, so a killed run keeps its history) and mirrors it to W&B."""
 
-    def __init__(self, run_dir: Path, cfg, run_name: str, enabled: bool = True):
+    def __init__(self, run_dir: Path, cfg, run_name: str, enabled: bool = True, resuming: bool = False):
         self.run_dir, self.enabled = run_dir, enabled
         self.history = (run_dir / "history.jsonl").open("a", encoding="utf-8") if enabled else None
-        self.wandb = None
+        self.wandb, self.wandb_id = None, None
         if enabled and cfg.wandb.mode != "disabled":
             import wandb
 
+            self.wandb_id = wandb_run_id(run_dir, run_name, resuming)
             self.wandb = wandb.init(
-                project=cfg.wandb.project, entity=cfg.wandb.entity, id=run_name, name=run_name, group=cfg.run_id,
-                job_type="train", mode=cfg.wandb.mode, resume="allow", dir=str(run_dir),
-                config=OmegaConf.to_container(cfg, resolve=True))
+                project=cfg.wandb.project, entity=cfg.wandb.entity, id=self.wandb_id, name=run_name,
+                group=cfg.run_id, job_type="train", mode=cfg.wandb.mode, resume="allow" if resuming else "never",
+                dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True))
 
     def log(self, row: dict) -> None:
         if not self.enabled:  # a data-parallel worker: the main process records
@@ -161,6 +170,8 @@ class Recorder:
     def finish(self, summary: dict) -> None:
         if not self.enabled:
             return
+        if self.wandb_id:
+            summary["wandb_id"] = self.wandb_id
         write_json_atomic(self.run_dir / "summary.json", summary)
         if self.wandb is not None:
             self.wandb.summary.update(summary)
@@ -172,6 +183,20 @@ class Recorder:
             self.wandb.finish(exit_code=1)
         if self.history is not None:
             self.history.close()
+
+
+def wandb_run_id(run_dir: Path, run_name: str, resuming: bool) -> str:
+    """The W&B run id: the run name, kept across resumes (in {run}/wandb_id); a run started over after an earlier
+    attempt (moved aside to {run}.old-*) gets a fresh id, so its history is never appended to the old run's."""
+    saved = run_dir / "wandb_id"
+    if resuming and saved.exists():
+        return saved.read_text().strip()
+    earlier = any(run_dir.parent.glob(f"{glob.escape(run_dir.name)}.old-*"))
+    run_id = f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}" if earlier else run_name
+    tmp = saved.with_name(".wandb_id.tmp")
+    tmp.write_text(run_id + "\n")
+    os.replace(tmp, saved)
+    return run_id
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -281,18 +306,24 @@ def batches_per_epoch(n_batches: int, t) -> int:
 @torch.no_grad()
 def evaluate_split(model, loader, spec: P.TaskSpec, device, autocast, progress: bool = True
                    ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Predictions, labels and mean loss on one eval split."""
+    """Predictions, labels and mean task loss on one eval split. The loss is computed here from the logits, not
+    taken from the model: PEFT's AdaLoRA adds its orthogonal regulariser to any loss it returns, which would make
+    validation losses incomparable across methods."""
     model.eval()
     preds, labels, loss_sum, n = [], [], 0.0, 0
     for batch in tqdm(loader, desc="eval", leave=False, mininterval=2, **quiet(progress)):
         batch = {k: v.to(device) for k, v in batch.items() if k != "idx"}
+        y = batch.pop("labels")
         with autocast():
-            out = model(**batch)
-        logits = out.logits.float()
-        preds.append(logits.squeeze(-1) if spec.is_regression else logits.argmax(-1))
-        labels.append(batch["labels"])
-        loss_sum += out.loss.float().item() * len(batch["labels"])
-        n += len(batch["labels"])
+            logits = model(**batch).logits.float()
+        if spec.is_regression:
+            preds.append(logits.squeeze(-1))
+            loss_sum += torch.nn.functional.mse_loss(preds[-1], y.float(), reduction="sum").item()
+        else:
+            preds.append(logits.argmax(-1))
+            loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        labels.append(y)
+        n += len(y)
     model.train()
     return torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy(), loss_sum / max(n, 1)
 
@@ -392,13 +423,14 @@ def train_run(cfg, run_dir: Path, run_name: str, on_eval=None, extra_summary: di
              counts_initial["trainable_params"], sum(initial_ranks.values()), device)
 
     checkpoints = None if tuning else Checkpoints(run_dir / "checkpoint", model, optimizer, scheduler, hook,
-                                                   train_loader.generator, t.keep_checkpoints, dist.main)
+                                                   t.keep_checkpoints, dist.main)
     state = None
     if resuming:
         state = checkpoints.restore_latest()
+        dist.check_same("resumed checkpoint steps", state.step, state.step)
         if dist.main:
             truncate_history(run_dir / "history.jsonl", state.step)
-    recorder = Recorder(run_dir, cfg, run_name, enabled=dist.main)
+    recorder = Recorder(run_dir, cfg, run_name, enabled=dist.main, resuming=bool(resuming))
     try:
         summary = _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, spec, device, autocast,
                         n_batches, total_steps, recorder, on_eval, state, checkpoints, dist)
@@ -440,20 +472,10 @@ class Checkpoints:
     loop state (data position, elapsed train time). Each is written to a temp folder and renamed, so a kill mid-write
     leaves the previous checkpoint whole; the last `keep` are kept."""
 
-    def __init__(self, root: Path, model, optimizer, scheduler, hook, generator: torch.Generator, keep: int,
-                 writer: bool = True):
+    def __init__(self, root: Path, model, optimizer, scheduler, hook, keep: int, writer: bool = True):
         self.root, self.model, self.optimizer, self.scheduler = root, model, optimizer, scheduler
-        self.hook, self.generator, self.keep = hook, generator, max(1, keep)
+        self.hook, self.keep = hook, max(1, keep)
         self.writer = writer  # data parallel: only the main process writes (every process reads)
-        self._epoch_start_state = None
-        self._restore_generator = None
-
-    def epoch_start(self) -> None:
-        """Called before each epoch's iteration: on resume, put the loader's generator back where that epoch began."""
-        if self._restore_generator is not None:
-            self.generator.set_state(self._restore_generator)
-            self._restore_generator = None
-        self._epoch_start_state = self.generator.get_state()
 
     def save(self, st: LoopState) -> Path:
         final = self.root / f"step-{st.step:07d}"
@@ -472,13 +494,9 @@ class Checkpoints:
         tmp.mkdir()
         from safetensors.torch import save_file
 
-        # mid-epoch: the epoch's start state replays its permutation; at an epoch end: the next epoch's start state
-        loader_state = self._epoch_start_state if st.batches_done else self.generator.get_state()
         tensors["rng/torch"] = torch.get_rng_state()
-        tensors["rng/loader"] = loader_state
-        if torch.cuda.is_available():
-            for i, state in enumerate(torch.cuda.get_rng_state_all()):
-                tensors[f"rng/cuda/{i}"] = state
+        if torch.cuda.is_available():  # this process's device only: a resume may see other devices
+            tensors["rng/cuda"] = torch.cuda.get_rng_state()
         tensors.update({f"hook/{k}": v.detach().cpu().contiguous() for k, v in self._hook_tensors().items()})
         save_file(tensors, tmp / "state.safetensors")
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
@@ -566,12 +584,16 @@ class Checkpoints:
                                    for k, v in tensors.items() if k.startswith(prefix)})
             self.model.peft_config[M.ADAPTER].rank_pattern = hook_state["rank_pattern"]
         torch.set_rng_state(tensors["rng/torch"])
-        if torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda/")])
-        self._restore_generator = tensors["rng/loader"]
+        if torch.cuda.is_available() and "rng/cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng/cuda"])
         st = LoopState(**state["loop"])
         st.resumes += 1
         return st
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The data-order seed of one epoch (epoch 0: the run's seed, as make_loaders seeds it)."""
+    return seed + 1_000_003 * epoch
 
 
 def forward_backward(model, batch: dict, device, autocast, accum: int = 1, share: float = 1.0) -> torch.Tensor:
@@ -614,7 +636,7 @@ class LoopState:
     eval_time: float = 0.0
     running_loss: float = 0.0
     running_n: int = 0
-    best_value: float = -math.inf
+    best_value: float | None = None  # of the primary dev metric; None before the first evaluation
     best_step: int | None = None
     best_metrics: dict = field(default_factory=dict)
     last_metrics: dict = field(default_factory=dict)
@@ -631,7 +653,7 @@ def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, sp
     primary = f"validation_{P.primary_metric(spec)}"
     st = state or LoopState()
     last_predictions = {}
-    running_loss = torch.tensor(st.running_loss, device=device)
+    running_loss = torch.tensor(st.running_loss if dist.main else 0.0, device=device)
     pbar = tqdm(total=total_steps, initial=st.step, desc="train", mininterval=1, **quiet(dist.main))
 
     def sync():
@@ -645,7 +667,7 @@ def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, sp
         st.eval_time += time.perf_counter() - tic
         dist.check_same("ranks", M.current_ranks(model), st.step)
         recorder.log({"step": st.step, "epoch": st.step / per_epoch, **st.last_metrics})
-        if st.last_metrics[primary] > st.best_value:
+        if st.best_value is None or st.last_metrics[primary] > st.best_value:
             st.best_value, st.best_step, st.best_metrics = st.last_metrics[primary], st.step, dict(st.last_metrics)
         if on_eval is not None:
             on_eval(st.last_metrics, st.step, hook.adaptation_done(st.step))
@@ -653,9 +675,8 @@ def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, sp
     sync()
     tic = time.perf_counter()
     while st.epoch < t.epochs and st.step < total_steps:
-        # the loader's permutation for this epoch is drawn from its generator when iteration starts
-        if checkpoints:
-            checkpoints.epoch_start()
+        # each epoch's order comes from its own seed, so a resumed run replays it without saving loader state
+        train_loader.generator.manual_seed(epoch_seed(cfg.seed, st.epoch))
         for i, batch in enumerate(train_loader):
             if i < st.batches_done:  # resuming mid-epoch: these batches were trained on before the kill
                 continue
@@ -696,7 +717,7 @@ def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, sp
                 if do_eval:
                     evaluate()
                 if do_checkpoint:
-                    st.running_loss = running_loss.item()
+                    st.running_loss = dist.sum(running_loss).item()  # the global sum; the main process resumes it
                     if end_of_epoch:  # the next checkpoint's data position starts a new epoch
                         st.epoch, st.batches_done = st.epoch + 1, 0
                     checkpoints.save(st)

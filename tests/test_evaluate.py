@@ -425,3 +425,13 @@ def test_run_only_on_wandb_is_found_by_config_run_id(tmp_path):
     assert (results / source.name / "metrics.json").exists()
     assert (results / source.name / f"{source.name}_learning_curve.pdf").exists()
     assert not (results / source.name / f"{source.name}_confusion_matrix.pdf").exists()  # no local predictions
+
+
+def test_a_run_started_over_is_read_from_its_own_wandb_id(tmp_path, capsys):
+    folder = write_run(tmp_path, "LoRA", 42, wandb_mode="online")
+    summary = json.loads((folder / "summary.json").read_text())
+    fresh_id = f"{folder.name}-20260101-000000"
+    (folder / "summary.json").write_text(json.dumps({**summary, "wandb_id": fresh_id}))
+    api = FakeApi({folder.name: "the old attempt: must not be read", fresh_id: FakeRun(folder)})
+    assert E.main([f"results_dir={tmp_path}", f"run_ids=[{folder.name}]"], wandb_api=api) == 0
+    assert api.calls == [f"ent/proj/{fresh_id}"] and f"<- wandb ent/proj/{fresh_id}" in capsys.readouterr().out

@@ -291,3 +291,30 @@ def test_hook_reallocates_once_at_the_end_of_warm_up(tiny_model):
     assert events[0] is None and events[2] is None
     assert sum(events[1]["new_ranks"].values()) == 40 == sum(M.current_ranks(model).values())
     assert hook.n_updates == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The AdaLoRA baseline's validation loss is the task loss, comparable with the other methods.
+
+def test_adalora_validation_loss_excludes_the_orthogonal_regulariser(tiny_model):
+    from src import preprocess as P
+    from src import train as T
+
+    torch.manual_seed(0)
+    cfg = _glora_cfg(tiny_model)
+    del cfg["glo_ra"]
+    cfg.model.peft.type = "adalora"
+    cfg.adalora = {"total_rank_budget": 24, "init_rank": 4, "beta1": 0.85, "beta2": 0.85, "orth_reg_weight": 0.5,
+                   "adaptation_start_step": 2, "final_steps": 2, "mask_interval": 1}
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+    model = M.build_adapter(cfg, base, total_steps=10)
+    batch = _batch()
+    loader = [{**batch, "idx": torch.arange(len(batch["labels"]))}]
+    _, spec = P.task_spec("glue_sst2")
+    _, _, loss = T.evaluate_split(model, loader, spec, torch.device("cpu"), T.nullcontext, progress=False)
+    model.eval()
+    with torch.no_grad():
+        out = model(**batch)  # PEFT's loss: cross-entropy + orth_reg_weight x regulariser
+        task_loss = torch.nn.functional.cross_entropy(out.logits, batch["labels"]).item()
+    assert loss == pytest.approx(task_loss, rel=1e-6)
+    assert out.loss.item() > task_loss + 1e-3

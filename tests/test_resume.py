@@ -23,6 +23,8 @@ CASES = {  # name: (run id, extra overrides, kill once a checkpoint at or after 
                            "adalora.final_steps=8", "adalora.mask_interval=2"], 9),
     "GLoRA-after-realloc": ("proposed-DeBERTa-v3-base-86M--GLUE-RTE",
                             ["glo_ra.total_rank_budget=60", "glo_ra.warmup_steps=6"], 10),
+    # 64 examples / batch 4: the epoch ends exactly on a full batch; resumed from the epoch-end checkpoint
+    "LoRA-epoch-end": ("comparative-2-DeBERTa-v3-base-86M--GLUE-RTE", ["training.checkpoint_every_steps=null"], 16),
     "GLoRA-before-realloc": ("proposed-DeBERTa-v3-base-86M--GLUE-RTE",
                              ["glo_ra.total_rank_budget=60", "glo_ra.warmup_steps=12"], 5),
 }
@@ -98,3 +100,16 @@ def test_checkpoint_of_another_config_is_refused_and_a_corrupt_one_skipped(tiny_
     out = resumed.stdout + resumed.stderr
     assert f"checkpoint {newest} is unreadable" in out and "resuming from" in out
     assert (newest.parent / f"corrupt-{newest.name}" / "state.json").exists()  # set aside, not deleted
+
+
+def test_wandb_id_is_kept_on_resume_and_fresh_after_a_restart(tmp_path):
+    from src import train as T
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert T.wandb_run_id(run_dir, "run", resuming=False) == "run"
+    assert T.wandb_run_id(run_dir, "run", resuming=True) == "run"
+    (tmp_path / "run.old-20260101-000000").mkdir()  # resume=false moved an earlier attempt aside
+    fresh = T.wandb_run_id(run_dir, "run", resuming=False)
+    assert fresh.startswith("run-") and fresh != "run"
+    assert T.wandb_run_id(run_dir, "run", resuming=True) == fresh
