@@ -19,10 +19,16 @@ import sys
 import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from src.evaluate import TASKS  # noqa: E402  (task -> official folder name)
+
 METHODS = {"comparative-2": "LoRA", "comparative-1": "AdaLoRA", "proposed": "GLoRA"}
-TASK_NAMES = {"MNLI": "mnli", "SST-2": "sst2", "CoLA": "cola", "QQP": "qqp", "QNLI": "qnli", "RTE": "rte",
-              "MRPC": "mrpc", "STS-B": "stsb", "WNLI": "wnli"}
+TASK_NAMES = {folder: task for task, folder in TASKS.items()}
+DEFAULT_SEED = OmegaConf.load(REPO / "config" / "config.yaml").default_seed  # its runs have no -seed{N} suffix
 DEMO = "MiniLM-L6-22M--GLUE-SST-2"
 
 
@@ -30,7 +36,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results-dir", default="results/bench_accuracy")
     p.add_argument("--tasks", nargs="+", default=["SST-2"], choices=sorted(TASK_NAMES))
-    p.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
+    p.add_argument("--seeds", nargs="+", type=int, default=[DEFAULT_SEED, DEFAULT_SEED + 1, DEFAULT_SEED + 2])
     p.add_argument("--data-dir", default=None, help="GLUE folder in the official layout (default: data/glue)")
     p.add_argument("--model", default=None, help="save_pretrained folder (default: the demo's all-MiniLM-L6-v2)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for every run")
@@ -50,7 +56,7 @@ def applies(override: str, method: str) -> bool:
 def train(method: str, task: str, seed: int, args) -> float:
     """One run through the contract CLI; returns its wall time (0 when it had already finished)."""
     rid = run_id(method, task)
-    folder = Path(args.results_dir) / (rid if seed == 42 else f"{rid}-seed{seed}")
+    folder = Path(args.results_dir) / (rid if seed == DEFAULT_SEED else f"{rid}-seed{seed}")
     if (folder / "summary.json").exists():
         print(f"[bench] {folder.name}: finished earlier, skipped", flush=True)
         return 0.0

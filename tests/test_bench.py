@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 
@@ -20,6 +22,7 @@ def test_overhead_bench_runs_at_toy_size(tiny_model):
     assert "GLoRA rebuild pause" in proc.stdout and "bare PEFT loop" in proc.stdout
 
 
+@pytest.mark.slow  # 6 CLI runs; -m slow
 def test_accuracy_bench_runs_at_toy_size(tiny_model, glue_dir, tmp_path):
     """The real CLI per method and task, then src.evaluate; the table names every method and its test."""
     targets = (REPO / "config" / "config.yaml").read_text().split("target_modules: ")[1].splitlines()[0].strip()
