@@ -372,13 +372,35 @@ class AdapterHook:
     def summary(self) -> dict:
         return {}
 
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """What a checkpoint needs to continue this hook exactly: tensors (safetensors) and JSON-able values."""
+        return {}, {}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Called before the checkpoint's weights are loaded into the model."""
+
 
 class AdaLoraHook(AdapterHook):
     """PEFT's RankAllocator: importance scores and budget masking (after step, before zero_grad: it reads p.grad)."""
 
+    SCORES = ("ipt", "exp_avg_ipt", "exp_avg_unc")  # the RankAllocator's per-parameter dicts
+
     def on_optimizer_step(self, step: int) -> dict | None:
         self.model.base_model.update_and_allocate(step)
         return None
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        allocator = self.model.base_model.rankallocator
+        return ({f"{kind}/{n}": t for kind in self.SCORES for n, t in getattr(allocator, kind).items()},
+                {"rank_pattern": self.model.peft_config[ADAPTER].rank_pattern})
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        allocator = self.model.base_model.rankallocator
+        device = next(self.model.parameters()).device
+        for kind in self.SCORES:
+            setattr(allocator, kind, {k.removeprefix(f"{kind}/"): v.to(device) for k, v in tensors.items()
+                                      if k.startswith(f"{kind}/")})
+        self.model.peft_config[ADAPTER].rank_pattern = meta["rank_pattern"]
 
     def adaptation_done(self, step: int) -> bool:
         config = self.model.peft_config[ADAPTER]
@@ -448,13 +470,27 @@ class GloraHook(AdapterHook):
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - tic
         total = sum(scores.values()) or 1.0
-        self.event = {"step": step, "score": self.score, "scores": scores,
-                      "shares": {n: s / total for n, s in scores.items()},
-                      "old_ranks": old_ranks, "new_ranks": new_ranks, "total_rank_budget": self.total_rank_budget,
-                      "realloc_seconds": seconds, "trainable_params_before": before,
-                      "trainable_params_after": parameter_counts(self.model)["trainable_params"]}
-        self._tensors = []  # warm-up is over: drop references to the replaced parameters
+        self._end_warm_up({"step": step, "score": self.score, "scores": scores,
+                           "shares": {n: s / total for n, s in scores.items()},
+                           "old_ranks": old_ranks, "new_ranks": new_ranks,
+                           "total_rank_budget": self.total_rank_budget, "realloc_seconds": seconds,
+                           "trainable_params_before": before,
+                           "trainable_params_after": parameter_counts(self.model)["trainable_params"]})
         return self.event
+
+    def _end_warm_up(self, event: dict) -> None:
+        self.event = event
+        self._tensors = []  # warm-up is over: drop references to the replaced parameters
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return {"ema": self.ema}, {"n_updates": self.n_updates, "event": self.event}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if meta["event"]:  # taken after the reallocation: rebuild to its ranks so that the weights fit
+            rebuild_lora_layers(self.model, meta["event"]["new_ranks"], self.optimizer)
+            self._end_warm_up(meta["event"])
+        self.ema = tensors["ema"].to(self.ema.device)
+        self.n_updates = meta["n_updates"]
 
     def summary(self) -> dict:
         if self.event is None:

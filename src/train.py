@@ -468,7 +468,8 @@ class CheckpointError(RuntimeError):
 
 class Checkpoints:
     """{run_dir}/checkpoint/step-NNNNNNN/: trainable weights (safetensors), optimizer and scheduler state dicts
-    (torch.save, read back with weights_only=True), AdaLoRA's allocator and GLoRA's score state, RNG states and the
+    (torch.save, read back with weights_only=True), the hook's state (AdaLoRA's allocator, GLoRA's scores and
+    allocation: `hook.state_dict()`), RNG states and the
     loop state (data position, elapsed train time). Each is written to a temp folder and renamed, so a kill mid-write
     leaves the previous checkpoint whole; the last `keep` are kept."""
 
@@ -497,33 +498,18 @@ class Checkpoints:
         tensors["rng/torch"] = torch.get_rng_state()
         if torch.cuda.is_available():  # this process's device only: a resume may see other devices
             tensors["rng/cuda"] = torch.cuda.get_rng_state()
-        tensors.update({f"hook/{k}": v.detach().cpu().contiguous() for k, v in self._hook_tensors().items()})
+        hook_tensors, hook_meta = self.hook.state_dict()
+        tensors.update({f"hook/{k}": v.detach().cpu().contiguous() for k, v in hook_tensors.items()})
         save_file(tensors, tmp / "state.safetensors")
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                    tmp / "optimizer.pt")
-        write_json_atomic(tmp / "state.json", {"loop": asdict(st), "hook": self._hook_json()})
+        write_json_atomic(tmp / "state.json", {"loop": asdict(st), "hook": hook_meta})
         if final.exists():  # a stale checkpoint of this step (the run resumed from before it): replaced
             shutil.rmtree(final)
         os.replace(tmp, final)
         for old in sorted(self.root.glob("step-*"))[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
-
-    def _hook_tensors(self) -> dict:
-        if isinstance(self.hook, M.GloraHook):
-            return {"glora/ema": self.hook.ema}
-        if isinstance(self.hook, M.AdaLoraHook):
-            ra = self.model.base_model.rankallocator
-            return {f"adalora/{kind}/{n}": t for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc")
-                    for n, t in getattr(ra, kind).items()}
-        return {}
-
-    def _hook_json(self) -> dict:
-        if isinstance(self.hook, M.GloraHook):
-            return {"n_updates": self.hook.n_updates, "event": self.hook.event}
-        if isinstance(self.hook, M.AdaLoraHook):
-            return {"rank_pattern": self.model.peft_config[M.ADAPTER].rank_pattern}
-        return {}
 
     def available(self) -> list[Path]:
         return sorted(self.root.glob("step-*"), reverse=True) if self.root.exists() else []
@@ -558,12 +544,9 @@ class Checkpoints:
         return state, tensors, opt
 
     def _apply(self, state: dict, tensors: dict, opt: dict) -> LoopState:
-        hook_state = state["hook"]
-        if isinstance(self.hook, M.GloraHook) and hook_state.get("event"):
-            # after the reallocation: the ranks must be rebuilt before the weights fit
-            M.rebuild_lora_layers(self.model, hook_state["event"]["new_ranks"], self.optimizer)
-            self.hook.event = hook_state["event"]
-            self.hook._tensors = []
+        # first: a GLoRA checkpoint taken after the reallocation rebuilds the ranks the weights need
+        self.hook.load_state_dict({k.removeprefix("hook/"): v for k, v in tensors.items() if k.startswith("hook/")},
+                                  state["hook"])
         params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         saved = {k.removeprefix("param/"): v for k, v in tensors.items() if k.startswith("param/")}
         if set(saved) != set(params) or any(saved[n].shape != params[n].shape for n in params):
@@ -573,16 +556,6 @@ class Checkpoints:
                 p.copy_(saved[n].to(p.device))
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
-        if isinstance(self.hook, M.GloraHook):
-            self.hook.ema = tensors["hook/glora/ema"].to(self.hook.ema.device)
-            self.hook.n_updates = hook_state["n_updates"]
-        if isinstance(self.hook, M.AdaLoraHook):
-            ra = self.model.base_model.rankallocator
-            for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
-                prefix = f"hook/adalora/{kind}/"
-                setattr(ra, kind, {k.removeprefix(prefix): v.to(params[next(iter(params))].device)
-                                   for k, v in tensors.items() if k.startswith(prefix)})
-            self.model.peft_config[M.ADAPTER].rank_pattern = hook_state["rank_pattern"]
         torch.set_rng_state(tensors["rng/torch"])
         if torch.cuda.is_available() and "rng/cuda" in tensors:
             torch.cuda.set_rng_state(tensors["rng/cuda"])
