@@ -173,17 +173,13 @@ SPACE_TYPES = ("loguniform", "uniform", "int", "categorical")
 _ABSENT = object()
 
 
-def method_kind(cfg: DictConfig) -> str:
-    """lora | adalora | glora, without importing the model layer."""
-    if cfg.model.peft.type == "adalora":
-        return "adalora"
-    return "glora" if "glo_ra" in cfg else "lora"
-
-
 def resolve_search_space(cfg: DictConfig) -> dict[str, tuple[str, dict]]:
     """optuna.search_space as {key: (config path, spec)}; a key that maps to nothing, that this method does not
     use, or a malformed range is a ConfigError (never a value silently added at the top level)."""
-    kind, table = method_kind(cfg), SEARCH_KEYS[method_kind(cfg)]
+    from src import model as M
+
+    kind = M.adapter_kind(cfg)
+    table = SEARCH_KEYS[kind]
     space = {}
     for key, spec in cfg.optuna.search_space.items():
         if key in table:
@@ -348,9 +344,7 @@ def write_study_record(study, study_dir: Path) -> None:
     from src import train as T
 
     frame = study.trials_dataframe()
-    tmp = study_dir / ".trials.csv.tmp"
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, study_dir / "trials.csv")
+    T.atomic_write(study_dir / "trials.csv", lambda tmp: frame.to_csv(tmp, index=False))
     T.write_json_atomic(study_dir / "trials.json", [
         {"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
          "intermediate_values": t.intermediate_values} for t in study.trials])
@@ -387,8 +381,9 @@ def run(cfg: DictConfig) -> dict:
     extra = {}
     if cfg.mode == "full" and cfg.optuna.n_trials > 0:
         extra = tune(cfg, run_dir, name)
+        space = resolve_search_space(cfg)
         for key, value in extra["best_params"].items():
-            OmegaConf.update(cfg, resolve_search_space(cfg)[key][0], value, merge=False)
+            OmegaConf.update(cfg, space[key][0], value, merge=False)
         with open_dict(cfg):  # the best values now sit at their config paths; W&B's config gets the list too
             cfg.optuna.best_params = extra["best_params"]
         log.info("optuna: best %s=%.4f with %s", cfg.optuna.metric, extra["best_trial_value"], extra["best_params"])

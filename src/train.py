@@ -119,20 +119,29 @@ class Dist:
 # ---------------------------------------------------------------------------------------------------------------
 # The run record: history.jsonl as it goes, summary.json at the end, the same rows to W&B when it is on.
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Temp file in the same folder, then rename: a reader never sees half a file."""
+def atomic_write(path: Path, write) -> None:
+    """`write(tmp)` fills a temp file in the same folder, which is then renamed onto `path`: a reader never sees
+    half a file, and a failed write leaves the previous file and no temp file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes 0600; results are for everyone who can read the folder
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False, default=_json_default)
-            f.flush()
-            os.fsync(f.fileno())
+        os.close(fd)
+        write(Path(tmp))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    def write(tmp: Path) -> None:
+        with tmp.open("w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False, default=_json_default)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
 
 
 def _json_default(o):
@@ -193,9 +202,7 @@ def wandb_run_id(run_dir: Path, run_name: str, resuming: bool) -> str:
         return saved.read_text().strip()
     earlier = any(run_dir.parent.glob(f"{glob.escape(run_dir.name)}.old-*"))
     run_id = f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}" if earlier else run_name
-    tmp = saved.with_name(".wandb_id.tmp")
-    tmp.write_text(run_id + "\n")
-    os.replace(tmp, saved)
+    atomic_write(saved, lambda tmp: tmp.write_text(run_id + "\n"))
     return run_id
 
 
@@ -222,9 +229,7 @@ def open_run_dir(cfg, run_dir: Path, can_resume: bool = True) -> bool:
             os.replace(aside / "optuna", run_dir / "optuna")
         log.warning("existing run folder moved aside to %s", aside)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / ".config.yaml.tmp"
-    OmegaConf.save(cfg, tmp, resolve=True)
-    os.replace(tmp, run_dir / "config.yaml")
+    atomic_write(run_dir / "config.yaml", lambda tmp: OmegaConf.save(cfg, tmp, resolve=True))
     return False
 
 
@@ -259,9 +264,7 @@ def truncate_history(path: Path, step: int) -> None:
                 keep.append(line)
         except (json.JSONDecodeError, KeyError):
             continue
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(f"{line}\n" for line in keep), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in keep), encoding="utf-8"))
 
 
 def check_precision(precision: str, device: torch.device) -> bool:
@@ -344,14 +347,15 @@ def run_evaluation(model, eval_loaders, spec, device, autocast, progress: bool =
 
 
 def save_predictions(path: Path, predictions: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["split", "idx", "label", "prediction"])
-        for split, (idx, labels, preds) in predictions.items():
-            for i, y, p in zip(np.asarray(idx).tolist(), labels.tolist(), preds.tolist()):
-                w.writerow([split, i, y, p])
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["split", "idx", "label", "prediction"])
+            for split, (idx, labels, preds) in predictions.items():
+                for i, y, p in zip(np.asarray(idx).tolist(), labels.tolist(), preds.tolist()):
+                    w.writerow([split, i, y, p])
+
+    atomic_write(path, write)
 
 
 def save_adapter(model, path: Path) -> None:
