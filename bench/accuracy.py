@@ -1,13 +1,18 @@
-"""Accuracy claim: LoRA, AdaLoRA and GLoRA at the same rank budget, several seeds each, through the real CLI, then
-`src.evaluate` over them; prints dev accuracy mean ± std, train time, trainable parameters, rank budget and the tests.
+"""Accuracy claim: LoRA, AdaLoRA and GLoRA (and any named variant/control) at the same rank budget, several seeds
+each, through the real CLI, then `src.evaluate` over them; prints dev accuracy mean ± std, train and step time, rank
+total, adapter and trainable parameters, the tests, and the ablation table with each comparison's minimum detectable
+effect.
 
     uv sync --group demo && uv run python bench/accuracy.py                     # offline demo: MiniLM, real SST-2
+    uv run python bench/accuracy.py --methods comparative-2 comparative-1 proposed proposed-params proposed-shuffled
     uv run python bench/accuracy.py --tasks SST-2 RTE --data-dir path/to/glue --seeds 1 2 3
     uv run python bench/accuracy.py --model path/to/save_pretrained_folder --set model.peft.target_modules='...'
 
-Runs start from the demo run configs (`config/run/*-MiniLM-L6-22M--GLUE-SST-2.yaml`); another task overrides
-`dataset.name` and names the run `{method}-MiniLM-L6-22M--GLUE-{TASK}`. Finished runs are skipped, so an interrupted
-benchmark continues where it stopped.
+`--methods` are run-config prefixes: each run starts from the demo run config `config/run/{method}-MiniLM-L6-22M--GLUE-
+SST-2.yaml`; another task overrides `dataset.name` and names the run `{method}-MiniLM-L6-22M--GLUE-{TASK}`. Finished
+runs are skipped, so an interrupted benchmark continues where it stopped. `--set adalora.*` reaches the AdaLoRA-type
+runs only and `--set glo_ra.*` the GLoRA-type runs only, decided from each run config (model.peft.type and its
+sections), not from the prefix.
 """
 
 from __future__ import annotations
@@ -26,15 +31,19 @@ sys.path.insert(0, str(REPO))
 
 from src.evaluate import TASKS  # noqa: E402  (task -> official folder name)
 
-METHODS = {"comparative-2": "LoRA", "comparative-1": "AdaLoRA", "proposed": "GLoRA"}
+METHODS = ["comparative-2", "comparative-1", "proposed"]  # LoRA, AdaLoRA, GLoRA
 TASK_NAMES = {folder: task for task, folder in TASKS.items()}
-DEFAULT_SEED = OmegaConf.load(REPO / "config" / "config.yaml").default_seed  # its runs have no -seed{N} suffix
+CONFIG = OmegaConf.load(REPO / "config" / "config.yaml")
+DEFAULT_SEED = CONFIG.default_seed  # its runs have no -seed{N} suffix
+RUN_DIR = REPO / "config" / "run"
 DEMO = "MiniLM-L6-22M--GLUE-SST-2"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results-dir", default="results/bench_accuracy")
+    p.add_argument("--methods", nargs="+", default=METHODS, metavar="PREFIX",
+                   help=f"run-config prefixes of config/run/{{PREFIX}}-{DEMO}.yaml (default: {' '.join(METHODS)})")
     p.add_argument("--tasks", nargs="+", default=["SST-2"], choices=sorted(TASK_NAMES))
     p.add_argument("--seeds", nargs="+", type=int, default=[DEFAULT_SEED, DEFAULT_SEED + 1, DEFAULT_SEED + 2])
     p.add_argument("--data-dir", default=None, help="GLUE folder in the official layout (default: data/glue)")
@@ -47,22 +56,57 @@ def run_id(method: str, task: str) -> str:
     return f"{method}-{DEMO.removesuffix('SST-2')}{task}"
 
 
-def applies(override: str, method: str) -> bool:
-    """`--set adalora.x=...` reaches the AdaLoRA runs only, `glo_ra.x=...` the GLoRA runs only."""
+def _run_layers(path: Path, run_dir: Path) -> list:
+    """A run config, after the run configs its own `defaults` list names (a variant written as a delta)."""
+    cfg = OmegaConf.load(path)
+    bases = [run_dir / f"{entry.split('/')[-1]}.yaml" for entry in cfg.get("defaults") or []
+             if isinstance(entry, str) and entry != "_self_"]
+    cfg.pop("defaults", None)
+    return [layer for base in bases if base.exists() for layer in _run_layers(base, run_dir)] + [cfg]
+
+
+def run_config(method: str, run_dir: Path = RUN_DIR):
+    """The demo run config of a method prefix over config.yaml's values, unresolved (no interpolation is needed)."""
+    base = OmegaConf.masked_copy(CONFIG, [k for k in CONFIG if k not in ("defaults", "hydra", "trial")])
+    return OmegaConf.merge(base, *_run_layers(run_dir / f"{method}-{DEMO}.yaml", run_dir))
+
+
+def adapter_kind(cfg) -> str:
+    """'lora', 'adalora' or 'glora', by the rule training uses: GLoRA is a LoRA whose run config has a glo_ra
+    section."""
+    kind = OmegaConf.select(cfg, "model.peft.type", default="lora")
+    return "glora" if kind == "lora" and "glo_ra" in cfg else kind
+
+
+def applies(override: str, kind: str) -> bool:
+    """`--set adalora.x=...` reaches the AdaLoRA-type runs only, `glo_ra.x=...` the GLoRA-type runs only."""
     section = override.split(".")[0]
-    return {"adalora": method == "comparative-1", "glo_ra": method == "proposed"}.get(section, True)
+    return {"adalora": kind == "adalora", "glo_ra": kind == "glora"}.get(section, True)
 
 
-def train(method: str, task: str, seed: int, args) -> float:
+def check_methods(methods: list[str], run_dir: Path = RUN_DIR) -> dict[str, str]:
+    """method prefix -> adapter kind; a prefix without a demo run config stops with the ones that exist."""
+    missing = [m for m in methods if not (run_dir / f"{m}-{DEMO}.yaml").exists()]
+    if missing:
+        found = sorted(p.name.removesuffix(f"-{DEMO}.yaml") for p in run_dir.glob(f"*-{DEMO}.yaml"))
+        sys.exit(f"bench/accuracy.py: no run config {', '.join(f'{m}-{DEMO}.yaml' for m in missing)} in {run_dir}; "
+                 f"--methods can be: {' '.join(found)}")
+    return {m: adapter_kind(run_config(m, run_dir)) for m in methods}
+
+
+def train(method: str, kind: str, task: str, seed: int, args) -> float:
     """One run through the contract CLI; returns its wall time (0 when it had already finished)."""
     rid = run_id(method, task)
     folder = Path(args.results_dir) / (rid if seed == DEFAULT_SEED else f"{rid}-seed{seed}")
     if (folder / "summary.json").exists():
         print(f"[bench] {folder.name}: finished earlier, skipped", flush=True)
         return 0.0
-    cmd = [sys.executable, "-u", "-m", "src.main", f"run={method}-{DEMO}", f"results_dir={args.results_dir}",
-           "mode=full", "wandb.mode=disabled", f"seed={seed}", f"run_id={rid}",
-           f"dataset.name=glue_{TASK_NAMES[task]}", *[o for o in args.set if applies(o, method)]]
+    # the task's own run config when it ships one, else the SST-2 demo config on that task
+    own = (RUN_DIR / f"{rid}.yaml").exists()
+    cmd = [sys.executable, "-u", "-m", "src.main", f"run={rid if own else f'{method}-{DEMO}'}",
+           f"results_dir={args.results_dir}", "mode=full", "wandb.mode=disabled", f"seed={seed}",
+           *([] if own else [f"run_id={rid}", f"dataset.name=glue_{TASK_NAMES[task]}"]),
+           *[o for o in args.set if applies(o, kind)]]
     cmd += [f"dataset.data_dir={args.data_dir}"] if args.data_dir else []
     cmd += [f"model.backbone={args.model}"] if args.model else []
     print(f"[bench] {' '.join(cmd[2:])}", flush=True)
@@ -79,16 +123,29 @@ def fmt(stat: dict | None, scale: float = 1.0, digits: int = 2) -> str:
     return f"{stat['mean'] * scale:.{digits}f}{std}"
 
 
+def fmt_ratio(ratio: dict | None) -> str:
+    """A time ratio object: `1.23` or `1.23 n/c` (not comparable: the reason is in report.md)."""
+    if not ratio or ratio.get("value") is None:
+        return "-"
+    return f"{ratio['value']:.2f}" + ("" if ratio["comparable"] else " n/c")
+
+
 def print_table(agg: dict) -> None:
-    head = f"{'task':<6} {'method':<8} {'n':>2} {'dev acc (%)':>14} {'train time (s)':>16} {'trainable':>10} " \
-           f"{'rank budget':>11} {'vs LoRA (points)':>16}"
+    width = max(8, *(len(m) for g in agg["groups"].values() for m in g))
+    head = f"{'task':<6} {'method':<{width}} {'n':>2} {'dev acc (%)':>14} {'train time (s)':>16} " \
+           f"{'step ratio':>10} {'trainable':>10} {'rank total':>10} {'adapter':>9} {'vs LoRA (points)':>16}"
     print(head + "\n" + "-" * len(head))
     for task, by_method in agg["groups"].items():
         for method, g in by_method.items():
-            gain = agg["derived"][task].get("methods", {}).get(method, {}).get("accuracy_gain_abs")
-            print(f"{task:<6} {method:<8} {g['n']:>2} {fmt(g['accuracy'], 100):>14} "
-                  f"{fmt(g['train_time_s'], digits=1):>16} {fmt(g['trainable_params'], digits=0):>10} "
-                  f"{fmt(g['rank_budget_total'], digits=0):>11} {'' if gain is None else f'{100 * gain:+.2f}':>16}")
+            d = agg["derived"][task].get("methods", {}).get(method, {})
+            gain = d.get("accuracy_gain_abs")
+            print(f"{task:<6} {method:<{width}} {g['n']:>2} {fmt(g['accuracy'], 100):>14} "
+                  f"{fmt(g['train_time_s'], digits=1):>16} {fmt_ratio(d.get('step_time_ratio')):>10} "
+                  f"{fmt(g['trainable_params'], digits=0):>10} {fmt(g['rank_budget_total'], digits=0):>10} "
+                  f"{fmt(g['adapter_params_reported'], digits=0):>9} "
+                  f"{'' if gain is None else f'{100 * gain:+.2f}':>16}")
+    print("(adapter: parameters at the final ranks where recorded; step ratio: median step time vs LoRA, "
+          "n/c = not comparable, see report.md)")
     for task, d in agg["derived"].items():
         share = (d.get("glora_share_of_adalora_gain") or {}).get("accuracy") or {}
         value = "-" if share.get("value") is None else f"{share['value']:.2f}"
@@ -96,12 +153,7 @@ def print_table(agg: dict) -> None:
         print(f"{task}: share of AdaLoRA's accuracy gain recovered by GLoRA: {value}{reason}")
     print("\nacross seeds (glue_score paired by seed):")
     for e in agg["significance"]["seed_level"]:
-        for t in e["tests"]:
-            p = "-" if t["p_value"] is None else f"{t['p_value']:.4f}"
-            diff = "-" if e["mean_difference"] is None else f"{100 * e['mean_difference']:+.2f}"
-            pair = f"{e['method_a']} - {e['method_b']}"
-            print(f"  {e['task']:<6} {pair:<17} diff {diff:>6} points  {t['test']}: "
-                  f"p = {p} (n = {t['n']}){' ' + t['reason'] if t.get('reason') else ''}")
+        print_seed_level(e, f"{e['method_a']} - {e['method_b']}")
     print("per example on the dev set (McNemar exact; paired bootstrap 95% CI of the accuracy difference):")
     for e in agg["significance"]["example_level"]:
         if "mcnemar" not in e:
@@ -113,21 +165,55 @@ def print_table(agg: dict) -> None:
               f"diff {100 * bs['difference']:+.2f}  CI {ci}  McNemar p = {e['mcnemar']['p_value']:.2g}")
 
 
+def print_seed_level(e: dict, pair: str) -> None:
+    """One seed-level comparison: mean difference, both tests' p, the MDE and the reading."""
+    diff = "-" if e["mean_difference"] is None else f"{100 * e['mean_difference']:+.2f}"
+    p = ["-" if t.get("p_value") is None else f"{t['p_value']:.4f}" for t in e["tests"]] + ["-"]
+    mde = "-" if e["mde"]["mde"] is None else f"{100 * e['mde']['mde']:.2f} points"
+    needed = e["mde"]["seeds_needed_for_observed"]
+    print(f"  {e['task']:<6} {pair:<34} diff {diff:>6} points  t-test p = {p[0]}  Wilcoxon p = {p[1]}  "
+          f"(n = {e['n']})  MDE {mde}  seeds needed {needed or '-'}: {e['reading']}")
+
+
+def print_ablation(agg: dict) -> None:
+    """Every variant/control against LoRA and GLoRA, with what it spent."""
+    if not agg.get("ablation"):
+        return
+    print("\nablation and controls (glue_score paired by seed; MDE at power 0.8; budget vs LoRA):")
+    for entry in agg["ablation"]:
+        b = entry["budget"]
+        ratio = "-" if b["adapter_params_ratio"] is None else f"{b['adapter_params_ratio']:.3f}"
+        print(f"  {entry['task']:<6} {entry['method_name']}: variant {entry['variant'] or '-'}, rank total "
+              f"{fmt({'mean': b['rank_budget_total']}, digits=0)}, adapter params "
+              f"{fmt({'mean': b['adapter_params']}, digits=0)} (x{ratio} of LoRA)")
+        for c in entry["comparisons"]:
+            if c["against"] is None:
+                print(f"    vs {c['role']}: {c['reason']}")
+                continue
+            s = c["example_summary"]
+            ci = "-" if s["ci_low_min"] is None else f"[{100 * s['ci_low_min']:+.2f}, {100 * s['ci_high_max']:+.2f}]"
+            print_seed_level(c["seed_level"], f"{entry['method_name']} - {c['against']}")
+            print(f"  {'':<6} {'':<34} per seed: McNemar p < 0.05 in {s['n_mcnemar_significant']}/{s['n_tests']}, "
+                  f"bootstrap CIs within {ci}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    kinds = check_methods(args.methods)
     start = time.perf_counter()
     walls = {}
     for task in args.tasks:
         for seed in args.seeds:  # seed-major: a partial benchmark still has every method for the first seeds
-            for method in METHODS:
-                walls[(task, method, seed)] = train(method, task, seed, args)
-    ids = [run_id(m, t) for t in args.tasks for m in METHODS]
+            for method in args.methods:
+                walls[(task, method, seed)] = train(method, kinds[method], task, seed, args)
+    ids = [run_id(m, t) for t in args.tasks for m in args.methods]
     if subprocess.run([sys.executable, "-m", "src.evaluate", f"results_dir={args.results_dir}",
                        f"run_ids={json.dumps(ids)}"], cwd=REPO).returncode:
         sys.exit("bench/accuracy.py: src.evaluate failed (its error is above)")
     agg = json.loads((Path(args.results_dir) / "comparison" / "aggregated_metrics.json").read_text())
     print()
     print_table(agg)
+    print_ablation(agg)
     print(f"\nbenchmark wall time: {(time.perf_counter() - start) / 60:.1f} min "
           f"({sum(1 for w in walls.values() if w)} runs trained, report in {args.results_dir}/comparison/report.md)")
     return 0

@@ -5,7 +5,9 @@
 An entry of run_ids is a run folder name ({run_id} or {run_id}-seed{N}) or a config run_id (all its seeds). Each run
 comes from W&B when it was logged online, else from its local record (config.yaml, history.jsonl, summary.json,
 predictions.csv, rank_allocation.json). This module imports nothing from src: it runs in its own process.
-Layout: load -> per-run metrics -> comparison and tests -> figures -> report -> main.
+Any number of method groups per task (a method's main config and its named variants/controls): the roles come from
+the summary (`method`, `variant`), never from display names. Layout: load -> per-run metrics -> comparison (groups,
+roles, cost comparability, tests with their power, ablation) -> figures -> report -> main.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import re
 import sys
 import tempfile
+import textwrap
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +34,22 @@ from omegaconf.errors import OmegaConfBaseException
 from scipy import stats
 from sklearn.metrics import confusion_matrix
 from statsmodels.stats.contingency_tables import mcnemar
+from statsmodels.stats.power import TTestPower
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "config.yaml"
 METHOD_NAMES = {"comparative-1": "AdaLoRA", "comparative-2": "LoRA", "proposed": "GLoRA"}
-METHOD_ORDER = ["LoRA", "AdaLoRA", "GLoRA"]
-ADAPTIVE = {"AdaLoRA", "GLoRA"}
+METHOD_ORDER = ["LoRA", "AdaLoRA", "GLoRA"]  # then every other group (variants, controls) sorted by name
+ADAPTIVE_METHODS = {"comparative-1", "proposed"}  # AdaLoRA, and GLoRA with all its variants
+# A task's roles: the main config (variant null) of these methods. baseline = LoRA, reference = the method under test.
+ROLE_OF_METHOD = {"comparative-2": "baseline", "comparative-1": "adalora", "proposed": "reference"}
+ROLE_LABELS = {"baseline": "LoRA", "adalora": "AdaLoRA", "reference": "GLoRA"}  # for records without `method`
 COLORS = {"LoRA": "#0072B2", "AdaLoRA": "#E69F00", "GLoRA": "#009E73"}  # Okabe-Ito: colour-blind safe
 HATCHES = {"LoRA": "", "AdaLoRA": "//", "GLoRA": ".."}  # bars stay apart when printed in grey
+# Other groups, in sorted order: the rest of Okabe-Ito, then tab20 without its greys (grey marks "not comparable")
+OTHER_COLORS = ["#56B4E9", "#D55E00", "#CC79A7", "#F0E442"] + [
+    mpl.colors.to_hex(c) for c in mpl.colormaps["tab20"].colors if len(set(np.round(c, 3))) > 1]
+OTHER_HATCHES = ["\\\\", "xx", "--", "++", "oo", "||", "**", "OO"]
+RANK_PANELS_PER_ROW = 4  # rank heatmaps per figure row: many variants wrap instead of widening the page
 TASKS = {"mnli": "MNLI", "sst2": "SST-2", "cola": "CoLA", "qqp": "QQP", "qnli": "QNLI", "rte": "RTE", "mrpc": "MRPC",
          "stsb": "STS-B", "wnli": "WNLI"}
 ADALORA_TASKS = ["mnli", "sst2", "cola", "qqp", "qnli", "rte", "mrpc", "stsb"]  # the paper's GLUE average
@@ -47,10 +59,14 @@ CLASS_NAMES = {"mnli": ["entailment", "neutral", "contradiction"], "rte": ["enta
                "cola": ["unacceptable", "acceptable"], "mrpc": ["not_equivalent", "equivalent"],
                "qqp": ["not_duplicate", "duplicate"], "wnli": ["not_entailment", "entailment"]}
 METRICS = ["accuracy", "mcc", "f1", "pearson", "spearman", "accuracy_mm", "mcc_mm", "glue_score"]
-COST_KEYS = ["train_time_s", "eval_time_s", "total_steps", "trainable_params", "adapter_params", "head_params",
-             "rank_budget_total", "realloc_step", "realloc_seconds", "trainable_params_initial"]
+COST_KEYS = ["train_time_s", "eval_time_s", "total_steps", "trainable_params", "adapter_params",
+             "adapter_params_effective", "head_params", "rank_budget_total", "budget_unit", "realloc_step",
+             "realloc_seconds", "rebuild_pause_s", "trainable_params_initial", "step_time_s", "cpu_time_s",
+             "environment"]
 GROUP_KEYS = ["accuracy", "mcc", "glue_score", "f1", "pearson", "train_time_s", "trainable_params",
-              "rank_budget_total", "best_validation_accuracy", "best_validation_glue_score"]
+              "rank_budget_total", "adapter_params", "adapter_params_effective", "adapter_params_reported",
+              "head_params", "step_time_median_s", "train_time_per_step_s", "cpu_time_s", "cpu_utilisation",
+              "rebuild_pause_s", "best_validation_accuracy", "best_validation_glue_score"]
 # W&B's summary also holds the last value of every logged history key; these are not part of summary.json
 HISTORY_ONLY = {"train_loss", "lr", "epoch", "scores", "old_ranks", "new_ranks", "trainable_params_before",
                 "trainable_params_after"}
@@ -58,6 +74,14 @@ MATRIX_TYPES = [("Wq", r"attention\.self\.query(_proj)?$"), ("Wk", r"attention\.
                 ("Wv", r"attention\.self\.value(_proj)?$"), ("Wo", r"attention\.output\.dense$"),
                 ("Wf1", r"intermediate\.dense$"), ("Wf2", r"(?<!attention\.)output\.dense$")]
 N_RESAMPLES, BOOT_SEED = 10_000, 0
+# Seed-level tests and their power: the MDE is the smallest difference a paired t-test detects at MDE_POWER.
+ALPHA, MDE_POWER = 0.05, 0.8
+# Time ratios are marked "not comparable" when the runs' timing cannot be trusted; calibrate on a quiet machine.
+STEP_IQR_MAX = 0.10     # a run's step-time iqr/median above this: something else loaded the machine during the run
+SEED_SPREAD_MAX = 0.10  # (max - min)/median of one group's per-run median step times above this: seeds timed apart
+CPU_UTIL_MIN = 0.75     # CPU runs: cpu_time_s / (train_time_s x cpu_threads) below this: another process had cores
+# Runs differing in any of these are not timed alike (the hostname alone does not matter: twin machines)
+ENV_KEYS = ["device", "device_name", "cpu_threads", "gpu_model", "world_size", "torch", "transformers", "peft"]
 CHECKPOINT_RULE = ("Headline numbers are the final evaluation after the last training step (no checkpoint picked on "
                    "the dev set). Best-step values (best_validation_*) pick the step by the dev metric itself and are "
                    "listed separately as optimistic.")
@@ -66,6 +90,9 @@ PUBLISHED = {  # Zhang et al., ICLR 2023 (AdaLoRA), Table 1: DeBERTa-v3-base, GL
     "LoRA r=8 (1.33M)": ["90.65/90.69", "94.95", "69.82", "91.99/89.38", "93.87", "85.20", "89.95", "91.60", "88.34"],
     "AdaLoRA (1.27M)": ["90.76/90.79", "96.10", "71.45", "92.23/89.74", "94.55", "88.09", "90.69", "91.84", "89.31"],
 }
+# The effect the question is about: AdaLoRA's published gain over LoRA on the GLUE average (a fraction). A
+# non-significant seed-level difference whose MDE is below it rules out an effect that large.
+RELEVANT_DIFFERENCE = (float(PUBLISHED["AdaLoRA (1.27M)"][-1]) - float(PUBLISHED["LoRA r=8 (1.33M)"][-1])) / 100
 mpl.rcParams.update({"font.size": 10, "axes.titlesize": 9, "figure.titlesize": 10, "legend.fontsize": 8,
                      "pdf.fonttype": 42, "figure.constrained_layout.use": True,  # no overlapping labels
                      "axes.spines.top": False, "axes.spines.right": False})
@@ -320,8 +347,19 @@ def method_of(rec: RunRecord) -> str:
     return rec.summary.get("method_name") or rec.config.get("method_name") or METHOD_NAMES.get(method, str(method))
 
 
+def method_key_of(rec: RunRecord) -> str | None:
+    """comparative-2 (LoRA), comparative-1 (AdaLoRA), proposed (GLoRA family); from the display name for old records."""
+    method = rec.summary.get("method") or rec.config.get("method")
+    return method or {name: key for key, name in METHOD_NAMES.items()}.get(method_of(rec))
+
+
+def variant_of(rec: RunRecord) -> str | None:
+    """The named variant/control of a method; null for the method's main config (and for records before variants)."""
+    return rec.summary.get("variant", rec.config.get("variant")) or None
+
+
 def is_adaptive(rec: RunRecord) -> bool:
-    return method_of(rec) in ADAPTIVE or len(set((rec.summary.get("final_ranks") or {}).values())) > 1
+    return method_key_of(rec) in ADAPTIVE_METHODS or len(set((rec.summary.get("final_ranks") or {}).values())) > 1
 
 
 def rank_table(final_ranks: dict) -> pd.DataFrame:
@@ -362,7 +400,8 @@ def run_metrics(rec: RunRecord) -> dict:
     train_losses = [r["train_loss"] for r in rec.history if "train_loss" in r]
     return {
         "run_name": rec.name, "run_id": s.get("run_id"), "method": s.get("method"), "method_name": method_of(rec),
-        "task": task_of(rec), "seed": s.get("seed"), "backbone": s.get("backbone"), "source": rec.source,
+        "variant": variant_of(rec), "task": task_of(rec), "seed": s.get("seed"), "backbone": s.get("backbone"),
+        "source": rec.source,
         "glue_metric": s.get("glue_metric"), "checkpoint_rule": CHECKPOINT_RULE,
         "final": {k: s[k] for k in METRICS if s.get(k) is not None},
         "best": {"step": s.get("best_step"), **{k.removeprefix("best_validation_"): v for k, v in s.items()
@@ -379,9 +418,10 @@ def run_metrics(rec: RunRecord) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Comparison: groups, derived metrics, GLUE average, significance.
+# Comparison: groups and roles, derived metrics, GLUE average.
 
 def sort_methods(methods) -> list[str]:
+    """LoRA, AdaLoRA, GLoRA, then every other group (variants, controls) sorted by name."""
     return sorted(set(methods), key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else 99, m))
 
 
@@ -394,12 +434,35 @@ def sort_tasks(tasks) -> list[str]:
     return sorted(set(tasks), key=lambda t: (list(TASKS).index(t) if t in TASKS else 99, t))
 
 
+def cpu_utilisation(s: dict) -> float | None:
+    """cpu_time_s / (train_time_s x cpu_threads) of a CPU run: near 1 when training had its threads to itself."""
+    env = s.get("environment") if isinstance(s.get("environment"), dict) else {}
+    if env.get("device") != "cpu" or not env.get("cpu_threads"):
+        return None
+    wall = s.get("train_time_s")
+    return _ratio(s.get("cpu_time_s"), None if wall is None else wall * env["cpu_threads"])
+
+
 def run_row(rec: RunRecord) -> dict:
+    """One run's numbers for the comparison, the new summary fields (variant, budget, timing) when recorded."""
     s = rec.summary
-    return {"run_name": rec.name, "run_id": s.get("run_id"), "task": task_of(rec), "method_name": method_of(rec),
-            "seed": s.get("seed"), "source": rec.source.split()[0],
+    step = s.get("step_time_s") if isinstance(s.get("step_time_s"), dict) else {}
+    effective = s.get("adapter_params_effective") is not None
+    return {"run_name": rec.name, "run_id": s.get("run_id"), "task": task_of(rec), "method": method_key_of(rec),
+            "method_name": method_of(rec), "variant": variant_of(rec), "seed": s.get("seed"),
+            "source": rec.source.split()[0],
             **{k: s.get(k) for k in METRICS + COST_KEYS + ["best_step", "best_validation_accuracy",
-                                                            "best_validation_glue_score"]}}
+                                                            "best_validation_glue_score"]},
+            "adapter_params_reported": s.get("adapter_params_effective" if effective else "adapter_params"),
+            "adapter_params_source": "adapter_params_effective" if effective else (
+                "adapter_params" if s.get("adapter_params") is not None else None),
+            "step_time_median_s": step.get("median"), "step_time_iqr_s": step.get("iqr"),
+            # load shows as step-time spread that the batches' padded lengths do not explain (training records
+            # it as unexplained_iqr); older records: the raw iqr/median
+            "step_time_spread": step.get("unexplained_iqr", _ratio(step.get("iqr"), step.get("median"))),
+            "step_time_spread_basis": "unexplained_iqr" if "unexplained_iqr" in step else "iqr/median",
+            "train_time_per_step_s": _ratio(s.get("train_time_s"), s.get("total_steps") or s.get("final_step")),
+            "cpu_utilisation": cpu_utilisation(s)}
 
 
 def describe(values: list) -> dict:
@@ -409,8 +472,15 @@ def describe(values: list) -> dict:
             "n": len(v)}
 
 
+def _shared(values: list):
+    """The one value all runs share (None when none has it), else "mixed"."""
+    distinct = list(dict.fromkeys(json.dumps(v, sort_keys=True) for v in values))
+    return json.loads(distinct[0]) if len(distinct) == 1 else "mixed"
+
+
 def group_stats(rows: list[dict]) -> dict:
-    """groups[task][method] = {n, seeds, runs, <key>: {mean, std, n}}."""
+    """groups[task][method_name] = {n, seeds, runs, method, variant, budget_unit, adapter_params_source,
+    <key>: {mean, std, n}}."""
     groups = {}
     for task in sort_tasks(r["task"] for r in rows):
         groups[task] = {}
@@ -418,55 +488,86 @@ def group_stats(rows: list[dict]) -> dict:
             runs = [r for r in rows if r["task"] == task and r["method_name"] == method]
             groups[task][method] = {"n": len(runs), "seeds": [r["seed"] for r in runs],
                                     "runs": [r["run_name"] for r in runs],
+                                    **{k: _shared([r[k] for r in runs]) for k in
+                                       ("method", "variant", "budget_unit", "adapter_params_source")},
                                     **{k: describe([r[k] for r in runs]) for k in GROUP_KEYS}}
     return groups
 
 
+def role_of(method: str | None, variant: str | None, name: str) -> str | None:
+    """baseline (LoRA), adalora or reference (GLoRA): a method's main config; a variant has no role."""
+    if variant is not None:
+        return None
+    return ROLE_OF_METHOD.get(method or {v: k for k, v in METHOD_NAMES.items()}.get(name))
+
+
+def task_roles(by_method: dict) -> dict[str, str | None]:
+    """role -> the group name that holds it on one task (the first in display order), None when absent."""
+    roles = dict.fromkeys(ROLE_LABELS)
+    for name in sort_methods(by_method):
+        group = by_method[name]
+        role = role_of(group.get("method"), group.get("variant"), name)
+        if role is not None and roles[role] is None:
+            roles[role] = name
+    return roles
+
+
 def _mean(group: dict | None, key: str):
-    return None if group is None else group[key]["mean"]
+    return None if group is None else (group.get(key) or {}).get("mean")
 
 
 def _ratio(a, b):
     return None if a is None or b in (None, 0) else a / b
 
 
-def relative_to_lora(group: dict, base: dict) -> dict:
-    """Gains (absolute and relative) and cost ratios of one method against LoRA on the same task."""
+def relative_to_baseline(group: dict, base: dict, runs: list[dict], base_runs: list[dict]) -> dict:
+    """Gains (absolute and relative), budget ratios and time ratios of one group against LoRA on the same task."""
     out = {}
     for key in ("accuracy", "glue_score"):
         m, b = _mean(group, key), _mean(base, key)
         out[f"{key}_gain_abs"] = None if m is None or b is None else m - b
         out[f"{key}_gain_rel"] = _ratio(out[f"{key}_gain_abs"], b)
-    for key in ("train_time_s", "trainable_params", "rank_budget_total"):
+    for key in ("trainable_params", "rank_budget_total"):
         out[f"{key}_ratio"] = _ratio(_mean(group, key), _mean(base, key))
-    return out
+    out["adapter_params_ratio"] = _ratio(_mean(group, "adapter_params_reported"),
+                                         _mean(base, "adapter_params_reported"))
+    out["adapter_params_basis"] = _shared([r["adapter_params_source"] for r in runs + base_runs])
+    return {**out, **time_ratios(runs, base_runs)}
 
 
-def recovered_share(by_method: dict, key: str) -> dict:
-    """(GLoRA - LoRA) / (AdaLoRA - LoRA): the share of AdaLoRA's gain over LoRA that GLoRA recovers."""
-    missing = [m for m in ("LoRA", "AdaLoRA", "GLoRA") if _mean(by_method.get(m), key) is None]
+def recovered_share(by_method: dict, key: str, roles: dict | None = None) -> dict:
+    """(GLoRA - LoRA) / (AdaLoRA - LoRA): the share of AdaLoRA's gain over LoRA that GLoRA recovers; the three
+    groups are the roles (main configs), not display names."""
+    roles = roles or task_roles(by_method)
+    name = {role: roles[role] or label for role, label in ROLE_LABELS.items()}
+    missing = [name[r] for r in ROLE_LABELS if _mean(by_method.get(roles[r]) if roles[r] else None, key) is None]
     if missing:
         return {"value": None, "metric": key, "reason": f"no {key} for {', '.join(missing)}"}
-    lora = _mean(by_method["LoRA"], key)
-    denominator = _mean(by_method["AdaLoRA"], key) - lora
+    lora = _mean(by_method[name["baseline"]], key)
+    denominator = _mean(by_method[name["adalora"]], key) - lora
     if abs(denominator) < 1e-9:
-        return {"value": None, "metric": key, "reason": "AdaLoRA and LoRA have the same mean (denominator ~0)"}
+        return {"value": None, "metric": key,
+                "reason": f"{name['adalora']} and {name['baseline']} have the same mean (denominator ~0)"}
     if denominator < 0:  # a ratio over a loss has no meaning as a share (its sign flips)
-        return {"value": None, "metric": key, "reason": f"AdaLoRA is below LoRA ({100 * denominator:+.2f} points): "
-                                                        f"no gain to recover"}
-    return {"value": (_mean(by_method["GLoRA"], key) - lora) / denominator, "metric": key, "reason": None}
+        return {"value": None, "metric": key, "reason": f"{name['adalora']} is below {name['baseline']} "
+                                                        f"({100 * denominator:+.2f} points): no gain to recover"}
+    return {"value": (_mean(by_method[name["reference"]], key) - lora) / denominator, "metric": key, "reason": None}
 
 
-def derived_metrics(groups: dict) -> dict:
+def derived_metrics(groups: dict, rows: list[dict]) -> dict:
     out = {}
     for task, by_method in groups.items():
-        base = by_method.get("LoRA")
+        roles = task_roles(by_method)
+        base = roles["baseline"]
         if base is None:
-            out[task] = {"baseline": None, "reason": "no LoRA run on this task"}
+            out[task] = {"baseline": None, "reference": roles["reference"], "roles": roles,
+                         "reason": "no LoRA run (method comparative-2, no variant) on this task"}
             continue
-        out[task] = {"baseline": "LoRA",
-                     "methods": {m: relative_to_lora(g, base) for m, g in by_method.items() if m != "LoRA"},
-                     "glora_share_of_adalora_gain": {k: recovered_share(by_method, k)
+        runs = {m: [r for r in rows if r["task"] == task and r["method_name"] == m] for m in by_method}
+        out[task] = {"baseline": base, "reference": roles["reference"], "roles": roles,
+                     "methods": {m: relative_to_baseline(g, by_method[base], runs[m], runs[base])
+                                 for m, g in by_method.items() if m != base},
+                     "glora_share_of_adalora_gain": {k: recovered_share(by_method, k, roles)
                                                      for k in ("accuracy", "glue_score")}}
     return out
 
@@ -487,9 +588,91 @@ def glue_average(groups: dict) -> dict:
     return out
 
 
-def method_pairs(methods) -> list[tuple[str, str]]:
-    """(GLoRA, AdaLoRA), (GLoRA, LoRA), (AdaLoRA, LoRA), ...: the first of each pair is the newer method."""
-    return list(itertools.combinations(sort_methods(methods)[::-1], 2))
+# ---------------------------------------------------------------------------------------------------------------
+# Cost comparability: a time ratio is only a ratio of methods when both sides were timed alike.
+
+def _missing_timing(groups: list[list[dict]]) -> str | None:
+    runs = [r for g in groups for r in g]
+    for what, bad in (("environment", [r for r in runs if not isinstance(r.get("environment"), dict)]),
+                      ("step_time_s", [r for r in runs if not r["step_time_median_s"] or r["step_time_iqr_s"] is None]),
+                      ("cpu_time_s", [r for r in runs if (r.get("environment") or {}).get("device") == "cpu"
+                                      and r["cpu_utilisation"] is None])):
+        if bad:
+            return f"no {what} recorded ({', '.join(r['run_name'] for r in bad)})"
+    return None
+
+
+def _different_environment(groups: list[list[dict]]) -> str | None:
+    runs = [r for g in groups for r in g]
+    for key in ENV_KEYS:
+        first = runs[0]
+        other = next((r for r in runs if r["environment"].get(key) != first["environment"].get(key)), None)
+        if other is not None:
+            return (f"different environments: {key} {first['environment'].get(key)!r} ({first['run_name']}) vs "
+                    f"{other['environment'].get(key)!r} ({other['run_name']})")
+    return None
+
+
+def _loaded_run(groups: list[list[dict]]) -> str | None:
+    for r in (r for g in groups for r in g):
+        spread = r["step_time_spread"]
+        if spread is not None and spread > STEP_IQR_MAX:
+            return (f"outside load: step-time spread ({r['step_time_spread_basis']}) {spread:.3f} > {STEP_IQR_MAX} "
+                    f"in {r['run_name']} (median {r['step_time_median_s']:.4g} s)")
+    return None
+
+
+def _seed_spread(groups: list[list[dict]]) -> str | None:
+    for g in groups:
+        medians = [r["step_time_median_s"] for r in g]
+        spread = (max(medians) - min(medians)) / float(np.median(medians))
+        if spread > SEED_SPREAD_MAX:
+            return (f"seeds of {g[0]['method_name']} timed apart: per-run median step time (max - min)/median "
+                    f"{spread:.3f} > {SEED_SPREAD_MAX} ({min(medians):.4g}-{max(medians):.4g} s)")
+    return None
+
+
+def _low_cpu_use(groups: list[list[dict]]) -> str | None:
+    for r in (r for g in groups for r in g):
+        if r["cpu_utilisation"] is not None and r["cpu_utilisation"] < CPU_UTIL_MIN:
+            return (f"CPU utilisation {r['cpu_utilisation']:.2f} < {CPU_UTIL_MIN} in {r['run_name']} (cpu_time_s / "
+                    f"(train_time_s x cpu_threads): another process shared the cores)")
+    return None
+
+
+def comparability(runs_a: list[dict], runs_b: list[dict]) -> tuple[bool, str | None]:
+    """Whether the step times of two groups' runs measure the methods rather than the machine; else the first
+    failing check, with its numbers: data recorded, same environment, no outside load within a run, seeds timed
+    alike, CPU threads not shared (thresholds STEP_IQR_MAX, SEED_SPREAD_MAX, CPU_UTIL_MIN)."""
+    groups = [g for g in (runs_a, runs_b) if g]
+    for check in (_missing_timing, _different_environment, _loaded_run, _seed_spread, _low_cpu_use):
+        reason = check(groups)
+        if reason:
+            return False, reason
+    return True, None
+
+
+def time_ratios(runs: list[dict], base_runs: list[dict]) -> dict:
+    """step_time_ratio (per-step medians, mean over seeds; train_time_s / total_steps for records without step
+    times) and train_time_s_ratio (total), each {value, comparable, reason, basis}."""
+    comparable, reason = comparability(base_runs, runs)  # LoRA's first run is the one the others are held to
+    step_basis = "step_time_median" if all(r["step_time_median_s"] for r in runs + base_runs) else \
+        "train_time_per_step"
+    key = {"step_time_median": "step_time_median_s", "train_time_per_step": "train_time_per_step_s"}[step_basis]
+    mean = {side: describe([r[key] for r in rs])["mean"] for side, rs in (("a", runs), ("b", base_runs))}
+    totals = {side: describe([r["train_time_s"] for r in rs])["mean"] for side, rs in (("a", runs), ("b", base_runs))}
+    common = {"comparable": comparable, "reason": reason}
+    return {"step_time_ratio": {"value": _ratio(mean["a"], mean["b"]), **common, "basis": step_basis},
+            "train_time_s_ratio": {"value": _ratio(totals["a"], totals["b"]), **common, "basis": "train_time_total"}}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Significance and power: seed level (paired by seed) and example level (paired by example).
+
+def headline_pairs(roles: dict) -> list[tuple[str, str]]:
+    """(GLoRA, AdaLoRA), (GLoRA, LoRA), (AdaLoRA, LoRA) by role, those present: the newer method first."""
+    ref, ada, base = roles["reference"], roles["adalora"], roles["baseline"]
+    return [(a, b) for a, b in ((ref, ada), (ref, base), (ada, base)) if a and b]
 
 
 def scipy_paired_test(name: str, fn, x: list, y: list, degenerate: str | None = None) -> dict:
@@ -506,24 +689,87 @@ def scipy_paired_test(name: str, fn, x: list, y: list, degenerate: str | None = 
     return result
 
 
+def minimum_detectable_effect(diff) -> dict:
+    """Power of the paired t-test at the seeds actually run (a one-sample t-test on the per-seed differences).
+
+    Args:
+        diff (`array-like`): per-seed differences a - b (fractions, e.g. of glue_score).
+
+    Returns `mde` = d x sd(diff, ddof=1), with d the standardised effect that statsmodels' `TTestPower` detects at
+    `nobs` = n, `ALPHA`, `MDE_POWER`, two-sided; `seeds_needed_for_observed`: the smallest n with that power for the
+    observed |mean(diff)| / sd (null when the mean is 0). Null with a `reason` for n < 2 or zero spread.
+    """
+    diff = np.asarray(diff, dtype=float)
+    out = {"mde": None, "effect_size": None, "sd_difference": None, "n": len(diff), "alpha": ALPHA,
+           "power": MDE_POWER, "seeds_needed_for_observed": None, "seeds_needed_exact": None, "reason": None,
+           "seeds_needed_reason": None, "method": "statsmodels TTestPower.solve_power (paired = one-sample t-test "
+                                                  "on the per-seed differences)"}
+    if len(diff) < 2:
+        return {**out, "reason": "needs >= 2 shared seeds (the sd of the differences)",
+                "seeds_needed_reason": "needs >= 2 shared seeds"}
+    sd = float(np.std(diff, ddof=1))
+    if sd < 1e-12:  # equal differences up to float rounding
+        return {**out, "sd_difference": sd, "reason": "the per-seed differences have no spread (sd = 0)",
+                "seeds_needed_reason": "no spread"}
+    power = TTestPower()
+    d = float(power.solve_power(effect_size=None, nobs=len(diff), alpha=ALPHA, power=MDE_POWER,
+                                alternative="two-sided"))
+    out.update(sd_difference=sd, effect_size=d, mde=d * sd)
+    return {**out, **seeds_needed(power, abs(float(np.mean(diff))) / sd)}
+
+
+def seeds_needed(power: TTestPower, effect: float) -> dict:
+    """Smallest number of seeds with MDE_POWER for a standardised paired effect (2 when 2 already suffice)."""
+    if effect < 1e-9:  # 0 up to float rounding of the per-seed scores
+        return {"seeds_needed_reason": "the observed mean difference is 0"}
+    # power rises with the effect: at least the effect 2 seeds detect needs 2 (the solver fails up there)
+    if effect >= power.solve_power(effect_size=None, nobs=2, alpha=ALPHA, power=MDE_POWER, alternative="two-sided"):
+        return {"seeds_needed_for_observed": 2, "seeds_needed_exact": 2.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nobs = float(power.solve_power(effect_size=effect, nobs=None, alpha=ALPHA, power=MDE_POWER,
+                                       alternative="two-sided"))
+    if not math.isfinite(nobs):
+        return {"seeds_needed_reason": "statsmodels' solver did not converge"}
+    return {"seeds_needed_for_observed": math.ceil(nobs), "seeds_needed_exact": nobs}
+
+
+def reading(p_value, mean_difference, mde: dict) -> str:
+    """One phrase from p and the MDE: a non-significant difference says little unless the test could see one."""
+    if mde.get("sd_difference") is not None and mde["mde"] is None:  # every seed gave the same difference
+        return "no difference on any seed" if abs(mean_difference) < 1e-12 else \
+            "the same difference on every seed (no spread: t undefined)"
+    if p_value is None or not math.isfinite(p_value):
+        return "no test"
+    if p_value < ALPHA:
+        return f"difference (p < {ALPHA})"
+    if mde["mde"] is None:
+        return f"no difference shown (MDE: {mde['reason']})"
+    if mde["mde"] <= RELEVANT_DIFFERENCE:
+        return f"no effect larger than the MDE ({100 * mde['mde']:.2f} points)"
+    return "too few seeds to tell" if abs(mean_difference) < mde["mde"] else "no difference shown"
+
+
 def seed_level_tests(rows: list[dict], task: str, a: str, b: str) -> dict:
-    """glue_score paired by seed: scipy.stats.ttest_rel and wilcoxon when both methods have >= 2 shared seeds."""
+    """glue_score paired by seed: scipy.stats.ttest_rel and wilcoxon when both methods have >= 2 shared seeds,
+    with the minimum detectable effect at those seeds and a reading of the two."""
     score = {m: {r["seed"]: r["glue_score"] for r in rows if r["task"] == task and r["method_name"] == m
                  and r["glue_score"] is not None} for m in (a, b)}
     seeds = sorted(set(score[a]) & set(score[b]), key=seed_key)
     x, y = [score[a][s] for s in seeds], [score[b][s] for s in seeds]
+    diff = np.subtract(x, y)
     entry = {"task": task, "method_a": a, "method_b": b, "metric": "glue_score", "seeds": seeds, "n": len(seeds),
-             "mean_difference": float(np.mean(np.subtract(x, y))) if seeds else None}
+             "mean_difference": float(np.mean(diff)) if seeds else None, "mde": minimum_detectable_effect(diff)}
     if len(seeds) < 2:
         entry["tests"] = [{"test": "paired t-test / Wilcoxon", "statistic": None, "p_value": None, "n": len(seeds),
                            "reason": "needs >= 2 seeds run by both methods"}]
-        return entry
-    diff = np.subtract(x, y)
-    equal = "the differences are all equal: t is undefined or infinite" if np.ptp(diff) == 0 else None
-    entry["tests"] = [
-        scipy_paired_test("paired t-test (scipy.stats.ttest_rel)", stats.ttest_rel, x, y, equal),
-        scipy_paired_test("Wilcoxon signed-rank (scipy.stats.wilcoxon)", stats.wilcoxon, x, y,
-                          "all differences are zero" if not diff.any() else None)]
+    else:
+        equal = "the differences are all equal: t is undefined or infinite" if np.ptp(diff) == 0 else None
+        entry["tests"] = [
+            scipy_paired_test("paired t-test (scipy.stats.ttest_rel)", stats.ttest_rel, x, y, equal),
+            scipy_paired_test("Wilcoxon signed-rank (scipy.stats.wilcoxon)", stats.wilcoxon, x, y,
+                              "all differences are zero" if not diff.any() else None)]
+    entry["reading"] = reading(entry["tests"][0]["p_value"], entry["mean_difference"], entry["mde"])
     return entry
 
 
@@ -589,18 +835,83 @@ def example_level_tests(records: list[RunRecord], task: str, a: str, b: str) -> 
     return out
 
 
+def example_summary(entries: list[dict]) -> dict:
+    """The per-seed example-level tests of one pair in a few numbers: how many McNemar p < ALPHA, the range of the
+    bootstrap CIs and of the differences."""
+    tested = [e for e in entries if "mcnemar" in e]
+    cis = [e["bootstrap"] for e in tested if e["bootstrap"]["ci_low"] is not None]
+    p = [e["mcnemar"]["p_value"] for e in tested]
+    return {"n_tests": len(tested), "alpha": ALPHA, "n_mcnemar_significant": sum(v < ALPHA for v in p),
+            "mcnemar_p_min": min(p, default=None), "mcnemar_p_max": max(p, default=None),
+            "difference_min": min((e["bootstrap"]["difference"] for e in tested), default=None),
+            "difference_max": max((e["bootstrap"]["difference"] for e in tested), default=None),
+            "ci_low_min": min((c["ci_low"] for c in cis), default=None),
+            "ci_high_max": max((c["ci_high"] for c in cis), default=None),
+            "paired_by": sorted({e["paired_by"] for e in tested}),
+            "reason": None if tested else next((e.get("reason") for e in entries if e.get("reason")), "no test")}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ablation and controls: every other group against LoRA and against GLoRA, with what it spent.
+
+def group_budget(by_method: dict, name: str, derived: dict) -> dict:
+    """What a group spent (means over seeds) and its ratios to LoRA on the same task."""
+    g, rel = by_method[name], (derived.get("methods") or {}).get(name, {})
+    return {"budget_unit": g["budget_unit"], "rank_budget_total": _mean(g, "rank_budget_total"),
+            "adapter_params": _mean(g, "adapter_params_reported"), "adapter_params_source": g["adapter_params_source"],
+            "trainable_params": _mean(g, "trainable_params"),
+            **{k: (1.0 if name == derived.get("baseline") else rel.get(k)) for k in
+               ("rank_budget_total_ratio", "adapter_params_ratio", "trainable_params_ratio")}}
+
+
+def ablation(groups: dict, derived: dict, pair_tests) -> list[dict]:
+    """Per task, every group other than the baseline and the reference, against each of them (seed-level tests
+    with their MDE, per-seed example-level tests and their summary). `pair_tests(task, a, b)` -> (seed, example)."""
+    entries = []
+    for task, by_method in groups.items():
+        roles = derived[task]["roles"]
+        for name in (m for m in by_method if m not in (roles["baseline"], roles["reference"])):
+            comparisons = []
+            for role in ("baseline", "reference"):
+                other = roles[role]
+                if other is None:
+                    comparisons.append({"role": role, "against": None,
+                                        "reason": f"no {ROLE_LABELS[role]} run (main config) on this task"})
+                    continue
+                seed_level, example_level = pair_tests(task, name, other)
+                comparisons.append({"role": role, "against": other, "seed_level": seed_level,
+                                    "example_level": example_level, "example_summary": example_summary(example_level)})
+            entries.append({"task": task, "method_name": name, "method": by_method[name]["method"],
+                            "variant": by_method[name]["variant"],
+                            "budget": group_budget(by_method, name, derived[task]), "comparisons": comparisons})
+    return entries
+
+
 def aggregate(records: list[RunRecord]) -> dict:
     """Everything in comparison/aggregated_metrics.json."""
     rows = [run_row(r) for r in records]
     groups = group_stats(rows)
+    derived = derived_metrics(groups, rows)
+    cache = {}
+
+    def pair_tests(task: str, a: str, b: str) -> tuple[dict, list[dict]]:  # each pair once (AdaLoRA is in both)
+        if (task, a, b) not in cache:
+            cache[(task, a, b)] = seed_level_tests(rows, task, a, b), example_level_tests(records, task, a, b)
+        return cache[(task, a, b)]
+
     seed_level, example_level = [], []
-    for task, by_method in groups.items():
-        for a, b in method_pairs(by_method):
-            seed_level.append(seed_level_tests(rows, task, a, b))
-            example_level += example_level_tests(records, task, a, b)
-    return {"checkpoint_rule": CHECKPOINT_RULE, "runs": rows, "groups": groups, "derived": derived_metrics(groups),
+    for task in groups:
+        for a, b in headline_pairs(derived[task]["roles"]):
+            seed, examples = pair_tests(task, a, b)
+            seed_level.append(seed)
+            example_level += examples
+    return {"checkpoint_rule": CHECKPOINT_RULE, "runs": rows, "groups": groups, "derived": derived,
             "glue_average": glue_average(groups),
-            "significance": {"seed_level": seed_level, "example_level": example_level}}
+            "significance": {"seed_level": seed_level, "example_level": example_level},
+            "ablation": ablation(groups, derived, pair_tests),
+            "thresholds": {"alpha": ALPHA, "mde_power": MDE_POWER, "relevant_difference": RELEVANT_DIFFERENCE,
+                           "step_iqr_max": STEP_IQR_MAX, "seed_spread_max": SEED_SPREAD_MAX,
+                           "cpu_util_min": CPU_UTIL_MIN, "env_keys": ENV_KEYS}}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -683,7 +994,7 @@ def plot_learning_curve(rec: RunRecord, path: Path) -> None:
         if steps:  # a mismatched-split metric: its matched colour, dashed
             ax_metric.plot(steps, values, "o" + ("--" if metric.endswith("_mm") else "-"), ms=4,
                            color=colors[metric.removesuffix("_mm")], label=metric)
-    loss_label = "loss (train: incl. orthogonal regulariser)" if method_of(rec) == "AdaLoRA" else "loss"
+    loss_label = "loss (train: incl. orthogonal regulariser)" if method_key_of(rec) == "comparative-1" else "loss"
     for ax, ylabel in ((ax_loss, loss_label), (ax_metric, "validation metric")):
         for step in sorted({r["step"] for r in rec.history if r.get("event") == "glora_reallocation"}):
             ax.axvline(step, color="k", ls=":", lw=1, label="GLoRA reallocation")
@@ -743,29 +1054,58 @@ def plot_rank_allocation(rec: RunRecord, path: Path) -> None:
     save_figure(fig, path)
 
 
-def grouped_bars(ax, agg: dict, key: str, scale: float = 1.0) -> dict:
-    """Bars per task, one per method: mean with a std error bar and each run as a dot. Returns the bar x's."""
+def method_styles(methods) -> dict[str, dict]:
+    """Colour and hatch per group: Okabe-Ito for LoRA/AdaLoRA/GLoRA, the others in display order from a fixed
+    palette (deterministic for a given set of groups; no grey, which marks 'not comparable')."""
+    methods = sort_methods(methods)
+    others = [m for m in methods if m not in COLORS]
+    styles = {m: {"color": COLORS[m], "hatch": HATCHES[m]} for m in methods if m in COLORS}
+    return {**styles, **{m: {"color": OTHER_COLORS[k % len(OTHER_COLORS)],
+                             "hatch": OTHER_HATCHES[k % len(OTHER_HATCHES)]} for k, m in enumerate(others)}}
+
+
+def legend_columns(n: int) -> int:
+    """One legend column per 10 entries: a long list of variants stays one readable block."""
+    return max(1, math.ceil(n / 10))
+
+
+def bars_figsize(n_tasks: int, n_methods: int, height: float = 3.6) -> tuple[float, float]:
+    """Each task gets room for its bars (0.35 in per method, at least 1.6 in) plus the legend on the right."""
+    return 2.6 + 1.6 * (legend_columns(n_methods) - 1) + n_tasks * max(1.6, 0.35 * n_methods), height
+
+
+def grouped_bars(ax, agg: dict, key: str, scale: float = 1.0, marked: set | None = None, legend: bool = True) -> dict:
+    """Bars per task, one per method: mean with a std error bar and each run as a dot; `marked` (task, method)
+    bars are drawn faded with a grey dashed edge (not comparable). Returns the bar x's."""
     groups, tasks = agg["groups"], list(agg["groups"])
     methods = sort_methods(m for g in groups.values() for m in g)
+    styles = method_styles(methods)
     width, xs = 0.8 / len(methods), {}
     for k, method in enumerate(methods):
         x = np.arange(len(tasks)) + (k - (len(methods) - 1) / 2) * width
         stat = [(groups[t].get(method) or {}).get(key) or {} for t in tasks]
         means = [np.nan if s.get("mean") is None else s["mean"] * scale for s in stat]
-        ax.bar(x, means, width, yerr=[(s.get("std") or 0) * scale for s in stat], capsize=3, label=method,
-               color=COLORS.get(method, f"C{k}"), hatch=HATCHES.get(method, ""), edgecolor="black", lw=0.6)
-        for xi, t in zip(x, tasks):
+        bars = ax.bar(x, means, width, yerr=[(s.get("std") or 0) * scale for s in stat], capsize=3, label=method,
+                      edgecolor="black", lw=0.6, **styles[method])
+        for xi, t, patch in zip(x, tasks, bars.patches):
             xs[(t, method)] = xi
+            if (t, method) in (marked or set()):
+                patch.set(alpha=0.35, edgecolor="0.4", linestyle="--")
             vals = [r[key] * scale for r in agg["runs"] if (r["task"], r["method_name"]) == (t, method)
                     and r[key] is not None]
             ax.plot([xi] * len(vals), vals, "o", color="black", ms=3, zorder=3)
     ax.set_xticks(range(len(tasks)), [task_label(t) for t in tasks])
-    ax.legend(title="method", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if legend:
+        ax.legend(title="method", loc="upper left", bbox_to_anchor=(1.0, 1.0), ncols=legend_columns(len(methods)))
     return xs
 
 
+def n_methods(agg: dict) -> int:
+    return len({m for g in agg["groups"].values() for m in g})
+
+
 def plot_score_bars(agg: dict, path: Path) -> None:
-    fig, ax = new_figure(figsize=(2.2 + 1.6 * len(agg["groups"]), 3.6))
+    fig, ax = new_figure(figsize=bars_figsize(len(agg["groups"]), n_methods(agg)))
     grouped_bars(ax, agg, "glue_score", 100)
     values = [100 * r["glue_score"] for r in agg["runs"] if r["glue_score"] is not None]
     if values:  # zoom in: the methods differ by a point or two, invisible on a 0-100 axis
@@ -776,7 +1116,10 @@ def plot_score_bars(agg: dict, path: Path) -> None:
 
 def plot_score_boxes(agg: dict, path: Path) -> None:
     tasks = list(agg["groups"])
-    fig, axes = new_figure(1, len(tasks), figsize=(3.2 * len(tasks) + 0.5, 3.4), squeeze=False)
+    width = max(3.2, 0.6 * max(len(g) for g in agg["groups"].values()) + 1)
+    fig, axes = new_figure(1, len(tasks), figsize=(width * len(tasks) + 0.5, 3.4 + 0.4 * (n_methods(agg) > 3)),
+                           squeeze=False)
+    styles = method_styles(r["method_name"] for r in agg["runs"])
     rng = np.random.default_rng(0)  # jitter only
     for ax, task in zip(axes[0], tasks):
         methods = list(agg["groups"][task])
@@ -784,9 +1127,12 @@ def plot_score_boxes(agg: dict, path: Path) -> None:
                  and r["glue_score"] is not None] for m in methods]
         boxes = ax.boxplot(data, patch_artist=True, widths=0.55, medianprops={"color": "black"})
         for k, (patch, m) in enumerate(zip(boxes["boxes"], methods)):
-            patch.set(facecolor=COLORS.get(m, f"C{k}"), alpha=0.6, hatch=HATCHES.get(m, ""))
+            patch.set(facecolor=styles[m]["color"], alpha=0.6, hatch=styles[m]["hatch"])
             ax.plot(k + 1 + rng.uniform(-0.08, 0.08, len(data[k])), data[k], "o", color="black", ms=3, zorder=3)
-        ax.set_xticks(range(1, len(methods) + 1), [f"{m}\n(n={len(d)})" for m, d in zip(methods, data)])
+        many = len(methods) > 3  # long variant names: slanted, one line
+        ax.set_xticks(range(1, len(methods) + 1), [f"{m}{' ' if many else chr(10)}(n={len(d)})"
+                                                   for m, d in zip(methods, data)],
+                      rotation=30 if many else 0, ha="right" if many else "center")
         ax.set(title=task_label(task, " "), ylabel="dev score (%)")
     fig.suptitle("Final dev score over seeds (box: quartiles; dots: runs)")
     save_figure(fig, path)
@@ -796,37 +1142,69 @@ def plot_learning_curves(records: list[RunRecord], path: Path) -> None:
     """Rows: tasks; train loss and dev score; colour = method, line style = seed, one legend for the figure."""
     tasks = sort_tasks(task_of(r) for r in records)
     methods = sort_methods(method_of(r) for r in records)
+    colors = {m: s["color"] for m, s in method_styles(methods).items()}
     seeds = sorted({str(r.summary.get("seed")) for r in records}, key=lambda s: (len(s), s))
     styles = dict(zip(seeds, itertools.cycle(["-", "--", ":", "-."])))
-    fig, axes = new_figure(len(tasks), 2, figsize=(10, 3 * len(tasks) + 0.6), squeeze=False)
+    fig, axes = new_figure(len(tasks), 2, figsize=(10, 3 * len(tasks) + 0.6 + 0.25 * (len(methods) // 6)),
+                           squeeze=False)
     for row, task in zip(axes, tasks):
         for rec in (r for r in records if task_of(r) == task):
-            style = {"color": COLORS.get(method_of(rec), "C7"), "ls": styles[str(rec.summary.get("seed"))], "lw": 1.3}
+            style = {"color": colors[method_of(rec)], "ls": styles[str(rec.summary.get("seed"))], "lw": 1.3}
             steps, loss = series(rec.history, "train_loss")
             row[0].plot(steps, smooth(loss)[0], **style)
             steps, metric = series(rec.history, headline_key(rec.history))
             row[1].plot(steps, np.multiply(metric, 100), marker="o", ms=3, **style)
-        regulariser = " (AdaLoRA's includes its orthogonal regulariser)" if "AdaLoRA" in methods else ""
+        adalora = any(method_key_of(r) == "comparative-1" for r in records if task_of(r) == task)
+        regulariser = " (AdaLoRA's includes its orthogonal regulariser)" if adalora else ""
         row[0].set(xlabel="optimizer step", ylabel="train loss (moving avg)",
                    title=f"{TASKS.get(task, task)}: train loss{regulariser}")
         row[1].set(xlabel="optimizer step", ylabel="dev score (%)", title=f"{task_label(task, ' ')}: dev")
-    handles = [Line2D([], [], color=COLORS.get(m, "C7"), lw=2, label=m) for m in methods] + [
+    handles = [Line2D([], [], color=colors[m], lw=2, label=m) for m in methods] + [
         Line2D([], [], color="0.3", ls=styles[s], label=f"seed {s}") for s in seeds]
-    fig.legend(handles=handles, loc="outside upper center", ncols=min(len(handles), 8))
+    fig.legend(handles=handles, loc="outside upper center", ncols=min(len(handles), 6))
     save_figure(fig, path)
 
 
+def time_ratio_label(ratio: dict | None) -> str | None:
+    """'×1.23' for a comparable ratio, '×1.23 n/c' for one that is not; None when there is none."""
+    if not ratio or ratio.get("value") is None:
+        return None
+    return f"×{ratio['value']:.2f}" + ("" if ratio["comparable"] else " n/c")
+
+
+def not_comparable(agg: dict) -> dict[tuple[str, str], str]:
+    """(task, method) -> reason, for each group whose time ratio to LoRA is not comparable."""
+    return {(t, m): r["step_time_ratio"]["reason"] for t, d in agg["derived"].items()
+            for m, r in (d.get("methods") or {}).items() if not r["step_time_ratio"]["comparable"]}
+
+
 def plot_train_time(agg: dict, path: Path) -> None:
-    fig, ax = new_figure(figsize=(2.2 + 1.6 * len(agg["groups"]), 3.6))
-    xs = grouped_bars(ax, agg, "train_time_s")
-    for (task, method), x in xs.items():  # the ratio to LoRA above each bar
-        ratio = agg["derived"][task].get("methods", {}).get(method, {}).get("train_time_s_ratio")
-        stat = agg["groups"][task][method]["train_time_s"] if method in agg["groups"][task] else {}
-        if ratio is not None and stat.get("mean") is not None:
-            ax.annotate(f"×{ratio:.2f}", (x, stat["mean"] + (stat["std"] or 0)), xytext=(0, 3),
-                        textcoords="offset points", ha="center", fontsize=8)
-    ax.set(ylabel="training time (s)", title="Training time per run: mean ± std (×: ratio to LoRA)")
-    ax.margins(y=0.15)
+    """Per-step time (the ratio that survives a shared machine) and total training time, ratio to LoRA above each
+    bar; non-comparable ratios are faded bars marked n/c, with the reasons below the figure."""
+    marked = not_comparable(agg)
+    n_tasks, n = len(agg["groups"]), n_methods(agg)
+    width, height = bars_figsize(n_tasks, n, 3.6)
+    figsize = (2 * width - 1.5 - 1.2 * legend_columns(n), height + 0.3 * len(set(marked.values())))
+    fig, axes = new_figure(1, 2, figsize=figsize)
+    panels = (("step_time_median_s", "step_time_ratio", "median step time (s)", "Per optimizer step"),
+              ("train_time_s", "train_time_s_ratio", "training time (s)", "Per run (total)"))
+    for ax, (key, ratio_key, ylabel, title) in zip(axes, panels):
+        if key == "step_time_median_s" and not any(r[key] for r in agg["runs"]):
+            key, ylabel = "train_time_per_step_s", "train time / steps (s)\n(no step times recorded)"
+        xs = grouped_bars(ax, agg, key, marked=set(marked), legend=ax is axes[-1])
+        for (task, method), x in xs.items():
+            label = time_ratio_label(agg["derived"][task].get("methods", {}).get(method, {}).get(ratio_key))
+            stat = agg["groups"][task][method][key] if method in agg["groups"][task] else {}
+            if label and stat.get("mean") is not None:
+                ax.annotate(label, (x, stat["mean"] + (stat["std"] or 0)), xytext=(0, 3), textcoords="offset points",
+                            ha="center", fontsize=7, rotation=90 if n > 4 else 0)
+        ax.set(ylabel=ylabel, title=title)
+        ax.margins(y=0.25 if n > 4 else 0.15)
+    fig.suptitle("Training time: mean ± std over seeds (dots: runs; ×: ratio to LoRA; n/c: not comparable)")
+    if marked:
+        notes = [f"n/c = not comparable: {reason}" for reason in dict.fromkeys(marked.values())]
+        fig.supxlabel("\n".join(textwrap.fill(note, int(16 * figsize[0])) for note in notes), fontsize=7,
+                      ha="left", x=0.01)
     save_figure(fig, path)
 
 
@@ -834,7 +1212,7 @@ def mean_rank_tables(records: list[RunRecord]) -> dict:
     """(task, method) -> (mean over seeds of the layer x matrix rank table, number of runs), adaptive runs only."""
     out = {}
     for task in sort_tasks(task_of(r) for r in records):
-        for method in sort_methods(method_of(r) for r in records)[::-1]:
+        for method in sort_methods(method_of(r) for r in records):
             tables = [rank_table(r.summary.get("final_ranks")) for r in records
                       if task_of(r) == task and method_of(r) == method and is_adaptive(r)]
             tables = [t for t in tables if not t.empty]
@@ -843,21 +1221,32 @@ def mean_rank_tables(records: list[RunRecord]) -> dict:
     return out
 
 
+def rank_panels(tables: dict) -> list[list[tuple[str, str]]]:
+    """Figure rows of (task, method) panels: per task its adaptive groups, RANK_PANELS_PER_ROW at most per row."""
+    rows = []
+    for task in sort_tasks(t for t, _ in tables):
+        methods = sort_methods(m for t, m in tables if t == task)
+        rows += [[(task, m) for m in methods[i:i + RANK_PANELS_PER_ROW]]
+                 for i in range(0, len(methods), RANK_PANELS_PER_ROW)]
+    return rows
+
+
 def plot_rank_comparison(records: list[RunRecord], path: Path) -> None:
-    """GLoRA and AdaLoRA side by side (rows: tasks) on one colour scale; what there is when one is missing."""
+    """The adaptive groups (AdaLoRA, GLoRA and its variants) side by side per task, on one colour scale."""
     tables = mean_rank_tables(records)
-    tasks = sort_tasks(t for t, _ in tables) or ["none"]
-    methods = sort_methods(m for _, m in tables)[::-1] or ["none"]
+    rows = rank_panels(tables) or [[("none", "none")]]
+    ncols = max(len(r) for r in rows)
     n_layers = max((len(t) for t, _ in tables.values()), default=2)
-    fig, axes = new_figure(len(tasks), len(methods), squeeze=False,
-                             figsize=(4.2 * len(methods) + 1, (1.2 + 0.3 * n_layers) * len(tasks) + 0.5))
+    fig, axes = new_figure(len(rows), ncols, squeeze=False,
+                           figsize=(4.2 * ncols + 1, (1.2 + 0.3 * n_layers) * len(rows) + 0.5))
     vmax = max((np.nanmax(t.to_numpy()) for t, _ in tables.values()), default=1)
-    for row, task in zip(axes, tasks):
-        for ax, method in zip(row, methods):
+    for ax_row, panels in zip(axes, rows):
+        for ax in ax_row[len(panels):]:
+            ax.axis("off")
+        for ax, (task, method) in zip(ax_row, panels):
             if (task, method) not in tables:
                 ax.axis("off")
-                ax.text(0.5, 0.5, f"no {method} run on {TASKS.get(task, task)}" if tables else
-                        "no adaptive-rank run (AdaLoRA/GLoRA) was evaluated", ha="center", va="center")
+                ax.text(0.5, 0.5, "no adaptive-rank run (AdaLoRA/GLoRA) was evaluated", ha="center", va="center")
                 continue
             table, n = tables[(task, method)]
             im = draw_ranks(ax, table, vmax)
@@ -899,32 +1288,87 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def main_table(agg: dict) -> list[str]:
-    """Rows methods; columns tasks, GLUE average, train time, trainable params: the table for the paper."""
+    """Rows groups; columns tasks, GLUE average, train time, rank total, adapter and trainable params."""
     groups, tasks = agg["groups"], list(agg["groups"])
     rows = []
     for m in sort_methods(r["method_name"] for r in agg["runs"]):
         avg = agg["glue_average"][m]
         overall = {k: describe([r[k] for r in agg["runs"] if r["method_name"] == m])
-                   for k in ("train_time_s", "trainable_params")}
+                   for k in ("train_time_s", "rank_budget_total", "adapter_params_reported", "trainable_params")}
         rows.append([m] + [fmt_stat((groups[t].get(m) or {}).get("glue_score"), 100) for t in tasks]
                     + [fmt_stat({"mean": avg["value"], "std": None, "n": avg["n_tasks"]}, 100)
                        + f" [{', '.join(TASKS.get(t, t) for t in avg['tasks'])}]",
-                       fmt_stat(overall["train_time_s"], digits=1), fmt_stat(overall["trainable_params"], digits=0)])
+                       fmt_stat(overall["train_time_s"], digits=1)]
+                    + [fmt_stat(overall[k], digits=0) for k in ("rank_budget_total", "adapter_params_reported",
+                                                                "trainable_params")])
     return table(["Method"] + [task_label(t, " ") for t in tasks]
-                 + ["GLUE avg. (n tasks) [tasks]", "Train time (s)", "Trainable params"], rows)
+                 + ["GLUE avg. (n tasks) [tasks]", "Train time (s)", "Rank total", "Adapter params",
+                    "Trainable params"], rows)
+
+
+def fmt_time_ratio(ratio: dict | None, notes: list[str]) -> str:
+    """`×1.23`; `×1.23†` on the train_time/steps basis; `×2.65 (not comparable, note k)`, the reason in notes."""
+    if not ratio or ratio.get("value") is None:
+        return "–"
+    text = f"×{ratio['value']:.2f}" + ("†" if ratio["basis"] == "train_time_per_step" else "")
+    if ratio["comparable"]:
+        return text
+    if ratio["reason"] not in notes:
+        notes.append(ratio["reason"])
+    return f"{text} (not comparable, note {notes.index(ratio['reason']) + 1})"
+
+
+def fmt_params(g: dict) -> str:
+    """Adapter params at the final ranks; `‡` when only the trained count (adapter_params) was recorded."""
+    return fmt_stat(g["adapter_params_reported"], digits=0) + (
+        "" if g["adapter_params_source"] in ("adapter_params_effective", None) else "‡")
+
+
+COST_NOTE = ("Step time: per run the median over training optimizer steps (step_time_s; evaluation, checkpoints and "
+             "GLoRA's rebuild excluded), mean ± std over seeds; it is the primary time ratio because a shared machine "
+             "shifts the total far more than the median. †: no step times recorded, train_time_s / total_steps "
+             "instead. Adapter params: at the final ranks (adapter_params_effective); ‡: only adapter_params (every "
+             "trained lora_* parameter, AdaLoRA's masked ones included) was recorded. A time ratio is not comparable "
+             f"when the runs' environments differ ({', '.join(ENV_KEYS)}), a run's step-time iqr/median exceeds "
+             f"{STEP_IQR_MAX}, the seeds' median step times spread by more than {SEED_SPREAD_MAX} of their median, "
+             f"a CPU run used less than {CPU_UTIL_MIN} of its threads (cpu_time_s / (train_time_s × cpu_threads)), or "
+             "this was not recorded.")
+
+
+def environment_lines(agg: dict) -> list[str]:
+    """The machines the runs were timed on (hostname included: reported, though it alone does not matter)."""
+    envs = {}
+    for r in agg["runs"]:
+        env = r.get("environment")
+        key = "not recorded" if not isinstance(env, dict) else ", ".join(
+            f"{k}={env[k]}" for k in ENV_KEYS + ["hostname"] if env.get(k) is not None)
+        envs.setdefault(key, []).append(r["method_name"])
+    return ["Environments:", ""] + [f"- {key}: {len(names)} run(s) of {', '.join(sort_methods(names))}"
+                                    for key, names in envs.items()]
 
 
 def cost_table(agg: dict) -> list[str]:
-    rows = []
+    rows, notes = [], []
     for t, by_method in agg["groups"].items():
         for m, g in by_method.items():
             d = agg["derived"][t].get("methods", {}).get(m, {})
-            rows.append([TASKS.get(t, t), m, fmt_stat(g["train_time_s"], digits=1),
-                         fmt_stat(g["trainable_params"], digits=0), fmt_stat(g["rank_budget_total"], digits=0)]
-                        + [fmt_points(d.get("glue_score_gain_abs")), fmt_points(d.get("glue_score_gain_rel"), "%")]
-                        + [fmt_ratio(d.get(k)) for k in ("train_time_s_ratio", "trainable_params_ratio")])
-    lines = table(["Task", "Method", "Train time (s)", "Trainable params", "Rank budget", "Score gain (points)",
-                   "Score gain (relative)", "Time ratio", "Param ratio"], rows)
+            step = g["step_time_median_s"] if g["step_time_median_s"]["mean"] is not None else g[
+                "train_time_per_step_s"]
+            rows.append([TASKS.get(t, t), m, fmt_stat(step, digits=4) + ("" if step is g["step_time_median_s"]
+                                                                          else "†"),
+                         fmt_stat(g["train_time_s"], digits=1), fmt_stat(g["rank_budget_total"], digits=0),
+                         fmt_params(g), fmt_stat(g["trainable_params"], digits=0),
+                         fmt_points(d.get("glue_score_gain_abs")), fmt_points(d.get("glue_score_gain_rel"), "%"),
+                         fmt_time_ratio(d.get("step_time_ratio"), notes),
+                         fmt_time_ratio(d.get("train_time_s_ratio"), notes)]
+                        + [fmt_ratio(d.get(k)) for k in ("rank_budget_total_ratio", "adapter_params_ratio",
+                                                         "trainable_params_ratio")])
+    lines = [COST_NOTE, ""] + table(
+        ["Task", "Method", "Step time (s)", "Train time (s)", "Rank total", "Adapter params", "Trainable params",
+         "Score gain (points)", "Score gain (relative)", "Step-time ratio", "Train-time ratio", "Rank ratio",
+         "Adapter-param ratio", "Trainable-param ratio"], rows)
+    lines += [""] + [f"Note {k}: not comparable: {reason}." for k, reason in enumerate(notes, 1)] * bool(notes)
+    lines += [""] + environment_lines(agg)
     for t, d in agg["derived"].items():
         share = d.get("glora_share_of_adalora_gain", {}).get("glue_score")
         if share:
@@ -935,10 +1379,15 @@ def cost_table(agg: dict) -> list[str]:
 
 SCORES_NOTE = ("Scores in %, mean ± std over seeds (n runs): MNLI mean of m/mm accuracy, QQP mean of accuracy and "
                "F1, CoLA MCC, STS-B Pearson, the others accuracy. GLUE average: mean over the tasks listed (AdaLoRA "
-               "paper's convention). Train time and trainable parameters: over all of the method's runs (per task "
-               "below).")
+               "paper's convention). Train time, rank total (Σ final ranks), adapter params (at the final ranks where "
+               "recorded) and trainable parameters: over all of the method's runs (per task below).")
 SEED_TESTS_NOTE = ("Across seeds (glue_score paired by seed; a two-sided Wilcoxon test cannot reach p < 0.05 with "
                    "fewer than 6 seeds):")
+MDE_NOTE = (f"MDE: the smallest mean difference a paired t-test detects with power {MDE_POWER} at α = {ALPHA} with "
+            f"the seeds run (d from statsmodels TTestPower.solve_power × sd of the per-seed differences); seeds "
+            f"needed: for the observed difference at that power. Reading: p < {ALPHA}: a difference; p ≥ {ALPHA} and "
+            f"MDE ≤ {100 * RELEVANT_DIFFERENCE:.2f} points (AdaLoRA's published gain over LoRA, GLUE average): no "
+            f"effect larger than the MDE; p ≥ {ALPHA} and |diff| < MDE otherwise: too few seeds to tell.")
 EXAMPLE_TESTS_NOTE = (f"Per example on the shared dev set (McNemar exact test; paired bootstrap 95% CI of the accuracy "
                       f"difference, {N_RESAMPLES} resamples, seed {BOOT_SEED}):")
 PUBLISHED_NOTE = ("Zhang et al., *Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning* (AdaLoRA), ICLR "
@@ -946,13 +1395,34 @@ PUBLISHED_NOTE = ("Zhang et al., *Adaptive Budget Allocation for Parameter-Effic
                   "directly comparable with ours.")
 
 
+def fmt_test(t: dict) -> str:
+    return "–" if t.get("p_value") is None else f"{fmt_num(t['statistic'], 3)} (p = {fmt_num(t['p_value'], 3)})"
+
+
+def seed_cells(e: dict) -> list[str]:
+    """Mean diff., t-test, Wilcoxon, n, MDE, seeds needed, reading: one seed-level comparison."""
+    tests, mde = e["tests"] + [{}] * (2 - len(e["tests"])), e["mde"]
+    needed = mde["seeds_needed_for_observed"]
+    return [fmt_points(e["mean_difference"]), fmt_test(tests[0]), fmt_test(tests[1]), str(e["n"]),
+            "–" if mde["mde"] is None else f"{100 * mde['mde']:.2f}",
+            "–" if needed is None else str(needed), e["reading"]]
+
+
+def seed_note(e: dict) -> str:
+    """Why a seed-level test or the MDE is missing or means little."""
+    return "; ".join(dict.fromkeys(x for x in [t["reason"] for t in e["tests"]] + [e["mde"]["reason"]] if x))
+
+
+SEED_HEADER = ["Mean diff. (points)", "t-test: t (p)", "Wilcoxon: W (p)", "n", "MDE (points)", "Seeds needed",
+               "Reading"]
+
+
 def significance_tables(agg: dict) -> list[str]:
     sig = agg["significance"]
-    rows = [[TASKS.get(e["task"], e["task"]), f"{e['method_a']} − {e['method_b']}", fmt_points(e["mean_difference"]),
-             t["test"], fmt_num(t["statistic"]), fmt_num(t["p_value"]), str(t["n"]), t["reason"] or ""]
-            for e in sig["seed_level"] for t in e["tests"]]
-    lines = [SEED_TESTS_NOTE, ""]
-    lines += table(["Task", "Pair", "Mean diff. (points)", "Test", "Statistic", "p", "n", "Note"], rows)
+    rows = [[TASKS.get(e["task"], e["task"]), f"{e['method_a']} − {e['method_b']}", *seed_cells(e), seed_note(e)]
+            for e in sig["seed_level"]]
+    lines = [SEED_TESTS_NOTE, "", MDE_NOTE, ""]
+    lines += table(["Task", "Pair", *SEED_HEADER, "Note"], rows)
     rows = []
     for e in sig["example_level"]:
         mc, bs = e.get("mcnemar") or {}, e.get("bootstrap") or {}
@@ -965,6 +1435,46 @@ def significance_tables(agg: dict) -> list[str]:
                           "Acc. diff. (points)", "95% CI", "Note"], rows)
 
 
+ABLATION_NOTE = ("Every group other than LoRA and GLoRA (the main configs: method comparative-2 / proposed with no "
+                 "variant) against each of them, paired by seed. Example level: per shared seed, McNemar's exact test "
+                 "and the paired bootstrap 95% CI of the accuracy difference; the table counts the seeds (and MNLI "
+                 "splits) with McNemar p < α and gives the lowest CI bound and the highest (all of them in "
+                 "aggregated_metrics.json, key `ablation`).")
+
+
+def budget_table(agg: dict) -> list[str]:
+    """What each group spent, on the tasks that have an ablation: rank total, adapter params, ratios to LoRA."""
+    rows = []
+    for t in dict.fromkeys(e["task"] for e in agg["ablation"]):
+        for m, g in agg["groups"][t].items():
+            b = group_budget(agg["groups"][t], m, agg["derived"][t])
+            rows.append([TASKS.get(t, t), m, str(g["method"]), str(g["variant"] or "–"),
+                         str(g["budget_unit"] or "–"), fmt_stat(g["rank_budget_total"], digits=0), fmt_params(g)]
+                        + [fmt_ratio(b[k]) for k in ("rank_budget_total_ratio", "adapter_params_ratio",
+                                                     "trainable_params_ratio")])
+    return table(["Task", "Group", "Method", "Variant", "Budget unit", "Rank total", "Adapter params",
+                  "Rank ÷ LoRA", "Adapter params ÷ LoRA", "Trainable ÷ LoRA"], rows)
+
+
+def ablation_tables(agg: dict) -> list[str]:
+    if not agg["ablation"]:
+        return ["No group other than LoRA and GLoRA (main configs) was evaluated."]
+    rows = []
+    for entry in agg["ablation"]:
+        for c in entry["comparisons"]:
+            if c["against"] is None:
+                rows.append([TASKS.get(entry["task"], entry["task"]), entry["method_name"], ROLE_LABELS[c["role"]]]
+                            + ["–"] * (len(SEED_HEADER) + 2) + [c["reason"]])
+                continue
+            s = c["example_summary"]
+            ci = "–" if s["ci_low_min"] is None else f"[{100 * s['ci_low_min']:+.2f}, {100 * s['ci_high_max']:+.2f}]"
+            rows.append([TASKS.get(entry["task"], entry["task"]), entry["method_name"], c["against"],
+                         *seed_cells(c["seed_level"]), f"{s['n_mcnemar_significant']}/{s['n_tests']}", ci,
+                         "; ".join(filter(None, [seed_note(c["seed_level"]), s["reason"]]))])
+    return [ABLATION_NOTE, "", *budget_table(agg), "", MDE_NOTE, ""] + table(
+        ["Task", "Group", "vs", *SEED_HEADER, f"McNemar p < {ALPHA}", "Bootstrap 95% CI range (points)", "Note"], rows)
+
+
 def report_markdown(agg: dict) -> str:
     groups, tasks = agg["groups"], list(agg["groups"])
     best = [[m] + [fmt_stat((groups[t].get(m) or {}).get("best_validation_glue_score"), 100) for t in tasks]
@@ -975,6 +1485,7 @@ def report_markdown(agg: dict) -> str:
     lines += ["## Best-step dev scores (optimistic: the step is chosen on the dev set itself)", ""]
     lines += [*table(["Method"] + [task_label(t, " ") for t in tasks], best), ""]
     lines += ["## Significance", "", *significance_tables(agg), ""]
+    lines += ["## Ablation and controls", "", *ablation_tables(agg), ""]
     lines += ["## PUBLISHED numbers (not ours): AdaLoRA paper, DeBERTa-v3-base, GLUE dev", "", PUBLISHED_NOTE, ""]
     lines += table(["Method (params)"] + PUBLISHED["columns"], [[k] + v for k, v in PUBLISHED.items() if k != "columns"])
     return "\n".join(lines) + "\n"

@@ -12,6 +12,7 @@ import copy
 import importlib
 import json
 import logging
+import math
 import netrc
 import os
 import socket
@@ -28,6 +29,10 @@ from omegaconf.errors import OmegaConfBaseException
 log = logging.getLogger("src.main")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 MODES = ("trial", "full")
+# as src.train.SCHEDULE_KEYS (kept here too so that the type check runs before torch is imported)
+SCHEDULE_KEYS = ("training.lr_warmup_steps", "training.eval_every_steps", "training.checkpoint_every_steps",
+                 "glo_ra.warmup_steps", "adalora.adaptation_start_step", "adalora.final_steps",
+                 "adalora.mask_interval")
 
 
 class ConfigError(ValueError):
@@ -68,6 +73,7 @@ def prepare(cfg: DictConfig) -> DictConfig:
     if cfg.mode not in MODES:
         raise ConfigError(f"mode={cfg.mode!r} is not a mode: use mode=trial or mode=full")
     check_types(cfg, OmegaConf.load(CONFIG_DIR / "config.yaml"))
+    check_ranges(cfg)
     if cfg.mode == "trial":
         apply_trial(cfg)
     try:
@@ -92,6 +98,13 @@ def prepare(cfg: DictConfig) -> DictConfig:
     from src import model as M
     from src import preprocess as P
 
+    from src import train as T
+
+    for key in T.SCHEDULE_KEYS:
+        try:
+            T.parse_schedule(key, OmegaConf.select(cfg, key, default=None))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     P.task_spec(cfg.dataset.name)
     M.check_model_folder(str(cfg.model.backbone))
     M.adapter_kind(cfg)
@@ -100,10 +113,15 @@ def prepare(cfg: DictConfig) -> DictConfig:
 
 
 def apply_trial(cfg: DictConfig) -> None:
-    """mode=trial: the `trial` block of config.yaml on top of the run config (method keys only where they apply)."""
+    """mode=trial: the `trial` block of config.yaml on top of the run config (method keys only where they apply).
+    The values it replaces go to `trial_replaced`, so the trial can forecast the full run."""
+    replaced = {}
     for key, value in cfg.trial.items():
         if key.split(".")[0] in cfg:
+            replaced[key] = OmegaConf.to_container(OmegaConf.create({"v": OmegaConf.select(cfg, key)}))["v"]
             OmegaConf.update(cfg, key, value, merge=False)
+    with open_dict(cfg):
+        cfg.trial_replaced = replaced
 
 
 def check_types(cfg: DictConfig, defaults: DictConfig, prefix: str = "") -> None:
@@ -113,6 +131,8 @@ def check_types(cfg: DictConfig, defaults: DictConfig, prefix: str = "") -> None
         if key in ("hydra", "defaults", "trial") or key not in cfg or OmegaConf.is_missing(defaults, key):
             continue
         default, value, name = defaults[key], cfg[key], f"{prefix}{key}"
+        if name in SCHEDULE_KEYS:
+            continue  # steps, epochs or a share of the run: parsed in prepare()
         if isinstance(default, DictConfig) and isinstance(value, DictConfig):
             check_types(value, default, name + ".")
         elif default is None or value is None or isinstance(default, str):
@@ -124,6 +144,30 @@ def check_types(cfg: DictConfig, defaults: DictConfig, prefix: str = "") -> None
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or (isinstance(default, int) and not isinstance(value, int)):
                 raise ConfigError(f"{name}={value!r}: expected {'an integer' if isinstance(default, int) else 'a number'}")
+            if not math.isfinite(value):
+                raise ConfigError(f"{name}={value!r}: expected a finite number")
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """Optimizer values that cannot work: a one-line error now, not a traceback from inside AdamW later."""
+    t = cfg.training
+    betas = list(t.adam_betas)
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                  for b in betas):
+        raise ConfigError(f"training.adam_betas={betas}: two numbers in [0, 1)")
+    for key, value, ok, rule in (("learning_rate", t.learning_rate, t.learning_rate > 0, "> 0"),
+                                 ("weight_decay", t.weight_decay, t.weight_decay >= 0, ">= 0"),
+                                 ("adam_eps", t.adam_eps, t.adam_eps > 0, "> 0"),
+                                 ("max_grad_norm", t.max_grad_norm, t.max_grad_norm >= 0, ">= 0 (0: no clipping)")):
+        if not ok:
+            raise ConfigError(f"training.{key}={value!r}: must be {rule}")
+    # AdamW's first step size is lr / (1 - beta1), computed in float32 on the parameters' device
+    if t.learning_rate / (1 - betas[0]) > FLOAT32_MAX or t.learning_rate * t.weight_decay > FLOAT32_MAX:
+        raise ConfigError(f"training.learning_rate={t.learning_rate!r} overflows AdamW's float32 step size "
+                          f"(learning_rate / (1 - beta1) = {t.learning_rate / (1 - betas[0]):.3g} > {FLOAT32_MAX:.3g})")
 
 
 def check_results_dir(path: Path) -> None:
@@ -282,6 +326,7 @@ def tune(cfg: DictConfig, run_dir: Path, name: str, pruner=None) -> dict:
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
+    from src import model as M
     from src import train as T
 
     space = resolve_search_space(cfg)
@@ -320,7 +365,9 @@ def tune(cfg: DictConfig, run_dir: Path, name: str, pruner=None) -> dict:
     if done < cfg.optuna.n_trials:
         log.info("optuna: %d of %d trials done in %s; running the rest", done, cfg.optuna.n_trials, study_dir)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study.optimize(objective, n_trials=cfg.optuna.n_trials - done, gc_after_trial=True, catch=(StudyFull,),
+        # a trial whose drawn values the method cannot run (an infeasible budget) fails alone, not the study
+        study.optimize(objective, n_trials=cfg.optuna.n_trials - done, gc_after_trial=True,
+                       catch=(StudyFull, M.ModelError),
                        callbacks=[MaxTrialsCallback(cfg.optuna.n_trials, states=done_states)])
     else:
         log.info("optuna: study already has %d finished trials; training with its best parameters", done)

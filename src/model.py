@@ -74,11 +74,28 @@ def adapter_kind(cfg) -> str:
     return kind
 
 
-def resolve_glora_budget(glo_ra, n_matrices: int, init_rank: int) -> int:
-    """glo_ra.total_rank_budget as an int; 'uniform' means #matrices x init_rank (uniform LoRA's budget)."""
+BUDGET_UNITS = ("rank", "params")
+
+
+def rank_costs(model: nn.Module, names: list[str]) -> dict[str, int]:
+    """Adapter parameters one rank of each matrix costs: in + out (a row of A and a column of B)."""
+    modules = dict(model.named_modules())
+    out = {}
+    for n in names:
+        w = (modules[n].get_base_layer() if hasattr(modules[n], "get_base_layer") else modules[n]).weight
+        out[n] = int(w.shape[0] + w.shape[1])
+    return out
+
+
+def resolve_glora_budget(glo_ra, costs: dict[str, int], init_rank: int) -> int:
+    """glo_ra.total_rank_budget as an int in glo_ra.budget_unit: ranks (sum_k r_k) or adapter parameters
+    (sum_k r_k (in_k + out_k)). 'uniform' is uniform LoRA's budget at init_rank in that unit."""
+    unit = glo_ra.get("budget_unit", "rank")
+    if unit not in BUDGET_UNITS:
+        raise ModelError(f"glo_ra.budget_unit={unit!r}: one of {list(BUDGET_UNITS)}")
     budget = glo_ra.total_rank_budget
     if budget == "uniform":
-        return n_matrices * init_rank
+        return init_rank * (len(costs) if unit == "rank" else sum(costs.values()))
     if not isinstance(budget, int) or isinstance(budget, bool):
         raise ModelError(f"glo_ra.total_rank_budget={budget!r}: an integer or 'uniform'")
     return budget
@@ -107,14 +124,23 @@ def check_budget(cfg, base_model: nn.Module, total_steps: int) -> None:
                              f"{a.final_steps}")
     if kind == "glora":
         g = cfg.glo_ra
-        budget = resolve_glora_budget(g, n, p.init_rank)
+        costs = rank_costs(base_model, names)
+        budget = resolve_glora_budget(g, costs, p.init_rank)
         caps = _max_ranks(base_model, names, g.max_rank)
         if g.min_rank < 1:
             raise ModelError(f"glo_ra.min_rank={g.min_rank}: PEFT LoRA layers need rank >= 1")
-        if not n * g.min_rank <= budget <= sum(caps.values()):
-            raise ModelError(f"glo_ra.total_rank_budget={budget} is infeasible: it must lie in "
-                             f"[#matrices ({n}) x min_rank ({g.min_rank}) = {n * g.min_rank}, "
-                             f"sum of max ranks = {sum(caps.values())}]")
+        if g.get("budget_unit", "rank") == "rank":
+            low, high, what = n * g.min_rank, sum(caps.values()), "sum of max ranks"
+            if not low <= budget <= high:
+                raise ModelError(f"glo_ra.total_rank_budget={budget} is infeasible: it must lie in "
+                                 f"[#matrices ({n}) x min_rank ({g.min_rank}) = {low}, {what} = {high}]")
+        else:
+            low = sum(g.min_rank * c for c in costs.values())
+            high = sum(caps[k] * c for k, c in costs.items())
+            if not low <= budget <= high:
+                raise ModelError(f"glo_ra.total_rank_budget={budget} adapter parameters (budget_unit=params) is "
+                                 f"infeasible: it must lie in [min_rank ({g.min_rank}) x sum of (in + out) = {low}, "
+                                 f"sum of max rank x (in + out) = {high}]")
         if not 1 <= g.warmup_steps < total_steps:
             raise ModelError(f"glo_ra.warmup_steps={g.warmup_steps} must lie in [1, total optimizer steps "
                              f"({total_steps})) so that the reallocation happens during training")
@@ -122,6 +148,9 @@ def check_budget(cfg, base_model: nn.Module, total_steps: int) -> None:
             raise ModelError(f"glo_ra.beta_ema={g.beta_ema} must lie in [0, 1)")
         if g.score not in SCORES:
             raise ModelError(f"glo_ra.score={g.score!r}: one of {sorted(SCORES)}")
+        if SCORES[g.score].adapter is None and (cfg.get("training") or {}).get("gradient_checkpointing"):
+            raise ModelError(f"glo_ra.score={g.score} reads each layer's input and output gradient, which "
+                             f"training.gradient_checkpointing=true recomputes: turn one of them off")
 
 
 def _max_ranks(model: nn.Module, names: list[str], max_rank: int | None) -> dict[str, int]:
@@ -200,47 +229,59 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
 # GLoRA, step 3: the allocation (pure: no torch, no model).
 
 def allocate_ranks(scores: dict[str, float], total: int, min_rank: int = 1,
-                   max_rank: dict[str, int] | int | None = None) -> dict[str, int]:
-    """r_k = round(total * s_k) with s_k = g_k / sum_j g_j, within [min_rank, max_rank_k], summing to `total` exactly.
+                   max_rank: dict[str, int] | int | None = None, costs: dict[str, int] | None = None) -> dict[str, int]:
+    """r_k = round(lam * g_k) within [min_rank, max_rank_k], with lam such that the budget sum_k c_k r_k = `total`.
 
-    The real-valued target x_k = clip(lam * g_k, min, max) is found by bisection on lam (sum_k x_k = total), so the
-    bounds are met by shifting rank between the other matrices rather than by clipping after rounding. Rounding is
-    largest remainder: every x_k is floored, and the missing units go to the largest fractional parts (ties: higher
-    score, then name). Without binding bounds this is exactly round(total * s_k) corrected to the budget.
-    All-zero scores give a uniform split.
+    Rank budget (`costs` None, c_k = 1): lam = total / sum_j g_j, so r_k = round(total * s_k), corrected so that
+    sum_k r_k = total exactly. Parameter budget (c_k = in_k + out_k, the parameters one rank of matrix k costs): the
+    ranks stay proportional to the scores and the budget is met from below, to within one rank of the cheapest matrix
+    that can still grow. The real-valued target x_k = clip(lam * g_k, min, max) is found by bisection on lam, so the
+    bounds are met by shifting rank between the other matrices rather than by clipping after rounding. Rounding:
+    every x_k is floored, then one rank at a time goes to the largest fractional part that the budget still affords
+    (ties: higher score, then name). All-zero scores give a uniform split.
     """
     names = sorted(scores)
+    cost = {n: 1 for n in names} if costs is None else {n: int(costs[n]) for n in names}
     caps = {n: (max_rank.get(n, total) if isinstance(max_rank, dict) else (total if max_rank is None else max_rank))
             for n in names}
     if any(not math.isfinite(scores[n]) or scores[n] < 0 for n in names):
         raise ValueError(f"scores must be finite and non-negative: {scores}")
-    if not len(names) * min_rank <= total <= sum(min(caps[n], total) for n in names):
-        raise ValueError(f"rank budget {total} is infeasible for {len(names)} matrices within "
-                         f"[{min_rank}, max_rank]")
+    if any(c < 1 for c in cost.values()):
+        raise ValueError(f"rank costs must be positive integers: {cost}")
+    if not sum(min_rank * cost[n] for n in names) <= total <= sum(caps[n] * cost[n] for n in names):
+        raise ValueError(f"{'rank' if costs is None else 'parameter'} budget {total} is infeasible for "
+                         f"{len(names)} matrices within [{min_rank}, max_rank]")
     top = max(scores.values())
-    # all-zero scores: uniform; otherwise a 1e-12 relative floor lets a zero-score matrix take rank beyond
-    # min_rank when the bounds leave no other way to meet the budget
-    scores = {n: 1.0 for n in names} if top == 0 else {n: scores[n] + 1e-12 * top for n in names}
+    # scaled to (0, 1]; all-zero scores: uniform; a 1e-12 floor lets a zero-score matrix take rank beyond min_rank
+    # when the bounds leave no other way to meet the budget
+    scores = {n: 1.0 for n in names} if top == 0 else {n: scores[n] / top + 1e-12 for n in names}
 
     def target(lam: float) -> dict[str, float]:
         return {n: min(max(lam * scores[n], min_rank), caps[n]) for n in names}
 
+    def spent(x: dict) -> float:
+        return sum(cost[n] * x[n] for n in names)
+
     lo, hi = 0.0, 1.0
-    while sum(target(hi).values()) < total:
+    while spent(target(hi)) < total:
         hi *= 2.0
     for _ in range(200):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if sum(target(mid).values()) < total else (lo, mid)
+        lo, hi = (mid, hi) if spent(target(mid)) < total else (lo, mid)
     x = target(hi)
     ranks = {n: min(max(math.floor(x[n] + 1e-9), min_rank), caps[n]) for n in names}
-    missing = total - sum(ranks.values())
-    order = sorted((n for n in names if ranks[n] < caps[n]), key=lambda n: (-(x[n] - ranks[n]), -scores[n], n))
-    for n in order[:max(missing, 0)]:
-        ranks[n] += 1
-    while sum(ranks.values()) > total:  # float slack at a bound: take back from the smallest remainders
+    while spent(ranks) > total:  # float slack at a bound: take back from the smallest remainders
         n = min((n for n in names if ranks[n] > min_rank), key=lambda n: (x[n] - ranks[n], scores[n], n))
         ranks[n] -= 1
-    assert sum(ranks.values()) == total, (ranks, total)
+    left = total - spent(ranks)
+    while True:  # the largest remainder the budget still affords, one rank at a time
+        fits = [n for n in names if ranks[n] < caps[n] and cost[n] <= left]
+        if not fits:
+            break
+        n = min(fits, key=lambda n: (-(x[n] - ranks[n]), -scores[n], n))
+        ranks[n] += 1
+        left -= cost[n]
+    assert left >= 0 and (costs is not None or left == 0), (ranks, total)
     return ranks
 
 
@@ -282,10 +323,15 @@ def rebuild_lora_layer(layer: LoraLayer, new_rank: int, config: LoraConfig) -> t
     return keep, old_a, old_b
 
 
+ADDED = "glora_added"  # optimizer-state key of a rebuilt tensor: where its added components start, and when
+
+
 def _move_optimizer_state(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter,
                           keep: torch.Tensor, dim: int) -> None:
     """Point the optimizer at `new` instead of `old`: moments of kept components are carried (sliced along `dim`),
-    moments of added components start at zero, scalars such as AdamW's step count are kept."""
+    moments of added components start at zero, scalars such as AdamW's step count are kept. Added components are
+    marked (ADDED: their first index along `dim` and the step they were born at) so that AddedComponentsAdamW gives
+    them the bias correction of a fresh parameter."""
     for group in optimizer.param_groups:
         group["params"] = [new if p is old else p for p in group["params"]]
     state = optimizer.state.pop(old, None)
@@ -297,15 +343,97 @@ def _move_optimizer_state(optimizer: torch.optim.Optimizer, old: nn.Parameter, n
             fresh = torch.zeros_like(new)
             fresh.narrow(dim, 0, keep.numel()).copy_(value.index_select(dim, keep.to(value.device)))
             carried[key] = fresh
-        else:
+        elif key != ADDED:
             carried[key] = value.clone() if torch.is_tensor(value) else value
+    if keep.numel() < new.shape[dim] and "step" in state:
+        carried[ADDED] = {"dim": dim, "start": keep.numel(), "birth_step": int(state["step"])}
     optimizer.state[new] = carried
 
 
+def _added(t: torch.Tensor, info: dict) -> torch.Tensor:
+    """The view of a rebuilt tensor (or of its moments) that holds the added components."""
+    return t.narrow(info["dim"], info["start"], t.shape[info["dim"]] - info["start"])
+
+
+class AddedComponentsAdamW:
+    """AdamW for components a rebuild added, as if they were parameters created at the rebuild.
+
+    PyTorch's AdamW keeps one step counter per tensor, so the added components' fresh (zero) moments would get the
+    bias correction of the tensor's late step: updates several times larger than AdamW gives a new parameter, for
+    hundreds of steps. Around every `optimizer.step()` (the optimizer's own step hooks) this redoes, on the added
+    slices only, AdamW's update with their own age (steps since the rebuild), from their pre-step values and the
+    moments PyTorch just updated: exactly what a fresh `torch.optim.AdamW` parameter fed the same gradients gets.
+    Kept components are untouched. Its bookkeeping (ADDED) lives in the optimizer state, so checkpoints carry it;
+    once both bias corrections of an added slice have converged to 1, its mark is dropped and it costs nothing.
+    """
+
+    RETIRE = 1e-9  # beta ** age below this: the tensor's own correction is the fresh one to float32 precision
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        if not isinstance(optimizer, torch.optim.AdamW):
+            raise ModelError(f"GLoRA's rebuild corrects AdamW's state; got {type(optimizer).__name__}")
+        for group in optimizer.param_groups:
+            if group.get("amsgrad") or group.get("maximize") or group.get("capturable") or group.get("fused"):
+                raise ModelError("GLoRA's rebuild supports AdamW without amsgrad/maximize/capturable/fused")
+        self.optimizer = optimizer
+        self._before: dict = {}
+        self.handles = [optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post)]
+
+    @classmethod
+    def attach(cls, optimizer: torch.optim.Optimizer) -> "AddedComponentsAdamW":
+        """One per optimizer."""
+        if getattr(optimizer, "_glora_added", None) is None:
+            optimizer._glora_added = cls(optimizer)
+        return optimizer._glora_added
+
+    def _buckets(self) -> dict:
+        """(group index, birth step) -> [(param, mark)] of the marked parameters this step updates."""
+        out: dict = {}
+        for i, group in enumerate(self.optimizer.param_groups):
+            for p in group["params"]:
+                info = self.optimizer.state[p].get(ADDED) if p in self.optimizer.state else None
+                if info is not None and p.grad is not None:  # AdamW skips a parameter without grad
+                    out.setdefault((i, info["birth_step"]), []).append((p, info))
+        return out
+
+    @torch.no_grad()
+    def _pre(self, optimizer, args, kwargs) -> None:
+        # the decoupled weight decay step of a fresh parameter, from the values before PyTorch's step
+        self._before = {}
+        for (i, _), items in self._buckets().items():
+            group = optimizer.param_groups[i]
+            before = torch._foreach_mul([_added(p, info) for p, info in items], 1 - group["lr"] * group["weight_decay"])
+            self._before.update({p: b for (p, _), b in zip(items, before)})
+
+    @torch.no_grad()
+    def _post(self, optimizer, args, kwargs) -> None:
+        for (i, birth), items in self._buckets().items():
+            items = [(p, info) for p, info in items if p in self._before]
+            if not items:
+                continue
+            group = optimizer.param_groups[i]
+            beta1, beta2 = group["betas"]
+            age = int(optimizer.state[items[0][0]]["step"]) - birth
+            bc1, bc2 = 1 - beta1 ** age, 1 - beta2 ** age
+            exp_avg = [_added(optimizer.state[p]["exp_avg"], info) for p, info in items]
+            denom = torch._foreach_sqrt([_added(optimizer.state[p]["exp_avg_sq"], info) for p, info in items])
+            torch._foreach_div_(denom, math.sqrt(bc2))
+            torch._foreach_add_(denom, group["eps"])
+            fresh = [self._before[p] for p, _ in items]
+            torch._foreach_addcdiv_(fresh, exp_avg, denom, value=-group["lr"] / bc1)
+            torch._foreach_copy_([_added(p, info) for p, info in items], fresh)
+            if max(beta1, beta2) ** age < self.RETIRE:
+                for p, _ in items:
+                    del optimizer.state[p][ADDED]
+        self._before = {}
+
+
 def rebuild_lora_layers(model: PeftModel, new_ranks: dict[str, int],
-                        optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+                        optimizer: torch.optim.Optimizer | None = None, exact_added: bool = True) -> dict[str, int]:
     """Rebuild every adapted layer whose rank changes, carry its optimizer state, and record the new ranks and alphas
     in the LoraConfig's rank_pattern / alpha_pattern so that `save_pretrained` writes a stock PEFT adapter.
+    With an optimizer, added components get a fresh parameter's AdamW updates (AddedComponentsAdamW) unless
+    `exact_added` is False (the uncorrected behaviour, kept only to measure its error).
 
     Returns the old ranks."""
     config = model.peft_config[ADAPTER]
@@ -313,6 +441,8 @@ def rebuild_lora_layers(model: PeftModel, new_ranks: dict[str, int],
     old_ranks = {n: int(m.r[ADAPTER]) for n, m in layers.items()}
     if set(new_ranks) != set(layers):
         raise ValueError("new_ranks must name exactly the adapted layers")
+    if optimizer is not None and exact_added:
+        AddedComponentsAdamW.attach(optimizer)
     rank_pattern, alpha_pattern = dict(config.rank_pattern or {}), dict(config.alpha_pattern or {})
     for name, layer in layers.items():
         if new_ranks[name] == old_ranks[name]:
@@ -343,12 +473,67 @@ def _score_sensitivity(params, grads):
     return torch.stack(torch._foreach_norm(torch._foreach_mul(params, grads)))
 
 
-# Each returns one value per tensor (A_k, B_k interleaved); a matrix's score combines its A and B as sqrt(a^2 + b^2).
+@dataclass(frozen=True)
+class Score:
+    """One value of glo_ra.score. `adapter`: per adapter tensor from its gradient (A_k, B_k interleaved; a matrix
+    combines them as sqrt(a^2 + b^2)); None: the full weight gradient dL/dW_k (WeightGradients). `shuffled`: the
+    allocation gets the real EMA scores permuted across matrices (a permutation drawn from the run's seed)."""
+    adapter: object | None
+    shuffled: bool = False
+
+
 SCORES = {
-    "grad_norm": _score_grad_norm,              # ||dL/dA||_F, ||dL/dB||_F: the hypothesis as stated
-    "grad_norm_per_param": _score_per_param,    # divided by sqrt(numel): RMS gradient, removes the width bias
-    "sensitivity": _score_sensitivity,          # ||theta * dL/dtheta||_F, as AdaLoRA's importance
+    "grad_norm": Score(_score_grad_norm),              # ||dL/dA||_F, ||dL/dB||_F: the hypothesis as stated
+    "grad_norm_per_param": Score(_score_per_param),    # divided by sqrt(numel): RMS gradient, removes the width bias
+    "sensitivity": Score(_score_sensitivity),          # ||theta * dL/dtheta||_F, as AdaLoRA's importance
+    "shuffled": Score(_score_grad_norm, shuffled=True),  # control: the same rank histogram at random places
+    "delta_grad": Score(None),                         # ||dL/dW_k||_F of the full weight: what the hypothesis names
 }
+
+
+class WeightGradients:
+    """||dL/dW_k||_F of every adapted matrix's full (frozen) weight, from the layer's input x and output gradient
+    delta: dL/dW_k = delta^T x over the tokens, one extra (out x in) matmul per layer and micro-batch, summed over the
+    micro-batches of an optimizer step (and over processes, data parallel). For the warm-up only: `close()` removes
+    the hooks."""
+
+    def __init__(self, layers: dict[str, LoraLayer]):
+        self.names = list(layers)
+        self.shapes = {n: layer.get_base_layer().weight.shape for n, layer in layers.items()}
+        self.sums: dict[str, torch.Tensor] = {}
+        self.handles = [layer.register_forward_hook(self._capture(n)) for n, layer in layers.items()]
+
+    def _capture(self, name: str):
+        def forward_hook(module, args, output):
+            if not (torch.is_grad_enabled() and torch.is_tensor(output) and output.requires_grad):
+                return  # evaluation
+            x = args[0].detach()
+
+            def backward_hook(delta):
+                w = delta.reshape(-1, delta.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()  # (out, in)
+                self.sums[name] = self.sums[name].add_(w) if name in self.sums else w
+
+            output.register_hook(backward_hook)
+        return forward_hook
+
+    def norms(self, device) -> torch.Tensor:
+        """(K,) norms of this optimizer step's weight gradients (a matrix without one counts 0); resets the sums."""
+        multi = torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1
+        out = []
+        for n in self.names:
+            w = self.sums.pop(n, None)
+            if w is None:
+                w = torch.zeros(self.shapes[n], device=device)
+            if multi:
+                torch.distributed.all_reduce(w)
+            out.append(torch.linalg.matrix_norm(w))
+        return torch.stack(out)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles, self.sums = [], {}
 
 
 class AdapterHook:
@@ -409,10 +594,12 @@ class AdaLoraHook(AdapterHook):
 
 @dataclass
 class GloraHook(AdapterHook):
-    """GLoRA: an EMA of each matrix's adapter gradient norm during warm-up, then one reallocation and rebuild.
+    """GLoRA: an EMA of each matrix's score (glo_ra.score: by default its adapter gradient norm) during warm-up, then
+    one reallocation and rebuild.
 
     The EMA lives on the device and is updated with fused foreach ops, so warm-up adds no host sync per step; after
-    the reallocation the hook does nothing and the step costs what LoRA's costs.
+    the reallocation the hook does nothing and the step costs what LoRA's costs (plus AdamW's fresh-component
+    correction on the added slices, AddedComponentsAdamW).
     """
 
     model: PeftModel
@@ -423,6 +610,9 @@ class GloraHook(AdapterHook):
     score: str = "grad_norm"
     min_rank: int = 1
     max_rank: int | None = None
+    budget_unit: str = "rank"
+    seed: int = 0
+    exact_added: bool = True  # False: added components without AddedComponentsAdamW (only to measure that error)
     names: list[str] = field(init=False)
     ema: torch.Tensor = field(init=False)
     n_updates: int = field(init=False, default=0)
@@ -431,17 +621,21 @@ class GloraHook(AdapterHook):
     def __post_init__(self):
         layers = lora_layers(self.model)
         self.names = list(layers)
+        self._spec = SCORES[self.score]
         self._tensors = [t for n in self.names
                          for t in (layers[n].lora_A[ADAPTER].weight, layers[n].lora_B[ADAPTER].weight)]
+        self._weights = WeightGradients(layers) if self._spec.adapter is None else None
         self.ema = torch.zeros(len(self.names), device=self._tensors[0].device)
-        self._score_fn = SCORES[self.score]
 
     def on_gradients(self, step: int) -> None:
         if self.event is not None or step > self.warmup_steps:
             return
-        grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in self._tensors]  # no grad: 0
-        per_tensor = self._score_fn(self._tensors, [g.float() for g in grads]).float()
-        g = per_tensor.view(-1, 2).square().sum(dim=1).sqrt()  # (K,): A and B together
+        if self._weights is not None:
+            g = self._weights.norms(self.ema.device).float()
+        else:
+            grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in self._tensors]  # no grad: 0
+            per_tensor = self._spec.adapter(self._tensors, [g.float() for g in grads]).float()
+            g = per_tensor.view(-1, 2).square().sum(dim=1).sqrt()  # (K,): A and B together
         ema = self.beta_ema * self.ema + (1 - self.beta_ema) * g
         # A step with non-finite gradients is skipped, without a host sync.
         self.ema = torch.where(torch.isfinite(g).all(), ema, self.ema)
@@ -455,6 +649,16 @@ class GloraHook(AdapterHook):
     def adaptation_done(self, step: int) -> bool:
         return self.event is not None
 
+    def allocation_scores(self) -> tuple[dict[str, float], list[str] | None]:
+        """The scores the allocation uses, and for glo_ra.score=shuffled the permutation: matrix k gets the real EMA
+        score of matrix permutation[k]."""
+        scores = dict(zip(self.names, self.ema.tolist()))
+        if not self._spec.shuffled:
+            return scores, None
+        order = torch.randperm(len(self.names), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        permutation = [self.names[i] for i in order]
+        return {n: scores[src] for n, src in zip(self.names, permutation)}, permutation
+
     def reallocate(self, step: int) -> dict:
         """Steps 3 and 4: shares of the budget from the EMA scores, then the in-place rebuild."""
         device = self.ema.device
@@ -462,25 +666,34 @@ class GloraHook(AdapterHook):
             torch.cuda.synchronize(device)
         tic = time.perf_counter()
         scores = dict(zip(self.names, self.ema.tolist()))
-        caps = _max_ranks(self.model.base_model.model, self.names, self.max_rank)
-        new_ranks = allocate_ranks(scores, self.total_rank_budget, self.min_rank, caps)
-        before = parameter_counts(self.model)["trainable_params"]
-        old_ranks = rebuild_lora_layers(self.model, new_ranks, self.optimizer)
+        used, permutation = self.allocation_scores()
+        base = self.model.base_model.model
+        caps = _max_ranks(base, self.names, self.max_rank)
+        costs = rank_costs(base, self.names) if self.budget_unit == "params" else None
+        new_ranks = allocate_ranks(used, self.total_rank_budget, self.min_rank, caps, costs)
+        before = parameter_counts(self.model)
+        old_ranks = rebuild_lora_layers(self.model, new_ranks, self.optimizer, self.exact_added)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - tic
-        total = sum(scores.values()) or 1.0
+        after = parameter_counts(self.model)
+        total = sum(used.values()) or 1.0
         self._end_warm_up({"step": step, "score": self.score, "scores": scores,
-                           "shares": {n: s / total for n, s in scores.items()},
-                           "old_ranks": old_ranks, "new_ranks": new_ranks,
+                           "shares": {n: v / total for n, v in used.items()},
+                           **({"permutation": permutation, "scores_used": used} if permutation else {}),
+                           "old_ranks": old_ranks, "new_ranks": new_ranks, "budget_unit": self.budget_unit,
                            "total_rank_budget": self.total_rank_budget, "realloc_seconds": seconds,
-                           "trainable_params_before": before,
-                           "trainable_params_after": parameter_counts(self.model)["trainable_params"]})
+                           "trainable_params_before": before["trainable_params"],
+                           "trainable_params_after": after["trainable_params"],
+                           "adapter_params_before": before["adapter_params"],
+                           "adapter_params_after": after["adapter_params"]})
         return self.event
 
     def _end_warm_up(self, event: dict) -> None:
         self.event = event
         self._tensors = []  # warm-up is over: drop references to the replaced parameters
+        if self._weights is not None:
+            self._weights.close()
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         return {"ema": self.ema}, {"n_updates": self.n_updates, "event": self.event}
@@ -493,9 +706,10 @@ class GloraHook(AdapterHook):
         self.n_updates = meta["n_updates"]
 
     def summary(self) -> dict:
+        head = {"glora_score": self.score, "budget_unit": self.budget_unit, "glora_budget": self.total_rank_budget}
         if self.event is None:
-            return {"realloc_step": None}
-        return {"realloc_step": self.event["step"], "realloc_seconds": self.event["realloc_seconds"],
+            return {**head, "realloc_step": None}
+        return {**head, "realloc_step": self.event["step"], "realloc_seconds": self.event["realloc_seconds"],
                 "trainable_params_initial": self.event["trainable_params_before"]}
 
 
@@ -506,7 +720,8 @@ def make_hook(cfg, model: PeftModel, optimizer: torch.optim.Optimizer) -> Adapte
         return AdaLoraHook(model)
     if kind == "glora":
         g = cfg.glo_ra
-        n = len(lora_layers(model))
-        return GloraHook(model, optimizer, resolve_glora_budget(g, n, cfg.model.peft.init_rank), g.warmup_steps,
-                         g.beta_ema, g.score, g.min_rank, g.max_rank)
+        names = list(lora_layers(model))
+        budget = resolve_glora_budget(g, rank_costs(model.base_model.model, names), cfg.model.peft.init_rank)
+        return GloraHook(model, optimizer, budget, g.warmup_steps, g.beta_ema, g.score, g.min_rank, g.max_rank,
+                         g.get("budget_unit", "rank"), int(cfg.get("seed", 0)))
     return AdapterHook(model)

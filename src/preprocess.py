@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +16,9 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding
+
+
+log = logging.getLogger("src.preprocess")
 
 
 class DataError(ValueError):
@@ -30,6 +35,7 @@ class TaskSpec:
     labels: tuple[str, ...] | None  # file label strings in the hub's id order; None: regression
     dev_files: dict[str, str]       # eval split -> file name
     glue_metric: str                # the number the AdaLoRA paper reports for this task
+    skip_short_rows: bool = False   # QQP only: skip rows with fewer fields than the header (see read_glue_tsv)
 
     @property
     def is_regression(self) -> bool:
@@ -40,6 +46,21 @@ class TaskSpec:
         return 1 if self.labels is None else len(self.labels)
 
 
+# The official files (the GLUE zips at dl.fbaipublicfiles.com/glue/data/, as `download_glue_data.py` unpacks them;
+# column layouts as the reference loaders read them: the GLUE baselines, HF `glue.py`, transformers' processors):
+#   CoLA   train/dev: no header; 4 columns: source, label (0/1), original mark, sentence
+#   SST-2  sentence, label (0/1)
+#   MRPC   Quality, #1 ID, #2 ID, #1 String, #2 String. Built by download_glue_data.py from Microsoft's
+#          msr_paraphrase_train.txt, whose header line (a UTF-8 byte-order mark included) it copies as read into
+#          train.tsv and dev.tsv: both start with a BOM (HF's glue.py skips those 3 bytes by hand).
+#   QQP    id, qid1, qid2, question1, question2, is_duplicate (0/1); see skip_short_rows for the older QQP.zip
+#   STS-B  index, genre, filename, year, old_index, source1, source2, sentence1, sentence2, score (0-5, float)
+#   MNLI   train: 12 columns (... sentence1, sentence2, label1, gold_label); dev_matched/dev_mismatched: 16
+#          (label1 ... label5, then gold_label): columns are found by header name, never by position
+#   QNLI   index, question, sentence, label (entailment/not_entailment), QNLIv2.zip
+#   RTE    index, sentence1, sentence2, label (entailment/not_entailment)
+#   WNLI   index, sentence1, sentence2, label (0/1)
+# Text is unquoted (a quote is a literal character). Windows line ends (CRLF) are read like LF.
 _DEV = {"validation": "dev.tsv"}
 TASKS: dict[str, TaskSpec] = {
     "cola": TaskSpec("cola", "CoLA", ("sentence", None), (3, None), 1, ("0", "1"), _DEV, "mcc"),
@@ -47,7 +68,7 @@ TASKS: dict[str, TaskSpec] = {
     "mrpc": TaskSpec("mrpc", "MRPC", ("sentence1", "sentence2"), ("#1 String", "#2 String"), "Quality",
                      ("0", "1"), _DEV, "accuracy"),
     "qqp": TaskSpec("qqp", "QQP", ("question1", "question2"), ("question1", "question2"), "is_duplicate",
-                    ("0", "1"), _DEV, "accuracy_f1_mean"),
+                    ("0", "1"), _DEV, "accuracy_f1_mean", skip_short_rows=True),
     "stsb": TaskSpec("stsb", "STS-B", ("sentence1", "sentence2"), ("sentence1", "sentence2"), "score",
                      None, _DEV, "pearson"),
     "mnli": TaskSpec("mnli", "MNLI", ("premise", "hypothesis"), ("sentence1", "sentence2"), "gold_label",
@@ -78,42 +99,75 @@ def task_spec(dataset_name: str) -> tuple[str, TaskSpec]:
 def read_glue_tsv(path: Path, spec: TaskSpec) -> dict[str, list]:
     """Parse one official GLUE TSV file into text_a / text_b / label columns.
 
-    GLUE files are unquoted tab-separated text (quotes are literal), so csv runs with QUOTE_NONE. Every row must have
-    exactly the header's number of fields and a label of the task's label set: anything else is a DataError naming
-    the file and line.
+    GLUE files are unquoted tab-separated text (quotes are literal), so csv runs with QUOTE_NONE. A UTF-8 byte-order
+    mark at the start (the official MRPC files have one) is dropped and CRLF line ends are read like LF. Every row
+    must have exactly the header's number of fields and a label of the task's label set: anything else is a
+    DataError naming the file and line.
+
+    One exception, QQP (`skip_short_rows`): the QQP.zip GLUE first shipped has a few questions with a line break
+    inside quotes, which a tab-separated reader does not honour, so such a row reads as two short lines (train.tsv
+    line 97,931 is `"<tab>Was Muhammad a real historical figure? ...<tab>0`: 3 of 6 fields). Every reference loader
+    drops them (HF's glue.py "filter out corrupted rows", transformers' QqpProcessor `except IndexError: continue`,
+    the GLUE baselines' load_tsv; QQP-clean.zip, the current release, has 363,846 train rows), so they are skipped
+    here too, with a warning naming the file, the count and the first line. A QQP row with too many fields is
+    still an error.
     """
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     rows: dict[str, list] = {"text_a": [], "text_b": [], "label": []}
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = None if isinstance(spec.tsv_label, int) else next(reader, None)
-        if header is not None:
-            missing = [k for k in (*spec.tsv_keys, spec.tsv_label) if k is not None and k not in header]
-            if missing:
-                raise DataError(f"{path}:1: header lacks column(s) {missing} for task {spec.folder}; got {header}")
-            cols = [header.index(k) if k is not None else None for k in (*spec.tsv_keys, spec.tsv_label)]
-            n_fields = len(header)
-        else:
-            cols, n_fields = [*spec.tsv_keys, spec.tsv_label], None
-        for row in reader:
-            line = reader.line_num
-            if not row:
-                continue
-            if n_fields is None:
-                n_fields = len(row)
-            if len(row) != n_fields:
-                raise DataError(f"{path}:{line}: malformed row: expected {n_fields} tab-separated fields, "
-                                f"found {len(row)}")
-            a, b, raw = (row[c] if c is not None else None for c in cols)
-            rows["text_a"].append(a)
-            rows["text_b"].append(b)
-            rows["label"].append(_parse_label(raw, spec, path, line))
+    skipped: list[int] = []
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            header = None if isinstance(spec.tsv_label, int) else next(reader, None)
+            if header is not None:
+                missing = [k for k in (*spec.tsv_keys, spec.tsv_label) if k is not None and k not in header]
+                if missing:
+                    raise DataError(f"{path}:1: header lacks column(s) {missing} for task {spec.folder}; "
+                                    f"got {header}")
+                cols = [header.index(k) if k is not None else None for k in (*spec.tsv_keys, spec.tsv_label)]
+                n_fields = len(header)
+            else:
+                cols, n_fields = [*spec.tsv_keys, spec.tsv_label], None
+            for row in reader:
+                line = reader.line_num
+                if not row:
+                    continue
+                if n_fields is None:
+                    n_fields = len(row)
+                if len(row) < n_fields and spec.skip_short_rows:
+                    skipped.append(line)
+                    continue
+                if len(row) != n_fields:
+                    raise DataError(f"{path}:{line}: malformed row: expected {n_fields} tab-separated fields, "
+                                    f"found {len(row)}")
+                a, b, label = (row[c] if c is not None else None for c in cols)
+                rows["text_a"].append(a)
+                rows["text_b"].append(b)
+                rows["label"].append(_parse_label(label, spec, path, line))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{_first_undecodable_line(path)}: not UTF-8 text ({e.reason}); GLUE files are "
+                        f"UTF-8") from None
+    if skipped:
+        log.warning("%s: skipped %d row(s) with fewer than %d fields (broken lines of the older QQP release; "
+                    "the reference loaders drop them too), the first at line %d", path, len(skipped), n_fields,
+                    skipped[0])
     if not rows["label"]:
         raise DataError(f"{path}: no data rows")
     if spec.tsv_keys[1] is None:
         del rows["text_b"]
     return rows
+
+
+def _first_undecodable_line(path: Path) -> int:
+    """The line of a decoding error (the decoder reads in blocks, so its own position is not a line)."""
+    with path.open("rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return 1
 
 
 def _parse_label(raw: str, spec: TaskSpec, path: Path, line: int) -> float | int:
@@ -196,6 +250,23 @@ def tokenize(ds: DatasetDict, tokenizer, max_length: int) -> DatasetDict:
     drop = [c for c in ("text_a", "text_b") if c in ds["train"].column_names]
     out = ds.map(encode, batched=True, remove_columns=drop, desc="tokenize")
     return out.rename_column("label", "labels")
+
+
+def sample_lengths(ds: Dataset, tokenizer, max_length: int, n: int = 1024, seed: int = 0) -> tuple[np.ndarray, float]:
+    """Token lengths of a fixed random sample of up to n examples of an untokenised split, and the tokenizer's
+    seconds per example: what a forecast of a run on the whole split needs."""
+    sample = subsample(ds, n, seed)
+    texts = (list(sample["text_a"]),) + ((list(sample["text_b"]),) if "text_b" in sample.column_names else ())
+    tic = time.perf_counter()
+    encoded = tokenizer(*texts, truncation=True, max_length=max_length)
+    seconds = (time.perf_counter() - tic) / max(1, len(sample))
+    return np.array([len(ids) for ids in encoded["input_ids"]]), seconds
+
+
+def padded_tokens(lengths, batch_size: int) -> int:
+    """Tokens a loader without shuffling feeds the model when it pads each batch to its longest example."""
+    lengths = list(lengths)
+    return sum(len(b) * max(b) for b in (lengths[i:i + batch_size] for i in range(0, len(lengths), batch_size)))
 
 
 def make_loaders(ds: DatasetDict, tokenizer, batch_size: int, eval_batch_size: int, seed: int,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import glob
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -302,6 +304,180 @@ def build_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=t.learning_rate, betas=tuple(t.adam_betas), eps=t.adam_eps)
 
 
+# Schedule keys take optimizer steps (an integer), epochs ("1 epoch", "0.5 epochs") or a share of the run ("20%"),
+# resolved to steps once the run's length is known: a config then transfers across tasks, batch sizes and trials.
+SCHEDULE_KEYS = ("training.lr_warmup_steps", "training.eval_every_steps", "training.checkpoint_every_steps",
+                 "glo_ra.warmup_steps", "adalora.adaptation_start_step", "adalora.final_steps",
+                 "adalora.mask_interval")
+_SCHEDULE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(%|epochs?)\s*$")
+
+
+def parse_schedule(key: str, value) -> tuple[float, str] | None:
+    """(amount, unit) with unit 'steps', 'epochs' or '%'; None for null. A ConfigError-worthy ValueError names the
+    key and the forms it takes."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"{key}={value}: a schedule value cannot be negative")
+        return float(value), "steps"
+    match = _SCHEDULE.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(f"{key}={value!r}: give optimizer steps (an integer), epochs ('1 epoch', '0.5 epochs') or a "
+                         f"share of the run ('20%')")
+    amount, unit = float(match.group(1)), match.group(2)
+    if unit == "%" and amount > 100:
+        raise ValueError(f"{key}={value!r}: a share of the run lies in 0%..100%")
+    return amount, ("%" if unit == "%" else "epochs")
+
+
+def schedule_steps(key: str, value, total_steps: int, steps_per_epoch: int) -> int | None:
+    """The schedule value in optimizer steps (rounded half up)."""
+    parsed = parse_schedule(key, value)
+    if parsed is None:
+        return None
+    amount, unit = parsed
+    steps = {"steps": amount, "epochs": amount * steps_per_epoch, "%": amount / 100 * total_steps}[unit]
+    return int(math.floor(steps + 0.5))
+
+
+def resolve_schedules(cfg, total_steps: int, steps_per_epoch: int) -> tuple:
+    """A copy of cfg with every schedule key in optimizer steps, and {key: {"given", "steps"}} for the record."""
+    resolved = copy.deepcopy(cfg)
+    record = {}
+    for key in SCHEDULE_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if OmegaConf.select(cfg, key.split(".")[0]) is None:
+            continue  # a method section this run does not have
+        steps = schedule_steps(key, value, total_steps, steps_per_epoch)
+        OmegaConf.update(resolved, key, steps, merge=False)
+        if value is not None:
+            record[key] = {"given": value, "steps": steps}
+    return resolved, record
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cost records: the run's environment, and forecasts of a full run (and its Optuna study) from measured times.
+
+FORECAST_AFTER_STEPS = 10  # a full run logs its projected wall time once this many steps are timed
+
+
+def environment(device: torch.device, world_size: int) -> dict:
+    """What a run's times depend on: device and its name, CPU threads or GPU model, library versions, host."""
+    import platform
+    import socket
+
+    import peft
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"device": device.type, "device_name": gpu or cpu, "cpu_threads": torch.get_num_threads(),
+            "cpu_cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "gpu_model": gpu, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "hostname": socket.gethostname(), "world_size": world_size}
+
+
+def process_seconds() -> float:
+    """Wall seconds since this Python process started (imports included)."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """What a run's wall time scales with."""
+
+    train_examples: int
+    eval_examples: int   # per evaluation, all eval splits together
+    total_steps: int
+    evaluations: int
+    step_tokens: float = 0.0  # expected padded tokens per optimizer step
+    eval_tokens: float = 0.0  # expected padded tokens per evaluation
+
+
+def expected_batch_max(lengths: np.ndarray, batch_size: int, draws: int = 256, seed: int = 0) -> float:
+    """E[longest example of a random batch]: what dynamic padding pads a batch to."""
+    rng = np.random.default_rng(seed)
+    k = min(batch_size, len(lengths))
+    return float(np.mean([lengths[rng.choice(len(lengths), k, replace=False)].max() for _ in range(draws)]))
+
+
+def run_shape(cfg, n_train: int, n_eval: dict[str, int], tuning: bool = False, train_lengths=None,
+              eval_lengths=None) -> RunShape:
+    """The shape a run of `cfg` has on a task with n_train training and n_eval[split] eval examples (before the
+    config's subsampling); `tuning`: an Optuna trial (train minus the held-out tuning split, scored on it). Token
+    counts come from samples of the splits' token lengths when given."""
+    d, t = cfg.dataset, cfg.training
+    train = min(n_train, d.max_train_samples or n_train)
+    if tuning:
+        holdout = math.ceil(cfg.optuna.holdout_fraction * train)  # as datasets' train_test_split
+        train, n_eval = train - holdout, {"validation": holdout}
+        eval_lengths = train_lengths
+    evals = sum(min(n, d.max_eval_samples or n) for n in n_eval.values())
+    batches = math.ceil(train / d.batch_size)
+    per_epoch = math.ceil(batches_per_epoch(batches, t) / t.gradient_accumulation_steps)
+    epochs = (cfg.optuna.trial_epochs or t.epochs) if tuning else t.epochs
+    cap = (cfg.optuna.trial_max_steps or t.max_steps) if tuning else t.max_steps
+    total = per_epoch * epochs if cap is None else min(per_epoch * epochs, cap)
+    every = schedule_steps("training.eval_every_steps", t.eval_every_steps, total, per_epoch)
+    n = sum(1 for s in range(1, total + 1) if s % per_epoch == 0 or s == total or (every and s % every == 0))
+    step_tokens = eval_tokens = 0.0
+    if train_lengths is not None:
+        step_tokens = min(d.batch_size, train) * t.gradient_accumulation_steps * expected_batch_max(
+            train_lengths, d.batch_size)
+    if eval_lengths is not None:
+        eval_tokens = evals * expected_batch_max(eval_lengths, d.eval_batch_size)
+    return RunShape(train, evals, total, n, step_tokens, eval_tokens)
+
+
+def forecast_seconds(shape: RunShape, rates: dict, per_run_setup: float) -> float:
+    """Projected wall time: set-up, tokenising the run's examples, steps and evaluations (per padded token)."""
+    return (per_run_setup + rates["tokenize_s_per_example"] * (shape.train_examples + shape.eval_examples)
+            + shape.total_steps * shape.step_tokens * rates["step_s_per_token"]
+            + shape.evaluations * shape.eval_tokens * rates["eval_s_per_token"])
+
+
+def full_run_forecast(cfg, rates: dict, n_train: int, n_eval: dict[str, int], train_lengths, eval_lengths) -> dict:
+    """A trial run's forecast of the full run (the values `mode=trial` replaced put back) and of its Optuna study
+    (trials x per-trial budget, pruning aside), on this device, from the trial's own measured rates."""
+    full = copy.deepcopy(cfg)
+    for key, value in (cfg.get("trial_replaced") or {}).items():
+        OmegaConf.update(full, key, value, merge=False)
+    run = run_shape(full, n_train, n_eval, False, train_lengths, eval_lengths)
+    out = {"forecast_full_run_s": forecast_seconds(run, rates, rates["imports_s"] + rates["setup_s"]),
+           "forecast_full_run_shape": asdict(run), "forecast_basis": rates}
+    if full.optuna.n_trials:
+        trial = run_shape(full, n_train, n_eval, True, train_lengths, eval_lengths)
+        per_trial = forecast_seconds(trial, rates, rates["setup_s"])
+        out.update(forecast_study_s=full.optuna.n_trials * per_trial, forecast_trial_s=per_trial,
+                   forecast_trial_shape=asdict(trial), forecast_n_trials=int(full.optuna.n_trials))
+    return out
+
+
+def describe_forecast(f: dict, env: dict) -> str:
+    def hms(sec: float) -> str:
+        return f"{sec / 3600:.1f} h" if sec >= 5400 else f"{sec / 60:.1f} min"
+
+    shape, rates = f["forecast_full_run_shape"], f["forecast_basis"]
+    step = shape["step_tokens"] * rates["step_s_per_token"]
+    line = (f"forecast on this device ({env['device_name']}, {env['cpu_threads']} CPU threads): a step of "
+            f"{shape['step_tokens']:.0f} padded tokens takes about {step:.3f} s -> the full run ({shape['total_steps']} "
+            f"steps, {shape['evaluations']} evaluations of {shape['eval_examples']} examples) takes about "
+            f"{hms(f['forecast_full_run_s'])}")
+    if "forecast_study_s" in f:
+        line += (f"; its Optuna study {f['forecast_n_trials']} trials x {hms(f['forecast_trial_s'])} = "
+                 f"{hms(f['forecast_study_s'])} (pruning aside), so study + final run about "
+                 f"{hms(f['forecast_study_s'] + f['forecast_full_run_s'])}")
+    return line
+
+
 def batches_per_epoch(n_batches: int, t) -> int:
     return n_batches if t.max_train_batches is None else min(n_batches, t.max_train_batches)
 
@@ -380,6 +556,7 @@ def train_run(cfg, run_dir: Path, run_name: str, on_eval=None, extra_summary: di
     """
     tuning = on_eval is not None
     t, d = cfg.training, cfg.dataset
+    imports_s, tic = process_seconds(), time.perf_counter()
     set_seed(cfg.seed)
     if cfg.hardware.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -392,21 +569,33 @@ def train_run(cfg, run_dir: Path, run_name: str, on_eval=None, extra_summary: di
     # data first: a bad file fails before the model is loaded
     task, spec = P.task_spec(d.name)
     data = P.load_glue(task, d.data_dir, d.cache_dir)
+    available = {split: len(ds) for split, ds in data.items()}  # before subsampling: what a full run would see
+    pools = dict(data)  # untokenised and whole: a trial's forecast samples their lengths
     data["train"] = P.subsample(data["train"], d.max_train_samples)
     if tuning:
         data = P.tuning_split(data["train"], cfg.optuna.holdout_fraction)
     for split in [s for s in data if s != "train"]:
         data[split] = P.subsample(data[split], d.max_eval_samples)
     tokenizer, base = M.load_backbone(cfg.model.backbone, spec.num_labels, cfg.model.cache_dir)
+    tokenize_tic = time.perf_counter()
     data = P.tokenize(data, tokenizer, d.max_length)
+    tokenize_s = time.perf_counter() - tokenize_tic
     train_loader, eval_loaders = P.make_loaders(data, tokenizer, d.batch_size, d.eval_batch_size, cfg.seed,
                                                 d.num_workers)
     n_batches = batches_per_epoch(len(train_loader), t)
     per_epoch = math.ceil(n_batches / t.gradient_accumulation_steps)
     total_steps = per_epoch * t.epochs if t.max_steps is None else min(per_epoch * t.epochs, t.max_steps)
-    M.check_budget(cfg, base, total_steps)
+    given = cfg  # what config.yaml records and a resume compares; `cfg` from here on has every schedule in steps
+    cfg, schedule = resolve_schedules(given, total_steps, per_epoch)
+    t = cfg.training
+    try:
+        M.check_budget(cfg, base, total_steps)
+    except M.ModelError as e:
+        relative = [f"{k}={v['given']!r} -> {v['steps']} steps" for k, v in schedule.items()
+                    if not isinstance(v["given"], int)]
+        raise M.ModelError(f"{e}{' (resolved: ' + '; '.join(relative) + ')' if relative else ''}") from None
     # only now: bad input leaves results untouched; the main process owns the folder
-    resuming = dist.broadcast(open_run_dir(cfg, run_dir, can_resume=not tuning) if dist.main else None)
+    resuming = dist.broadcast(open_run_dir(given, run_dir, can_resume=not tuning) if dist.main else None)
     dist.barrier()
 
     if t.gradient_checkpointing:
@@ -425,6 +614,10 @@ def train_run(cfg, run_dir: Path, run_name: str, on_eval=None, extra_summary: di
              "trainable params %d, rank budget %d | device %s", run_name, cfg.method_name, task,
              len(data["train"]), total_steps, per_epoch, d.batch_size, t.gradient_accumulation_steps,
              counts_initial["trainable_params"], sum(initial_ranks.values()), device)
+    relative = {k: v for k, v in schedule.items() if not isinstance(v["given"], int)}
+    if relative:
+        log.info("schedule in optimizer steps: %s", ", ".join(f"{k}={v['given']!r} -> {v['steps']}"
+                                                            for k, v in relative.items()))
 
     checkpoints = None if tuning else Checkpoints(run_dir / "checkpoint", model, optimizer, scheduler, hook,
                                                    t.keep_checkpoints, dist.main)
@@ -434,10 +627,24 @@ def train_run(cfg, run_dir: Path, run_name: str, on_eval=None, extra_summary: di
         dist.check_same("resumed checkpoint steps", state.step, state.step)
         if dist.main:
             truncate_history(run_dir / "history.jsonl", state.step)
-    recorder = Recorder(run_dir, cfg, run_name, enabled=dist.main, resuming=bool(resuming))
+    recorder = Recorder(run_dir, given, run_name, enabled=dist.main, resuming=bool(resuming))
+    env = environment(device, dist.world)
+    eval_examples = sum(len(ds) for split, ds in data.items() if split != "train")
+    setup_s = time.perf_counter() - tic - tokenize_s
+
+    def progress(step_s: float, step: int) -> str:
+        """A full run's projected wall time, once its first steps are timed (evaluation: a forward pass at about a
+        third of a training step's cost per example, until one is measured)."""
+        shape = run_shape(cfg, available["train"], {k: v for k, v in available.items() if k != "train"})
+        remaining = (total_steps - step) * step_s + shape.evaluations * eval_examples * step_s / d.batch_size / 3
+        return (f"step time {step_s:.3f} s (median of the first {FORECAST_AFTER_STEPS} timed steps) on "
+                f"{env['device_name']}: training about {total_steps * step_s / 60:.1f} min, the whole run about "
+                f"{(process_seconds() + remaining) / 60:.1f} min")
+
     try:
         summary = _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, spec, device, autocast,
-                        n_batches, total_steps, recorder, on_eval, state, checkpoints, dist)
+                        n_batches, total_steps, recorder, on_eval, state, checkpoints, dist,
+                        forecast=progress if dist.main and not tuning and cfg.get("mode") != "trial" else None)
         final_ranks = M.current_ranks(model)
         dist.check_same("final ranks", final_ranks, summary["final_step"])
     except BaseException:
@@ -448,9 +655,25 @@ def train_run(cfg, run_dir: Path, run_name: str, on_eval=None, extra_summary: di
     summary.update(
         run_id=cfg.run_id, run_name=run_name, method=cfg.method, method_name=cfg.method_name, task=task,
         dataset=d.name, backbone=str(cfg.model.backbone), seed=cfg.seed, status="finished",
-        total_steps=total_steps, epochs=t.epochs, **counts, rank_budget_total=sum(final_ranks.values()),
-        rank_budget_initial=sum(initial_ranks.values()), final_ranks=final_ranks, **hook.summary(),
+        total_steps=total_steps, steps_per_epoch=per_epoch, schedule_steps=schedule, epochs=t.epochs, **counts,
+        rank_budget_total=sum(final_ranks.values()), rank_budget_initial=sum(initial_ranks.values()),
+        final_ranks=final_ranks, variant=cfg.get("variant"), **hook.summary(), environment=env,
         **(extra_summary or {}))
+    if cfg.get("mode") == "trial" and dist.main and summary["step_time_s"]:
+        train_lengths, tokenize_per_example = P.sample_lengths(pools["train"], tokenizer, d.max_length)
+        eval_split = next(k for k in pools if k != "train")
+        eval_lengths, _ = P.sample_lengths(pools[eval_split], tokenizer, d.max_length)
+        trial_eval_tokens = sum(P.padded_tokens([len(x) for x in ds["input_ids"]], d.eval_batch_size)
+                                for split, ds in data.items() if split != "train")
+        # per token of the global batch (data parallel: each process trains on its share at the same time)
+        rates = {"step_s_per_token": summary["step_time_s"]["median"] / (summary["step_time_s"]["tokens_median"]
+                                                                          * dist.world),
+                 "eval_s_per_token": summary["eval_time_s"] / max(1, summary["evaluations"] * trial_eval_tokens),
+                 "tokenize_s_per_example": tokenize_per_example, "imports_s": imports_s, "setup_s": setup_s}
+        summary.update(full_run_forecast(given, rates, available["train"],
+                                         {k: v for k, v in available.items() if k != "train"},
+                                         train_lengths, eval_lengths))
+        log.info(describe_forecast(summary, env))
     if dist.world > 1:
         summary["processes"] = dist.world
     if dist.main and hook.summary().get("realloc_step") is not None:
@@ -618,11 +841,78 @@ class LoopState:
     best_metrics: dict = field(default_factory=dict)
     last_metrics: dict = field(default_factory=dict)
     resumes: int = 0
+    cpu_time: float = 0.0          # process CPU time over the same intervals as train_time
+    step_times: list = field(default_factory=list)  # wall seconds of every optimizer step (a rebuild pause apart)
+    step_tokens: list = field(default_factory=list)  # padded tokens each step trained on (this process)
+    evaluations: int = 0
+    rebuild_pause: float | None = None
+
+
+class StepClock:
+    """Training time as wall and process CPU time over the training intervals (evaluation and checkpoints outside
+    them), and the wall time of every optimizer step, a one-off rebuild pause apart. On a GPU it synchronises at each
+    step boundary, so a step's time is its own and not the queue's."""
+
+    def __init__(self, st: LoopState, device: torch.device):
+        self.st, self.device = st, device
+        self.tokens = 0  # of the step in progress
+
+    def count(self, batch: dict) -> None:
+        self.tokens += batch["input_ids"].numel()
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self.wall0 = self.mark = self._now()
+        self.cpu0 = time.process_time()
+
+    def step(self, pause: float = 0.0) -> float:
+        now = self._now()
+        seconds = now - self.mark - pause
+        self.st.step_times.append(seconds)
+        self.st.step_tokens.append(self.tokens)
+        self.tokens = 0
+        if pause:
+            self.st.rebuild_pause = pause
+        self.mark = now
+        return seconds
+
+    def stop(self) -> None:
+        self.st.train_time += self._now() - self.wall0
+        self.st.cpu_time += time.process_time() - self.cpu0
+
+
+def step_time_stats(times: list[float], tokens: list[int] | None = None) -> dict | None:
+    """Median and spread of the per-step wall times (the first step, which pays one-off set-up costs, left out).
+
+    With dynamic padding a step's time follows its batch's padded length, so the raw spread says little about
+    outside load. `unexplained_iqr` is the spread that the padded token count does not explain: the IQR of the
+    residuals of a least-squares line time ~ tokens, relative to the median time. An idle machine keeps it small;
+    another process competing for the device does not."""
+    skip = 1 if len(times) >= 2 else 0
+    times = np.asarray(times[skip:], dtype=float)
+    if not len(times):
+        return None
+    q1, med, q3 = np.percentile(times, [25, 50, 75])
+    out = {"median": float(med), "iqr": float(q3 - q1), "p25": float(q1), "p75": float(q3), "n": len(times)}
+    if tokens is not None and len(tokens) == len(times) + skip:
+        x = np.asarray(tokens[skip:], dtype=float)
+        out["tokens_median"] = float(np.median(x))
+        if len(times) >= 8 and np.ptp(x) > 0:
+            slope, intercept = np.polyfit(x, times, 1)
+            r1, r3 = np.percentile(times - (slope * x + intercept), [25, 75])
+            out.update(seconds_per_1k_tokens=float(1000 * slope), unexplained_iqr=float((r3 - r1) / med))
+    return out
 
 
 def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, spec, device, autocast, n_batches,
-          total_steps, recorder, on_eval=None, state: LoopState | None = None, checkpoints=None, dist=None) -> dict:
-    """The training loop; returns the metric part of the summary."""
+          total_steps, recorder, on_eval=None, state: LoopState | None = None, checkpoints=None, dist=None,
+          forecast=None) -> dict:
+    """The training loop; returns the metric part of the summary. `forecast(step_seconds, step)`: the line logged
+    once the first FORECAST_AFTER_STEPS steps have been timed."""
     dist = dist or Dist()
     t = cfg.training
     accum = t.gradient_accumulation_steps
@@ -633,15 +923,14 @@ def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, sp
     running_loss = torch.tensor(st.running_loss if dist.main else 0.0, device=device)
     pbar = tqdm(total=total_steps, initial=st.step, desc="train", mininterval=1, **quiet(dist.main))
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    clock = StepClock(st, device)
 
     def evaluate():
         nonlocal last_predictions
         tic = time.perf_counter()
         st.last_metrics, last_predictions = run_evaluation(model, eval_loaders, spec, device, autocast, dist.main)
         st.eval_time += time.perf_counter() - tic
+        st.evaluations += 1
         dist.check_same("ranks", M.current_ranks(model), st.step)
         recorder.log({"step": st.step, "epoch": st.step / per_epoch, **st.last_metrics})
         if st.best_value is None or st.last_metrics[primary] > st.best_value:
@@ -649,8 +938,7 @@ def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, sp
         if on_eval is not None:
             on_eval(st.last_metrics, st.step, hook.adaptation_done(st.step))
 
-    sync()
-    tic = time.perf_counter()
+    clock.start()
     while st.epoch < t.epochs and st.step < total_steps:
         # each epoch's order comes from its own seed, so a resumed run replays it without saving loader state
         train_loader.generator.manual_seed(epoch_seed(cfg.seed, st.epoch))
@@ -660,6 +948,7 @@ def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, sp
             if i >= n_batches or st.step >= total_steps:
                 break
             part, share = dist.shard(batch)
+            clock.count(part)
             running_loss += forward_backward(model, part, device, autocast, accum, share)
             st.running_n += 1
             st.batches_done = i + 1
@@ -667,7 +956,10 @@ def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, sp
                 continue
             st.step += 1
             event = optimizer_step(model, optimizer, scheduler, hook, st.step, t.max_grad_norm, dist)
+            step_seconds = clock.step(pause=event["realloc_seconds"] if event else 0.0)
             pbar.update(1)
+            if forecast is not None and len(st.step_times) == FORECAST_AFTER_STEPS:
+                log.info(forecast(step_time_stats(st.step_times)["median"], st.step))
             if event is not None:
                 dist.check_same("GLoRA's new ranks", event["new_ranks"], st.step)
                 recorder.log({"step": st.step, "event": "glora_reallocation",
@@ -680,7 +972,7 @@ def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, sp
                     raise TrainingError(f"training loss became {mean_loss} at optimizer step {st.step}; stopping "
                                         f"(the last good checkpoint is kept; try a lower training.learning_rate)")
                 recorder.log({"step": st.step, "epoch": st.step / per_epoch, "train_loss": mean_loss,
-                              "lr": scheduler.get_last_lr()[0]})
+                              "lr": scheduler.get_last_lr()[0], "step_time_s": step_seconds})
                 pbar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 running_loss.zero_()
                 st.running_n = 0
@@ -689,8 +981,7 @@ def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, sp
             do_checkpoint = checkpoints and (end_of_epoch or (t.checkpoint_every_steps and
                                                               st.step % t.checkpoint_every_steps == 0))
             if do_eval or do_checkpoint:
-                sync()
-                st.train_time += time.perf_counter() - tic
+                clock.stop()
                 if do_eval:
                     evaluate()
                 if do_checkpoint:
@@ -698,12 +989,10 @@ def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, sp
                     if end_of_epoch:  # the next checkpoint's data position starts a new epoch
                         st.epoch, st.batches_done = st.epoch + 1, 0
                     checkpoints.save(st)
-                sync()
-                tic = time.perf_counter()
+                clock.start()
         if st.batches_done:  # the epoch ran out of batches without a checkpoint at its end
             st.epoch, st.batches_done = st.epoch + 1, 0
-    sync()
-    st.train_time += time.perf_counter() - tic
+    clock.stop()
     pbar.close()
     if not last_predictions and st.last_metrics:  # resumed after the final evaluation: redo it, unlogged
         st.last_metrics, last_predictions = run_evaluation(model, eval_loaders, spec, device, autocast, dist.main)
@@ -713,7 +1002,9 @@ def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, sp
     out["glue_score"] = st.last_metrics.get("validation_glue_score")
     out["best_step"] = st.best_step
     out.update({f"best_{k}": v for k, v in st.best_metrics.items()})
-    out.update(train_time_s=st.train_time, eval_time_s=st.eval_time, final_step=st.step, resumes=st.resumes)
+    out.update(train_time_s=st.train_time, eval_time_s=st.eval_time, cpu_time_s=st.cpu_time,
+               step_time_s=step_time_stats(st.step_times, st.step_tokens), rebuild_pause_s=st.rebuild_pause, final_step=st.step,
+               evaluations=st.evaluations, resumes=st.resumes)
     if cfg.evaluation.save_predictions and on_eval is None and dist.main:
         save_predictions(recorder.run_dir / "predictions.csv", last_predictions)
     return out

@@ -19,10 +19,10 @@ def _sentence(rng: random.Random, n: int | None = None) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n or rng.randint(3, 9)))
 
 
-def build_tiny_backbone(folder: Path, hidden: int = 32, layers: int = 2) -> Path:
-    """A randomly initialised DeBERTa-v2 (v3-style relative attention) and a WordPiece tokenizer trained on WORDS."""
+def _tiny_tokenizer(folder: Path):
+    """A WordPiece tokenizer trained on WORDS (BERT-style: [CLS] a [SEP] b [SEP]), saved to `folder`."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
@@ -37,12 +37,34 @@ def build_tiny_backbone(folder: Path, hidden: int = 32, layers: int = 2) -> Path
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                    sep_token="[SEP]", mask_token="[MASK]")
     fast.save_pretrained(folder)
+    return tok
+
+
+def build_tiny_backbone(folder: Path, hidden: int = 32, layers: int = 2) -> Path:
+    """A randomly initialised DeBERTa-v2 (v3-style relative attention) and a WordPiece tokenizer trained on WORDS."""
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    tok = _tiny_tokenizer(folder)
     config = DebertaV2Config(
         vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
         intermediate_size=2 * hidden, max_position_embeddings=128, relative_attention=True, position_buckets=16,
         pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False,
         pooler_hidden_size=hidden, type_vocab_size=0, pad_token_id=0)
     DebertaV2ForSequenceClassification(config).save_pretrained(folder)
+    return folder
+
+
+def build_tiny_bert(folder: Path, hidden: int = 32, layers: int = 6) -> Path:
+    """A randomly initialised BERT (the MiniLM configs' module names: query/key/value, attention.output.dense, ...)
+    with the same WordPiece tokenizer; 6 layers as all-MiniLM-L6-v2, so its 36 adapted matrices and rank budgets
+    are the real ones."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tok = _tiny_tokenizer(folder)
+    config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128,
+                        type_vocab_size=2, pad_token_id=0)
+    BertForSequenceClassification(config).save_pretrained(folder)
     return folder
 
 
@@ -59,8 +81,8 @@ GLUE_FILES = {
 }
 
 
-def glue_rows(task: str, n: int, rng: random.Random) -> list[str]:
-    """Rows in each task's official GLUE TSV layout (header included, CoLA has none)."""
+def glue_rows(task: str, n: int, rng: random.Random, dev: bool = False) -> list[str]:
+    """Rows in each task's official GLUE TSV layout (header included, CoLA has none), `dev` for a dev file's."""
     s = lambda: _sentence(rng)  # noqa: E731
     nli = ["entailment", "not_entailment"]
     if task == "SST-2":
@@ -72,40 +94,61 @@ def glue_rows(task: str, n: int, rng: random.Random) -> list[str]:
         return ["index\tsentence1\tsentence2\tlabel"] + [f"{i}\t{s()}\t{s()}\t{rng.choice(labels)}" for i in range(n)]
     if task == "QNLI":
         return ["index\tquestion\tsentence\tlabel"] + [f"{i}\t{s()}?\t{s()}\t{rng.choice(nli)}" for i in range(n)]
-    if task == "MRPC":
+    if task == "MRPC":  # write_glue adds the byte-order mark the official files start with
         return ["Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"] + [
             f"{rng.randint(0, 1)}\t{i}\t{i + 1000}\t{s()}\t{s()}" for i in range(n)]
     if task == "QQP":
-        return ["id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate"] + [
-            f"{i}\t{2 * i}\t{2 * i + 1}\t{s()}?\t{s()}?\t{rng.randint(0, 1)}" for i in range(n)]
+        rows = [f"{i}\t{2 * i}\t{2 * i + 1}\t{s()}?\t{s()}?\t{rng.randint(0, 1)}" for i in range(n)]
+        if not dev:  # the older QQP.zip: a quoted line break splits a row in two (4 + 3 fields); loaders drop both
+            rows[n // 2:n // 2] = [f'{n}\t{2 * n}\t{2 * n + 1}\t"Why?', '"\tWas Muhammad a real figure?\t0']
+        return ["id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate"] + rows
     if task == "STS-B":
         head = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
         return [head] + [f"{i}\tmain-news\tf\t2012\t{i}\tnone\tnone\t{s()}\t{s()}\t{rng.uniform(0, 5):.3f}"
                          for i in range(n)]
-    if task == "MNLI":
+    if task == "MNLI":  # train: label1, gold_label; dev_*: label1 ... label5, gold_label (16 columns)
+        votes = 5 if dev else 1
         head = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
-                "sentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label")
+                "sentence2_parse\tsentence1\tsentence2\t" + "".join(f"label{k}\t" for k in range(1, votes + 1))
+                + "gold_label")
         labels = ["entailment", "neutral", "contradiction"]
         rows = []
         for i in range(n):
             y = rng.choice(labels)
-            rows.append(f"{i}\t{i}\t{i}n\tfiction\t( x )\t( y )\t(ROOT x)\t(ROOT y)\t{s()}\t{s()}\t{y}\t{y}")
+            rows.append(f"{i}\t{i}\t{i}n\tfiction\t( x )\t( y )\t(ROOT x)\t(ROOT y)\t{s()}\t{s()}\t"
+                        + f"{y}\t" * votes + y)
         return [head] + rows
     raise KeyError(task)
 
 
-def write_glue(root: Path) -> Path:
+def write_glue(root: Path, files: dict[str, list[tuple[str, int]]] = GLUE_FILES) -> Path:
+    """Small folders in the official layout, with the official files' quirks: MRPC starts with a UTF-8 byte-order
+    mark (its dev.tsv has Windows line ends too), MNLI's dev files have 16 columns, QQP's train.tsv a broken row."""
     rng = random.Random(1)
-    for task, files in GLUE_FILES.items():
+    for task, task_files in files.items():
         (root / task).mkdir(parents=True, exist_ok=True)
-        for name, n in files:
-            (root / task / name).write_text("\n".join(glue_rows(task, n, rng)) + "\n", encoding="utf-8")
+        for name, n in task_files:
+            end = "\r\n" if (task, name) == ("MRPC", "dev.tsv") else "\n"
+            bom = "\ufeff" if task == "MRPC" else ""
+            text = bom + end.join(glue_rows(task, n, rng, dev=name != "train.tsv")) + end
+            (root / task / name).write_bytes(text.encode("utf-8"))
     return root
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_backbone(tmp_path_factory.mktemp("tiny-deberta"))
+
+
+@pytest.fixture(scope="session")
+def tiny_deberta12(tmp_path_factory) -> Path:
+    """DeBERTa-v3-base's 12 layers (72 adapted matrices, so the shipped rank budgets hold), 32 wide."""
+    return build_tiny_backbone(tmp_path_factory.mktemp("tiny-deberta12"), layers=12)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="session")

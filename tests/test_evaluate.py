@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,10 +12,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib import colors as mpl_colors
 from omegaconf import OmegaConf
 from scipy import stats
 from sklearn.metrics import matthews_corrcoef
 from statsmodels.stats.contingency_tables import mcnemar
+from statsmodels.stats.power import TTestPower
 
 from src import evaluate as E
 
@@ -28,10 +31,19 @@ RUNS = {("LoRA", 42): (30, 100.0, 1000), ("LoRA", 7): (34, 104.0, 1000),
         ("GLoRA", 42): (22, 110.0, 900), ("GLoRA", 7): (25, 112.0, 900)}
 TYPES = ["attention.self.query_proj", "attention.self.key_proj", "attention.self.value_proj",
          "attention.output.dense", "intermediate.dense", "output.dense"]
+# Named variants/controls: display name -> (method, variant, budget_unit); their runs, seed 1 shared with no main run
+VARIANTS = {"GLoRA (shuffled)": ("proposed", "shuffled", "rank"), "GLoRA (params)": ("proposed", "params", "params"),
+            "LoRA (tuned)": ("comparative-2", "tuned", None)}
+VARIANT_RUNS = {("GLoRA (shuffled)", 42): (27, 111.0, 900), ("GLoRA (shuffled)", 7): (33, 113.0, 900),
+                ("GLoRA (shuffled)", 1): (29, 112.0, 900), ("GLoRA (params)", 42): (21, 115.0, 950),
+                ("GLoRA (params)", 7): (26, 118.0, 950), ("LoRA (tuned)", 42): (28, 101.0, 1000),
+                ("LoRA (tuned)", 7): (32, 103.0, 1000)}
+ALL_RUNS = {**RUNS, **VARIANT_RUNS}  # RUNS first: their predictions do not change
+PREFIX = {**METHODS, **{name: f"{m}-{v}" for name, (m, v, _) in VARIANTS.items()}}
 
 
 def run_id(method: str, task: str = "sst2") -> str:
-    return f"{METHODS[method]}-tiny--GLUE-{task}"
+    return f"{PREFIX[method]}-tiny--GLUE-{task}"
 
 
 def run_name(method: str, seed: int, task: str = "sst2") -> str:
@@ -39,13 +51,13 @@ def run_name(method: str, seed: int, task: str = "sst2") -> str:
 
 
 def final_ranks(method: str, seed: int) -> dict:
-    ranks = [8] * 12 if method == "LoRA" else [(seed + len(method) * i) % 13 for i in range(12)]
+    ranks = [8] * 12 if method.startswith("LoRA") else [(seed + len(method) * i) % 13 for i in range(12)]
     return {f"deberta.encoder.layer.{i // 6}.{TYPES[i % 6]}": r for i, r in enumerate(ranks)}
 
 
 def predictions(method: str, seed: int) -> np.ndarray:
-    wrong = np.random.default_rng(list(RUNS).index((method, seed))).choice(N_EVAL, RUNS[(method, seed)][0],
-                                                                       replace=False)
+    wrong = np.random.default_rng(list(ALL_RUNS).index((method, seed))).choice(N_EVAL, ALL_RUNS[(method, seed)][0],
+                                                                               replace=False)
     preds = LABELS.copy()
     preds[wrong] = 1 - preds[wrong]
     return preds
@@ -57,20 +69,36 @@ def history(method: str, accuracy: float) -> list[dict]:
                      "validation_loss": 0.4, "validation_glue_score": accuracy - 0.02})
     rows.append({"step": 20, "epoch": 2.0, "validation_accuracy": accuracy, "validation_mcc": 0.6,
                  "validation_loss": 0.35, "validation_glue_score": accuracy})
-    if method == "GLoRA":
+    if method.startswith("GLoRA"):
         rows.insert(4, {"step": 5, "event": "glora_reallocation", "realloc_seconds": 0.1, "trainable_params_before": 1000,
                         "trainable_params_after": 900, "scores": {"a": 1.0}, "old_ranks": {"a": 8},
                         "new_ranks": {"a": 6}})
     return rows
 
 
-def write_run(results: Path, method: str, seed: int, wandb_mode: str = "disabled", task: str = "sst2") -> Path:
-    """A run folder exactly as training leaves it."""
+def timing(seconds: float, steps: int = 20, iqr_share: float = 0.02, cpu_use: float = 0.95, **env) -> dict:
+    """The timing fields of a summary: per-step median = seconds / steps, one environment unless overridden."""
+    environment = {"device": "cpu", "device_name": "Test CPU 9000", "cpu_threads": 2, "gpu_model": None,
+                   "torch": "2.5.0", "transformers": "4.46.0", "peft": "0.13.0", "hostname": "box-1", "world_size": 1,
+                   **env}
+    median = seconds / steps
+    return {"environment": environment, "cpu_time_s": cpu_use * seconds * environment["cpu_threads"],
+            "step_time_s": {"median": median, "iqr": iqr_share * median, "p25": (1 - iqr_share / 2) * median,
+                            "p75": (1 + iqr_share / 2) * median, "n": steps}}
+
+
+def method_key(method: str) -> str:
+    return METHODS.get(method) or VARIANTS[method][0]
+
+
+def write_run(results: Path, method: str, seed: int, wandb_mode: str = "disabled", task: str = "sst2",
+              extra: dict | None = None) -> Path:
+    """A run folder exactly as training leaves it; `extra` adds (newer) summary fields."""
     name, rid = run_name(method, seed, task), run_id(method, task)
     folder = results / name
     folder.mkdir(parents=True)
     OmegaConf.save(OmegaConf.create({
-        "run_id": rid, "method": METHODS[method], "method_name": method, "seed": seed, "default_seed": 42,
+        "run_id": rid, "method": method_key(method), "method_name": method, "seed": seed, "default_seed": 42,
         "dataset": {"name": f"glue_{task}"}, "wandb": {"mode": wandb_mode, "entity": "ent", "project": "proj"}}),
         folder / "config.yaml")
     preds = predictions(method, seed)
@@ -80,20 +108,20 @@ def write_run(results: Path, method: str, seed: int, wandb_mode: str = "disabled
     rows = history(method, acc)
     (folder / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ranks = final_ranks(method, seed)
-    _, seconds, params = RUNS[(method, seed)]
+    _, seconds, params = ALL_RUNS[(method, seed)]
     summary = {"accuracy": acc, "mcc": float(matthews_corrcoef(LABELS, preds)), "loss": 0.35,
                "glue_metric": "accuracy", "glue_score": acc, "best_step": 20, "best_validation_accuracy": acc,
                "best_validation_glue_score": acc, "train_time_s": seconds, "eval_time_s": 3.0, "final_step": 20,
-               "run_id": rid, "run_name": name, "method": METHODS[method], "method_name": method, "task": task,
+               "run_id": rid, "run_name": name, "method": method_key(method), "method_name": method, "task": task,
                "dataset": f"glue_{task}", "backbone": "tiny", "seed": seed, "status": "finished", "total_steps": 20,
                "epochs": 2, "trainable_params": params, "adapter_params": params - 100, "head_params": 100,
                "rank_budget_total": sum(ranks.values()), "final_ranks": ranks}
-    if method == "GLoRA":
+    if method.startswith("GLoRA"):
         summary.update(realloc_step=5, realloc_seconds=0.1, trainable_params_initial=1000)
         (folder / "rank_allocation.json").write_text(json.dumps(
             {"step": 5, "scores": {k: 1.0 for k in ranks}, "old_ranks": {k: 8 for k in ranks}, "new_ranks": ranks,
              "total_rank_budget": sum(ranks.values()), "realloc_seconds": 0.1}))
-    (folder / "summary.json").write_text(json.dumps(summary))
+    (folder / "summary.json").write_text(json.dumps({**summary, **(extra or {})}))
     return folder
 
 
@@ -156,8 +184,14 @@ def test_derived_metrics(evaluated):
     g = d["methods"]["GLoRA"]
     assert g["accuracy_gain_abs"] == pytest.approx(mean["GLoRA"] - mean["LoRA"])
     assert g["accuracy_gain_rel"] == pytest.approx((mean["GLoRA"] - mean["LoRA"]) / mean["LoRA"])
-    assert g["train_time_s_ratio"] == pytest.approx(time["GLoRA"] / time["LoRA"])
+    # time ratios are objects since the step-time fields: these records have none, so not comparable
+    assert g["train_time_s_ratio"]["value"] == pytest.approx(time["GLoRA"] / time["LoRA"])
+    assert g["step_time_ratio"]["value"] == pytest.approx(time["GLoRA"] / time["LoRA"])  # 20 steps each
+    assert g["step_time_ratio"]["basis"] == "train_time_per_step"
+    assert not g["step_time_ratio"]["comparable"]
+    assert g["step_time_ratio"]["reason"].startswith("no environment recorded")
     assert g["trainable_params_ratio"] == pytest.approx(900 / 1000)
+    assert g["adapter_params_ratio"] == pytest.approx(800 / 900) and g["adapter_params_basis"] == "adapter_params"
     share = d["glora_share_of_adalora_gain"]["accuracy"]
     assert share["value"] == pytest.approx((mean["GLoRA"] - mean["LoRA"]) / (mean["AdaLoRA"] - mean["LoRA"]))
     assert agg["glue_average"]["GLoRA"]["value"] == pytest.approx(mean["GLoRA"])
@@ -248,6 +282,204 @@ def test_rank_table_places_deberta_and_bert_names():
     assert list(table.columns) == ["Wq", "Wk", "Wv", "Wo", "Wf1", "Wf2"] and list(table.index) == [0, 3]
     assert (table.loc[3, "Wq"], table.loc[3, "Wo"], table.loc[3, "Wf1"], table.loc[3, "Wf2"]) == (1, 2, 3, 4)
     assert (table.loc[0, "Wk"], table.loc[0, "Wv"]) == (5, 6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Variants and controls: roles, ablation, power, budget; cost comparability.
+
+GROUPS = [*METHODS, *VARIANTS]
+LOADED = ("GLoRA (shuffled)", 1)  # a run timed while something else loaded the machine
+
+
+def seeds_of(method: str) -> list[int]:
+    return sorted(s for m, s in ALL_RUNS if m == method)
+
+
+def new_fields(method: str, seed: int) -> dict:
+    """What training writes since variants: variant, budget unit, adapter params at the final ranks, timing."""
+    key, variant, unit = VARIANTS.get(method, (METHODS.get(method), None, "rank" if method == "GLoRA" else None))
+    _, seconds, params = ALL_RUNS[(method, seed)]
+    effective = params - 100 - (60 if key == "comparative-1" else 0)  # AdaLoRA only masks: fewer at the final ranks
+    return {"variant": variant, "budget_unit": unit, "adapter_params_effective": effective,
+            "rebuild_pause_s": 0.2 if key == "proposed" else None,
+            **timing(seconds, iqr_share=0.3 if (method, seed) == LOADED else 0.02)}
+
+
+@pytest.fixture(scope="module")
+def evaluated_variants(tmp_path_factory):
+    """Six groups (LoRA, AdaLoRA, GLoRA and three variants/controls) with the newer summary fields."""
+    results = tmp_path_factory.mktemp("variants")
+    for method, seed in ALL_RUNS:
+        write_run(results, method, seed, extra=new_fields(method, seed))
+    assert E.main([f"results_dir={results}", f"run_ids={json.dumps([run_id(m) for m in GROUPS])}"]) == 0
+    return results, json.loads((results / "comparison" / "aggregated_metrics.json").read_text())
+
+
+def test_any_number_of_groups_every_figure_roles_and_order(evaluated_variants):
+    results, agg = evaluated_variants
+    comparison = {p.name for p in (results / "comparison").iterdir()}
+    assert {"aggregated_metrics.json", "report.md", "comparison_accuracy_bar_chart.pdf",
+            "comparison_accuracy_box_plot.pdf", "comparison_learning_curves.pdf", "comparison_train_time.pdf",
+            "comparison_rank_allocation.pdf"} <= comparison
+    assert list(agg["groups"]["sst2"]) == ["LoRA", "AdaLoRA", "GLoRA", "GLoRA (params)", "GLoRA (shuffled)",
+                                           "LoRA (tuned)"]
+    assert agg["derived"]["sst2"]["roles"] == {"baseline": "LoRA", "adalora": "AdaLoRA", "reference": "GLoRA"}
+    assert agg["groups"]["sst2"]["LoRA (tuned)"]["variant"] == "tuned"  # same method as LoRA, not the baseline
+    pairs = {(e["method_a"], e["method_b"]) for e in agg["significance"]["seed_level"]}
+    assert pairs == {("GLoRA", "AdaLoRA"), ("GLoRA", "LoRA"), ("AdaLoRA", "LoRA")}  # not all 15 pairs of 6
+    for method, seed in ALL_RUNS:
+        name = run_name(method, seed)
+        assert (f"{name}_rank_allocation.pdf" in {p.name for p in (results / name).iterdir()}) == (
+            not method.startswith("LoRA"))
+    share = agg["derived"]["sst2"]["glora_share_of_adalora_gain"]["accuracy"]
+    mean = {m: np.mean([accuracy(m, s) for s in (42, 7)]) for m in METHODS}
+    assert share["value"] == pytest.approx((mean["GLoRA"] - mean["LoRA"]) / (mean["AdaLoRA"] - mean["LoRA"]))
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss occurred")  # scipy's own t-test on AdaLoRA - LoRA's equal diffs
+def test_ablation_each_group_against_lora_and_glora_matches_scipy_and_statsmodels(evaluated_variants):
+    _, agg = evaluated_variants
+    entries = {e["method_name"]: e for e in agg["ablation"]}
+    assert set(entries) == {"AdaLoRA", "GLoRA (params)", "GLoRA (shuffled)", "LoRA (tuned)"}
+    assert entries["GLoRA (shuffled)"]["variant"] == "shuffled" and entries["GLoRA (shuffled)"]["method"] == "proposed"
+    for name, entry in entries.items():
+        assert [(c["role"], c["against"]) for c in entry["comparisons"]] == [("baseline", "LoRA"),
+                                                                              ("reference", "GLoRA")]
+        for c in entry["comparisons"]:
+            seed_level, shared = c["seed_level"], [7, 42]  # GLoRA (shuffled)'s seed 1 has no partner
+            x, y = [accuracy(name, s) for s in shared], [accuracy(c["against"], s) for s in shared]
+            assert seed_level["seeds"] == shared and seed_level["n"] == 2
+            ttest, wilcoxon = seed_level["tests"]
+            assert ttest["p_value"] == pytest.approx(stats.ttest_rel(x, y).pvalue)
+            assert wilcoxon["p_value"] == pytest.approx(stats.wilcoxon(x, y).pvalue)
+            diff = np.subtract(x, y)
+            sd = np.std(diff, ddof=1)
+            if sd < 1e-12:  # AdaLoRA - LoRA: 10 more right on both seeds
+                assert seed_level["mde"]["mde"] is None and "no spread" in seed_level["mde"]["reason"]
+                continue
+            power = TTestPower()
+            d = power.solve_power(effect_size=None, nobs=2, alpha=0.05, power=0.8, alternative="two-sided")
+            assert seed_level["mde"]["mde"] == pytest.approx(d * sd)
+            assert seed_level["mde"]["sd_difference"] == pytest.approx(sd)
+            effect = abs(diff.mean()) / sd  # statsmodels' root finder fails where 2 seeds already have the power
+            needed = None if effect < 1e-9 else 2 if effect >= d else math.ceil(
+                power.solve_power(effect_size=effect, nobs=None, alpha=0.05, power=0.8, alternative="two-sided"))
+            assert seed_level["mde"]["seeds_needed_for_observed"] == needed
+            p_values = []
+            for s in shared:
+                ca, cb = predictions(name, s) == LABELS, predictions(c["against"], s) == LABELS
+                p_values.append(mcnemar([[np.sum(ca & cb), np.sum(ca & ~cb)], [np.sum(~ca & cb), np.sum(~ca & ~cb)]],
+                                        exact=True).pvalue)
+            assert [e["mcnemar"]["p_value"] for e in c["example_level"]] == pytest.approx(p_values)
+            summary = c["example_summary"]
+            assert summary["n_tests"] == 2 and summary["n_mcnemar_significant"] == sum(p < 0.05 for p in p_values)
+            assert summary["ci_low_min"] == pytest.approx(min(e["bootstrap"]["ci_low"] for e in c["example_level"]))
+    headline = next(e for e in agg["significance"]["seed_level"] if (e["method_a"], e["method_b"]) == ("GLoRA", "LoRA"))
+    assert headline["mde"]["mde"] is not None and headline["reading"]
+    report = (evaluated_variants[0] / "comparison" / "report.md").read_text()
+    assert "## Ablation and controls" in report and "GLoRA (params)" in report and "MDE (points)" in report
+
+
+def test_minimum_detectable_effect_and_reading():
+    assert E.minimum_detectable_effect([0.01])["mde"] is None
+    assert "2 shared seeds" in E.minimum_detectable_effect([0.01])["reason"]
+    flat = E.minimum_detectable_effect([0.01, 0.01, 0.01])
+    assert flat["mde"] is None and "no spread" in flat["reason"]
+    zero = E.minimum_detectable_effect([0.01, -0.01, 0.0])
+    d = TTestPower().solve_power(effect_size=None, nobs=3, alpha=0.05, power=0.8, alternative="two-sided")
+    assert zero["mde"] == pytest.approx(d * 0.01)
+    assert zero["seeds_needed_for_observed"] is None and "0" in zero["seeds_needed_reason"]
+    assert E.minimum_detectable_effect([0.5, 0.51, 0.49])["seeds_needed_for_observed"] == 2
+    small = E.RELEVANT_DIFFERENCE / 2
+    assert E.reading(0.01, 0.02, {"mde": small}).startswith("difference")
+    assert E.reading(0.4, 0.001, {"mde": small}).startswith("no effect larger than the MDE")
+    assert E.reading(0.4, 0.01, {"mde": 4 * E.RELEVANT_DIFFERENCE}) == "too few seeds to tell"
+    assert E.reading(0.0, 0.01, flat).startswith("the same difference on every seed")
+
+
+def test_budget_columns_are_ratios_of_the_summaries(evaluated_variants):
+    _, agg = evaluated_variants
+    derived, groups = agg["derived"]["sst2"]["methods"], agg["groups"]["sst2"]
+
+    def mean_over_seeds(method, value):
+        return np.mean([value(method, s) for s in seeds_of(method)])
+
+    effective = {m: mean_over_seeds(m, lambda m, s: new_fields(m, s)["adapter_params_effective"]) for m in GROUPS}
+    ranks = {m: mean_over_seeds(m, lambda m, s: sum(final_ranks(m, s).values())) for m in GROUPS}
+    trainable = {m: mean_over_seeds(m, lambda m, s: ALL_RUNS[(m, s)][2]) for m in GROUPS}
+    for m in GROUPS[1:]:
+        assert derived[m]["adapter_params_ratio"] == pytest.approx(effective[m] / effective["LoRA"])
+        assert derived[m]["rank_budget_total_ratio"] == pytest.approx(ranks[m] / ranks["LoRA"])
+        assert derived[m]["trainable_params_ratio"] == pytest.approx(trainable[m] / trainable["LoRA"])
+        assert derived[m]["adapter_params_basis"] == "adapter_params_effective"
+    assert groups["AdaLoRA"]["adapter_params_reported"]["mean"] == pytest.approx(effective["AdaLoRA"])
+    assert groups["AdaLoRA"]["adapter_params"]["mean"] == pytest.approx(trainable["AdaLoRA"] - 100)
+    budget = next(e for e in agg["ablation"] if e["method_name"] == "GLoRA (params)")["budget"]
+    assert budget["budget_unit"] == "params" and budget["adapter_params"] == pytest.approx(effective["GLoRA (params)"])
+    assert budget["adapter_params_ratio"] == pytest.approx(effective["GLoRA (params)"] / effective["LoRA"])
+
+
+def test_time_ratios_and_run_cost_with_the_new_fields(evaluated_variants):
+    results, agg = evaluated_variants
+    derived = agg["derived"]["sst2"]["methods"]
+    step = {m: np.mean([ALL_RUNS[(m, s)][1] / 20 for s in seeds_of(m)]) for m in GROUPS}
+    assert derived["GLoRA"]["step_time_ratio"] == {"value": pytest.approx(step["GLoRA"] / step["LoRA"]),
+                                                   "comparable": True, "reason": None, "basis": "step_time_median"}
+    assert derived["GLoRA"]["train_time_s_ratio"]["comparable"] and \
+        derived["GLoRA"]["train_time_s_ratio"]["basis"] == "train_time_total"
+    loaded = derived["GLoRA (shuffled)"]["step_time_ratio"]
+    assert not loaded["comparable"] and loaded["reason"].startswith("outside load: step-time iqr/median 0.300 > 0.1")
+    assert loaded["value"] == pytest.approx(step["GLoRA (shuffled)"] / step["LoRA"])
+    report = (results / "comparison" / "report.md").read_text()
+    assert f"×{loaded['value']:.2f} (not comparable, note 1)" in report and "Note 1: not comparable: outside" in report
+    assert f"×{derived['GLoRA']['step_time_ratio']['value']:.2f} |" in report
+    assert "- device=cpu, device_name=Test CPU 9000, cpu_threads=2, world_size=1, torch=2.5.0" in report
+    cost = json.loads((results / run_name("GLoRA", 42) / "metrics.json").read_text())["cost"]
+    assert cost["environment"]["device_name"] == "Test CPU 9000" and cost["step_time_s"]["median"] == 110 / 20
+    assert cost["cpu_time_s"] == pytest.approx(0.95 * 110 * 2) and cost["rebuild_pause_s"] == 0.2
+    assert json.loads((results / run_name("GLoRA", 42) / "metrics.json").read_text())["variant"] is None
+
+
+def timed_record(method: str, seed: int, seconds: float, timed: bool = True, **kw) -> E.RunRecord:
+    summary = {"task": "sst2", "method": METHODS[method], "method_name": method, "seed": seed,
+               "train_time_s": seconds, "total_steps": 20, **(timing(seconds, **kw) if timed else {})}
+    return E.RunRecord(f"{method}-{seed}", {}, summary, [], None)
+
+
+@pytest.mark.parametrize("glora_42, comparable, reason", [
+    ({}, True, None),
+    ({"hostname": "box-2"}, True, None),  # a twin machine: same hardware and versions
+    ({"device": "cuda", "device_name": "NVIDIA H100", "gpu_model": "NVIDIA H100"}, False,
+     "different environments: device 'cpu' (LoRA-42) vs 'cuda' (GLoRA-42)"),
+    ({"device_name": "Other CPU"}, False,
+     "different environments: device_name 'Test CPU 9000' (LoRA-42) vs 'Other CPU' (GLoRA-42)"),
+    ({"torch": "2.6.0"}, False, "different environments: torch"),
+    ({"iqr_share": 0.25}, False, "outside load: step-time iqr/median 0.250 > 0.1 in GLoRA-42"),
+    ({"seconds": 130.0}, False, "seeds of GLoRA timed apart: per-run median step time (max - min)/median 0.158 > 0.1"),
+    ({"cpu_use": 0.5}, False, "CPU utilisation 0.50 < 0.75 in GLoRA-42"),
+    ({"timed": False}, False, "no environment recorded (GLoRA-42)"),
+])
+def test_time_ratio_comparability(glora_42, comparable, reason):
+    kw = {"seconds": 110.0, **glora_42}
+    records = [timed_record("LoRA", 42, 100.0), timed_record("LoRA", 7, 101.0), timed_record("GLoRA", 7, 111.0),
+               timed_record("GLoRA", 42, **kw)]
+    ratio = E.aggregate(records)["derived"]["sst2"]["methods"]["GLoRA"]["step_time_ratio"]
+    assert ratio["comparable"] is comparable
+    assert (ratio["reason"] or "").startswith(reason or "")
+    assert (ratio["reason"] is None) == comparable
+    basis = "step_time_median" if glora_42.get("timed", True) else "train_time_per_step"
+    assert ratio["basis"] == basis and ratio["value"] == pytest.approx((kw["seconds"] + 111.0) / (100.0 + 101.0))
+
+
+def test_method_styles_for_unknown_groups():
+    names = ["LoRA", "AdaLoRA", "GLoRA"] + [f"GLoRA (v{k})" for k in range(30)]
+    styles = E.method_styles(reversed(names))
+    assert styles == E.method_styles(names)  # deterministic
+    assert {m: styles[m]["color"] for m in E.COLORS} == E.COLORS
+    others = [styles[m]["color"] for m in E.sort_methods(names)[3:]]  # palette order = display order
+    assert len(set(others[:len(E.OTHER_COLORS)])) == len(E.OTHER_COLORS) and not set(others) & set(E.COLORS.values())
+    assert all(len(set(mpl_colors.to_rgb(c))) > 1 for c in others)  # no grey: grey marks "not comparable"
+    assert len({(styles[m]["color"], styles[m]["hatch"]) for m in names}) == len(names)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -101,3 +101,105 @@ def test_loaders_share_data_order_for_a_seed(glue_dir, tiny_model):
     ds = P.tokenize(P.load_glue("sst2", str(glue_dir), "unused"), tok, 32)
     order = lambda seed: [b["idx"].tolist() for b in P.make_loaders(ds, tok, 16, 16, seed)[0]]  # noqa: E731
     assert order(3) == order(3) and order(3) != order(4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Official files as distributed: a byte-order mark (MRPC), Windows line ends, MNLI's 16-column dev files, QQP's
+# broken rows. Anything else unexpected stays a file:line error.
+
+def _write_variants(root, folder: str, lines: list[str], names=("train.tsv", "dev.tsv")) -> dict:
+    """The same rows as plain LF, BOM + LF, CRLF and BOM + CRLF files, one GLUE folder each."""
+    variants = {"plain": ("", "\n"), "bom": ("\ufeff", "\n"), "crlf": ("", "\r\n"), "bom+crlf": ("\ufeff", "\r\n")}
+    out = {}
+    for variant, (bom, end) in variants.items():
+        (root / variant / folder).mkdir(parents=True)
+        for name in names:
+            (root / variant / folder / name).write_bytes((bom + end.join(lines) + end).encode("utf-8"))
+        out[variant] = root / variant
+    return out
+
+
+@pytest.mark.parametrize("task", ["mrpc", "cola", "stsb", "sst2", "mnli"])
+def test_bom_and_crlf_give_the_same_rows_as_the_plain_file(tmp_path, task):
+    import random
+
+    from tests.conftest import glue_rows
+
+    spec = P.TASKS[task]
+    lines = glue_rows(spec.folder, 12, random.Random(0))
+    names = ("train.tsv", *spec.dev_files.values())
+    folders = _write_variants(tmp_path, spec.folder, lines, names)
+    loaded = {v: P.load_glue(task, str(d), "unused")["train"].to_dict() for v, d in folders.items()}
+    assert len(loaded["plain"]["label"]) == 12
+    for variant in ("bom", "crlf", "bom+crlf"):
+        assert loaded[variant] == loaded["plain"], variant
+    assert not any(t.endswith("\r") or t.startswith("\ufeff") for t in loaded["bom+crlf"]["text_a"])
+
+
+def test_fixture_carries_the_official_quirks(glue_dir):
+    train, dev = (glue_dir / "MRPC" / "train.tsv").read_bytes(), (glue_dir / "MRPC" / "dev.tsv").read_bytes()
+    assert train.startswith(b"\xef\xbb\xbfQuality\t") and dev.startswith(b"\xef\xbb\xbf") and b"\r\n" in dev
+    assert (glue_dir / "MNLI" / "dev_matched.tsv").read_text().splitlines()[0].count("\t") == 15
+    ds = P.load_glue("mrpc", str(glue_dir), "unused")
+    assert len(ds["validation"]) == GLUE_FILES["MRPC"][1][1]
+    assert not any("\r" in t for t in ds["validation"]["text_b"])
+
+
+@pytest.mark.parametrize("variant", ["bom", "crlf", "bom+crlf"])
+def test_malformed_row_in_a_bom_or_crlf_file_is_still_a_file_line_error(tmp_path, variant):
+    lines = ["index\tsentence1\tsentence2\tlabel", "0\ta\tb\tentailment", "1\tonly two", "2\tc\td\tentailment"]
+    root = _write_variants(tmp_path, "RTE", lines)[variant]
+    with pytest.raises(P.DataError, match=r"RTE/train\.tsv:3: malformed row: expected 4 .* found 2"):
+        P.load_glue("rte", str(root), "unused")
+    lines[2] = "1\tc\td\tmaybe"
+    root = _write_variants(tmp_path / "label", "RTE", lines)[variant]
+    with pytest.raises(P.DataError, match=r"RTE/train\.tsv:3: label 'maybe' does not belong to task RTE"):
+        P.load_glue("rte", str(root), "unused")
+
+
+def test_bom_in_the_middle_or_a_header_typo_is_an_error(tmp_path):
+    (tmp_path / "MRPC").mkdir()
+    head = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"
+    (tmp_path / "MRPC" / "train.tsv").write_text(f"{head}\n\ufeff1\t1\t2\ta\tb\n")
+    with pytest.raises(P.DataError, match=r"MRPC/train\.tsv:2: label '\\ufeff1' does not belong"):
+        P.load_glue("mrpc", str(tmp_path), "unused")
+    (tmp_path / "MRPC" / "train.tsv").write_text(head.replace("Quality", "Qualty") + "\n1\t1\t2\ta\tb\n")
+    with pytest.raises(P.DataError, match=r"MRPC/train\.tsv:1: header lacks column\(s\) \['Quality'\]"):
+        P.load_glue("mrpc", str(tmp_path), "unused")
+
+
+def test_cola_without_header_still_checks_every_row(tmp_path):
+    (tmp_path / "CoLA").mkdir()
+    (tmp_path / "CoLA" / "train.tsv").write_bytes(b"gj04\t1\t\tgood .\r\ngj04\t0\t*\r\n")
+    with pytest.raises(P.DataError, match=r"CoLA/train\.tsv:2: malformed row: expected 4 .* found 3"):
+        P.load_glue("cola", str(tmp_path), "unused")
+
+
+def test_qqp_broken_rows_are_skipped_as_the_reference_loaders_do(tmp_path, caplog):
+    (tmp_path / "QQP").mkdir()
+    head = "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate"
+    rows = ["0\t1\t2\ta?\tb?\t0", '1\t3\t4\t"Why?', '"\tWas he real?\t0', "2\t5\t6\tc?\td?\t1"]
+    for name in ("train.tsv", "dev.tsv"):
+        (tmp_path / "QQP" / name).write_text("\n".join([head, *rows]) + "\n")
+    with caplog.at_level("WARNING", logger="src.preprocess"):
+        ds = P.load_glue("qqp", str(tmp_path), "unused")
+    assert ds["train"]["text_a"] == ["a?", "c?"] and ds["train"]["label"] == [0, 1]
+    assert "QQP/train.tsv: skipped 2 row(s) with fewer than 6 fields" in caplog.text and "line 3" in caplog.text
+    (tmp_path / "QQP" / "train.tsv").write_text("\n".join([head, rows[0], "3\t7\t8\te?\tf\tg?\t1"]) + "\n")
+    with pytest.raises(P.DataError, match=r"QQP/train\.tsv:3: malformed row: expected 6 .* found 7"):
+        P.load_glue("qqp", str(tmp_path), "unused")
+
+
+def test_short_rows_are_an_error_outside_qqp(tmp_path):
+    (tmp_path / "STS-B").mkdir()
+    head = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
+    (tmp_path / "STS-B" / "train.tsv").write_text(f"{head}\n0\tg\tf\t2012\t0\tnone\tnone\ta\tb\n")
+    with pytest.raises(P.DataError, match=r"STS-B/train\.tsv:2: malformed row: expected 10 .* found 9"):
+        P.load_glue("stsb", str(tmp_path), "unused")
+
+
+def test_a_file_that_is_not_utf8_names_its_line(tmp_path):
+    (tmp_path / "SST-2").mkdir()
+    (tmp_path / "SST-2" / "train.tsv").write_bytes(b"sentence\tlabel\ngood\t1\ncaf\xe9 \t1\n")
+    with pytest.raises(P.DataError, match=r"SST-2/train\.tsv:3: not UTF-8 text"):
+        P.load_glue("sst2", str(tmp_path), "unused")

@@ -44,7 +44,11 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
         if (run_dir / "checkpoint").exists() else []
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+SLOW_CASES = {"LoRA-epoch-end", "GLoRA-before-realloc"}  # -m slow; the suite keeps a case per method
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c
+                                  for c in sorted(CASES)])
 def test_killed_run_resumes_to_the_same_result(tiny_model, glue_dir, tmp_path, case):
     run_id, extra, kill_at = CASES[case]
     ref = subprocess.run(command(run_id, extra, tiny_model, glue_dir, tmp_path / "ref"), cwd=REPO, env=ENV,
