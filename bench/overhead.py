@@ -45,7 +45,8 @@ def deberta_v3_base():
     return DebertaV2ForSequenceClassification(config)
 
 
-def method_cfg(kind: str, target_modules: str, init_rank: int = 8, budget: int | None = None, warmup: int = 10**9):
+def method_cfg(kind: str, target_modules: str, init_rank: int = 8, budget: int | None = None, warmup: int = 10**9,
+               score: str = "grad_norm"):
     peft = {"type": "adalora" if kind == "adalora" else "lora", "init_rank": init_rank, "lora_alpha": 16,
             "lora_dropout": 0.0, "use_rslora": False, "target_modules": target_modules,
             "modules_to_save": ["classifier", "pooler"]}
@@ -54,8 +55,8 @@ def method_cfg(kind: str, target_modules: str, init_rank: int = 8, budget: int |
         cfg["adalora"] = {"total_rank_budget": budget, "init_rank": init_rank, "beta1": 0.85, "beta2": 0.85,
                           "orth_reg_weight": 0.1, "adaptation_start_step": 0, "final_steps": 0, "mask_interval": 10}
     if kind == "glora":
-        cfg["glo_ra"] = {"total_rank_budget": budget, "beta_ema": 0.9, "warmup_steps": warmup, "score": "grad_norm",
-                         "min_rank": 1, "max_rank": None}
+        cfg["glo_ra"] = {"total_rank_budget": budget, "budget_unit": "rank", "beta_ema": 0.9, "warmup_steps": warmup,
+                         "score": score, "min_rank": 1, "max_rank": None}
     return OmegaConf.create(cfg)
 
 
@@ -113,6 +114,7 @@ def main(argv=None):
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (adapters stay fp32)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    started = time.perf_counter()
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
@@ -149,6 +151,8 @@ def main(argv=None):
         Runner(f"AdaLoRA init 8 -> {min(128, uniform - 1)}",
                method_cfg("adalora", targets, init_rank=8, budget=min(128, uniform - 1)), base, device),
         Runner("GLoRA warm-up (scoring)", method_cfg("glora", targets, budget=uniform), base, device),
+        Runner("GLoRA warm-up (delta_grad)", method_cfg("glora", targets, budget=uniform, score="delta_grad"), base,
+               device),
         glora_after,
         Runner("bare PEFT loop (LoRA r=8)", method_cfg("lora", targets), base, device, bare=True),
     ]
@@ -179,9 +183,11 @@ def main(argv=None):
     print(f"GLoRA ranks after reallocation: min {ranks[0]}, median {ranks[len(ranks) // 2]}, max {ranks[-1]}")
     print(f"glora/lora step-time ratio: {med['GLoRA after realloc'] / lora:.3f}")
     print(f"glora-warmup/lora step-time ratio: {med['GLoRA warm-up (scoring)'] / lora:.3f}")
+    print(f"delta_grad-warmup/lora step-time ratio: {med['GLoRA warm-up (delta_grad)'] / lora:.3f}")
     print(f"adalora/lora step-time ratio: {med['AdaLoRA init 12 -> avg 8'] / lora:.3f}")
     print(f"harness/bare step-time ratio: {lora / med['bare PEFT loop (LoRA r=8)']:.3f}")
     print(f"rebuild pause / LoRA step: {realloc_seconds / lora:.3f}")
+    print(f"bench wall time: {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

@@ -77,9 +77,11 @@ N_RESAMPLES, BOOT_SEED = 10_000, 0
 # Seed-level tests and their power: the MDE is the smallest difference a paired t-test detects at MDE_POWER.
 ALPHA, MDE_POWER = 0.05, 0.8
 # Time ratios are marked "not comparable" when the runs' timing cannot be trusted; calibrate on a quiet machine.
-STEP_IQR_MAX = 0.10     # a run's step-time iqr/median above this: something else loaded the machine during the run
+# Calibrated on the demo (2 CPU cores, BENCHMARKS.md): unexplained step-time spread 0.08-0.14 idle, 0.22-0.61
+# with a 2-thread process beside it; CPU utilisation 0.97-0.99 idle, 0.49-0.50 loaded.
+STEP_IQR_MAX = 0.20     # a run's unexplained step-time spread above this: outside load during the run
 SEED_SPREAD_MAX = 0.10  # (max - min)/median of one group's per-run median step times above this: seeds timed apart
-CPU_UTIL_MIN = 0.75     # CPU runs: cpu_time_s / (train_time_s x cpu_threads) below this: another process had cores
+CPU_UTIL_MIN = 0.75     # CPU runs: cpu_time_s / (train_time_s x cpu_threads) below this: cores were shared
 # Runs differing in any of these are not timed alike (the hostname alone does not matter: twin machines)
 ENV_KEYS = ["device", "device_name", "cpu_threads", "gpu_model", "world_size", "torch", "transformers", "peft"]
 CHECKPOINT_RULE = ("Headline numbers are the final evaluation after the last training step (no checkpoint picked on "
@@ -502,13 +504,20 @@ def role_of(method: str | None, variant: str | None, name: str) -> str | None:
 
 
 def task_roles(by_method: dict) -> dict[str, str | None]:
-    """role -> the group name that holds it on one task (the first in display order), None when absent."""
+    """role -> the group name that holds it on one task (the first in display order), None when absent. A method's
+    main config (no variant) holds its role; without one, a method's only group does (e.g. runs that are all
+    `tuned` compare among themselves)."""
     roles = dict.fromkeys(ROLE_LABELS)
     for name in sort_methods(by_method):
         group = by_method[name]
         role = role_of(group.get("method"), group.get("variant"), name)
         if role is not None and roles[role] is None:
             roles[role] = name
+    for role in (r for r, name in roles.items() if name is None):
+        method = next(m for m, r in ROLE_OF_METHOD.items() if r == role)
+        only = [n for n, g in by_method.items() if g.get("method") == method]
+        if len(only) == 1:
+            roles[role] = only[0]
     return roles
 
 

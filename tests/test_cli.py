@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 RUNS = {
     "LoRA": ("comparative-2-DeBERTa-v3-base-86M--GLUE-SST-2", []),
@@ -50,6 +52,22 @@ def test_trial_run_end_to_end(tiny_model, glue_dir, tmp_path, method):
         assert any(r.get("event") == "glora_reallocation" for r in rows)
     if method == "LoRA":
         assert set(summary["final_ranks"].values()) == {8}
+        # cost record and the forecast of the full run (the values mode=trial replaced put back) and of its study
+        env = summary["environment"]
+        assert env["device"] == "cpu" and env["cpu_threads"] >= 1 and env["world_size"] == 1 and env["torch"]
+        assert summary["step_time_s"]["n"] == 1 and summary["cpu_time_s"] > 0  # the 2nd step (the 1st pays set-up)
+        cfg = OmegaConf.merge(OmegaConf.load(REPO / "config" / "config.yaml"),
+                              OmegaConf.load(REPO / "config" / "run" / f"{run_id}.yaml"))
+        n_train, n_dev = 96, 24  # conftest's SST-2 folder
+        steps = math.ceil(n_train / cfg.dataset.batch_size) * cfg.training.epochs
+        shape = summary["forecast_full_run_shape"]
+        assert (shape["train_examples"], shape["eval_examples"], shape["total_steps"]) == (n_train, n_dev, steps)
+        assert shape["evaluations"] == cfg.training.epochs and shape["step_tokens"] > 0
+        assert summary["forecast_full_run_s"] > summary["forecast_basis"]["imports_s"]
+        assert summary["forecast_n_trials"] == cfg.optuna.n_trials and summary["forecast_study_s"] > 0
+        holdout = math.ceil(cfg.optuna.holdout_fraction * n_train)
+        assert summary["forecast_trial_shape"]["train_examples"] == n_train - holdout
+        assert "forecast on this device" in proc.stdout + proc.stderr
 
 
 def test_seeded_runs_do_not_overwrite_each_other(tiny_model, glue_dir, tmp_path):

@@ -1,0 +1,120 @@
+"""Why AdaLoRA trails LoRA on the CPU demo: accuracy against schedule length for the three methods, and AdaLoRA's (and
+LoRA's) knobs one at a time at the demo's length. Every run goes through the contract CLI; finished runs are skipped,
+so an interrupted study continues where it stopped.
+
+    uv sync --group demo && uv run python bench/adalora_deficit.py                 # both parts, seed 42
+    uv run python bench/adalora_deficit.py --part schedule --steps 250 500 1000 2000
+    uv run python bench/adalora_deficit.py --part knobs --seeds 42 43
+
+Schedule: `--steps N` trains one epoch over the first 32·N examples of the fixed SST-2 subsample order at batch 32 (N
+optimizer steps); the run configs write every schedule as a share of the run (LR warm-up 10%, AdaLoRA tinit 20% and
+tfinal 32%, GLoRA warm-up 20%), so each length keeps the demo's proportions. Knobs: the demo (250 steps) with one
+override each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = "MiniLM-L6-22M--GLUE-SST-2"
+METHODS = {"comparative-2": "LoRA", "comparative-1": "AdaLoRA", "proposed": "GLoRA"}
+# name -> (method, run-id tag, overrides): one change at a time against the demo config
+KNOBS = {
+    "AdaLoRA (demo)": ("comparative-1", "demo", []),
+    "AdaLoRA lr 2e-3": ("comparative-1", "lr2e-3", ["training.learning_rate=2e-3"]),
+    "AdaLoRA lr 4e-3": ("comparative-1", "lr4e-3", ["training.learning_rate=4e-3"]),
+    "AdaLoRA orth_reg 0": ("comparative-1", "orth0", ["adalora.orth_reg_weight=0.0"]),
+    "AdaLoRA no pruning (431 of 432)": ("comparative-1", "noprune", ["adalora.total_rank_budget=431"]),
+    "AdaLoRA init rank 8 (287 of 288)": ("comparative-1", "init8",
+                                         ["model.peft.init_rank=8", "adalora.total_rank_budget=287"]),
+    "AdaLoRA lora_alpha 32": ("comparative-1", "alpha32", ["model.peft.lora_alpha=32"]),
+    "LoRA (demo)": ("comparative-2", "demo", []),
+    "LoRA lr 2e-3": ("comparative-2", "lr2e-3", ["training.learning_rate=2e-3"]),
+    "LoRA lr 4e-3": ("comparative-2", "lr4e-3", ["training.learning_rate=4e-3"]),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results-dir", default="results/adalora_deficit")  # s{steps}/ and knobs/ inside
+    p.add_argument("--part", choices=["schedule", "knobs", "both"], default="both")
+    p.add_argument("--steps", nargs="+", type=int, default=[250, 500, 1000, 2000])
+    p.add_argument("--seeds", nargs="+", type=int, default=[42])
+    p.add_argument("--knobs", nargs="+", default=list(KNOBS), choices=list(KNOBS), metavar="NAME")
+    return p.parse_args(argv)
+
+
+def folder_name(run_id: str, seed: int) -> str:
+    return run_id if seed == 42 else f"{run_id}-seed{seed}"
+
+
+def run(results: Path, run_id: str, method: str, seed: int, overrides: list[str]) -> dict:
+    """One run through the CLI unless finished; its summary."""
+    summary = results / folder_name(run_id, seed) / "summary.json"
+    if not summary.exists():
+        cmd = [sys.executable, "-u", "-m", "src.main", f"run={method}-{DEMO}", f"results_dir={results}", "mode=full",
+               "wandb.mode=disabled", f"seed={seed}", f"run_id={run_id}", *overrides]
+        print(f"[bench] {' '.join(cmd[3:])}", flush=True)
+        if subprocess.run(cmd, cwd=REPO).returncode:
+            sys.exit(f"bench/adalora_deficit.py: {run_id} (seed {seed}) failed (its error is above); re-run to go on")
+    return json.loads(summary.read_text())
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+def schedule(args) -> None:
+    rows = {}
+    for steps in args.steps:
+        for method in METHODS:
+            for seed in args.seeds:
+                s = run(Path(args.results_dir) / f"s{steps}", f"{method}-{DEMO}", method, seed,
+                        [f"dataset.max_train_samples={32 * steps}", f"training.eval_every_steps={max(1, steps // 5)}"])
+                rows.setdefault((steps, method), []).append(s["accuracy"])
+    print(f"\nschedule length (one epoch of 32 x steps examples, batch 32; seeds {args.seeds}): dev accuracy (%)")
+    print(f"{'steps':>6} {'examples':>9} " + " ".join(f"{m:>9}" for m in METHODS.values())
+          + f" {'AdaLoRA-LoRA':>13} {'GLoRA-LoRA':>11}")
+    for steps in args.steps:
+        acc = {m: 100 * mean(rows[(steps, m)]) for m in METHODS}
+        print(f"{steps:>6} {32 * steps:>9} " + " ".join(f"{acc[m]:>9.2f}" for m in METHODS)
+              + f" {acc['comparative-1'] - acc['comparative-2']:>+13.2f} {acc['proposed'] - acc['comparative-2']:>+11.2f}")
+
+
+def knobs(args) -> None:
+    results = Path(args.results_dir) / "knobs"
+    out = {}
+    for name in args.knobs:
+        method, tag, overrides = KNOBS[name]
+        out[name] = [run(results, f"{method}-{tag}", method, seed, [*overrides, "training.eval_every_steps=null"])
+                     for seed in args.seeds]
+    base = {m: mean([s["accuracy"] for s in out[f"{label} (demo)"]]) for m, label in
+            (("comparative-1", "AdaLoRA"), ("comparative-2", "LoRA")) if f"{label} (demo)" in out}
+    print(f"\nknobs at the demo's 250 steps (seeds {args.seeds}): dev accuracy (%), change against the same method's "
+          f"demo config, and against LoRA's")
+    print(f"{'setting':<34} {'accuracy':>9} {'vs own demo':>12} {'vs LoRA demo':>13} {'final rank':>11} {'trainable':>10}")
+    for name, summaries in out.items():
+        acc = mean([s["accuracy"] for s in summaries])
+        method = KNOBS[name][0]
+        own = f"{100 * (acc - base[method]):+.2f}" if method in base else "-"
+        lora = f"{100 * (acc - base['comparative-2']):+.2f}" if "comparative-2" in base else "-"
+        print(f"{name:<34} {100 * acc:>9.2f} {own:>12} {lora:>13} {summaries[0]['rank_budget_total']:>11} "
+              f"{summaries[0]['trainable_params']:>10}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.part in ("schedule", "both"):
+        schedule(args)
+    if args.part in ("knobs", "both"):
+        knobs(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

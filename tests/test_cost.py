@@ -1,0 +1,78 @@
+"""Cost records: schedules resolved against the run's length, per-step times and their load signature, run shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from src import main
+from src import preprocess as P
+from src import train as T
+
+
+@pytest.mark.parametrize("value,steps", [(12000, 12000), ("1 epoch", 400), ("0.5 epochs", 200), ("20%", 200),
+                                         ("12.5%", 125), ("2 epochs", 800), (None, None)])
+def test_schedule_values_resolve_to_steps(value, steps):
+    assert T.schedule_steps("glo_ra.warmup_steps", value, total_steps=1000, steps_per_epoch=400) == steps
+
+
+@pytest.mark.parametrize("value", ["1 epoc", "abc", "150%", -1, 2.5, True])
+def test_malformed_schedule_values_name_the_key(value):
+    with pytest.raises(ValueError, match=r"glo_ra\.warmup_steps="):
+        T.parse_schedule("glo_ra.warmup_steps", value)
+
+
+def test_the_schedule_keys_agree_between_the_cli_and_the_loop():
+    assert main.SCHEDULE_KEYS == T.SCHEDULE_KEYS
+
+
+def test_resolve_schedules_keeps_the_given_config_and_records_both():
+    cfg = OmegaConf.create({"training": {"lr_warmup_steps": "10%", "eval_every_steps": None,
+                                         "checkpoint_every_steps": 500},
+                            "glo_ra": {"warmup_steps": "1 epoch"}})
+    resolved, record = T.resolve_schedules(cfg, total_steps=300, steps_per_epoch=100)
+    assert cfg.glo_ra.warmup_steps == "1 epoch"  # the given config is left as written (config.yaml, resume check)
+    assert (resolved.training.lr_warmup_steps, resolved.glo_ra.warmup_steps) == (30, 100)
+    assert record["glo_ra.warmup_steps"] == {"given": "1 epoch", "steps": 100}
+    assert "adalora.final_steps" not in record  # a method section the run does not have
+
+
+def _times(tokens, rng, load=0.0):
+    tokens = np.asarray(tokens, dtype=float)
+    base = 0.05 + 2e-4 * tokens  # a step's time follows its padded tokens
+    noise = rng.normal(0, 0.004, len(tokens))
+    stolen = load * rng.exponential(1.0, len(tokens)) * (rng.random(len(tokens)) < 0.5)  # another process, on and off
+    return list(base + noise + stolen)
+
+
+def test_unexplained_step_time_spread_separates_load_from_padding():
+    rng = np.random.default_rng(0)
+    tokens = list(rng.integers(400, 2000, 200))  # dynamic padding: batches of very different lengths
+    idle = T.step_time_stats(_times(tokens, rng), tokens)
+    loaded = T.step_time_stats(_times(tokens, rng, load=0.2), tokens)
+    assert idle["iqr"] / idle["median"] > 0.3  # the raw spread is large even when idle...
+    assert idle["unexplained_iqr"] < 0.05  # ...but the lengths explain it
+    assert loaded["unexplained_iqr"] > 0.3
+    assert idle["seconds_per_1k_tokens"] == pytest.approx(0.2, rel=0.05)
+    assert idle["n"] == 199  # the first step (one-off set-up) is left out
+
+
+def test_run_shape_counts_steps_and_evaluations():
+    cfg = OmegaConf.create({
+        "dataset": {"max_train_samples": 8000, "max_eval_samples": None, "batch_size": 32, "eval_batch_size": 128},
+        "training": {"epochs": 2, "max_steps": None, "max_train_batches": None, "gradient_accumulation_steps": 1,
+                     "eval_every_steps": "20%"},
+        "optuna": {"holdout_fraction": 0.1, "trial_epochs": 1, "trial_max_steps": 100}})
+    full = T.run_shape(cfg, 67349, {"validation": 872})
+    assert (full.train_examples, full.eval_examples, full.total_steps) == (8000, 872, 500)
+    assert full.evaluations == 6  # every 100 steps (20%), and the end of epoch 1 (step 250)
+    trial = T.run_shape(cfg, 67349, {"validation": 872}, tuning=True)
+    assert (trial.train_examples, trial.eval_examples, trial.total_steps) == (7200, 800, 100)
+    lengths = np.array([10] * 31 + [50])
+    assert T.run_shape(cfg, 67349, {"validation": 872}, train_lengths=lengths).step_tokens == pytest.approx(
+        32 * 50)  # every batch of 32 from these 32 lengths holds the longest
+
+
+def test_padded_tokens_pad_each_batch_to_its_longest():
+    assert P.padded_tokens([3, 5, 2, 7, 1], 2) == 2 * 5 + 2 * 7 + 1 * 1
