@@ -106,7 +106,7 @@ def timed(runner, batch, device, autocast):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="save_pretrained folder (default: DeBERTa-v3-base architecture, random init)")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=10, help="measured steps per method")
     ap.add_argument("--warmup", type=int, default=2, help="unmeasured steps per method first")
