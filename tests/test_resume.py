@@ -117,3 +117,19 @@ def test_wandb_id_is_kept_on_resume_and_fresh_after_a_restart(tmp_path):
     fresh = T.wandb_run_id(run_dir, "run", resuming=False)
     assert fresh.startswith("run-") and fresh != "run"
     assert T.wandb_run_id(run_dir, "run", resuming=True) == fresh
+
+
+def test_evaluating_during_training_does_not_change_training(tiny_model, glue_dir, tmp_path):
+    """Evaluation must not draw from the RNG that drives dropout: the same run with and without evaluations in
+    between ends with the same weights (a loader without its own generator draws a seed from the global RNG)."""
+    finals = []
+    for every in ("2", "null"):
+        extra = ["training.checkpoint_every_steps=null", f"training.eval_every_steps={every}", "training.epochs=1"]
+        results = tmp_path / every
+        done = subprocess.run(command("comparative-2-DeBERTa-v3-base-86M--GLUE-RTE", extra, tiny_model, glue_dir,
+                                      results), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        summary = json.loads((results / "comparative-2-DeBERTa-v3-base-86M--GLUE-RTE" / "summary.json").read_text())
+        assert summary["evaluations"] >= (2 if every == "2" else 1)
+        finals.append(summary["loss"])
+    assert finals[0] == finals[1]
