@@ -102,7 +102,7 @@ def main(argv=None) -> None:
     reports = {"idle": evaluate(idle), "loaded": evaluate(loaded)}
 
     print(f"\n{'method':8s} {'set':7s} {'dev acc':>8s} {'train s':>8s} {'wall s':>8s} {'step med s':>10s} "
-          f"{'unexpl. IQR':>11s} {'CPU use':>7s} {'step ratio':>20s} {'train ratio':>20s}")
+          f"{'unexpl. IQR':>11s} {'jitter':>6s} {'CPU use':>7s} {'step ratio':>20s} {'train ratio':>20s}")
     for m, name in METHODS.items():
         for key, results in (("idle", idle), ("loaded", loaded)):
             s = summary(results, m)
@@ -112,7 +112,8 @@ def main(argv=None) -> None:
             wall = walls.get(f"{key}/{m}")
             print(f"{name:8s} {key:7s} {s['accuracy']:8.4f} {s['train_time_s']:8.1f} "
                   f"{(f'{wall:.1f}' if wall else '-'):>8s} {st.get('median', float('nan')):10.3f} "
-                  f"{st.get('unexplained_iqr', float('nan')):11.3f} {(f'{use:.2f}' if use else '-'):>7s} "
+                  f"{st.get('unexplained_iqr', float('nan')):11.3f} {st.get('unexplained_jitter', float('nan')):6.3f} "
+                  f"{(f'{use:.2f}' if use else '-'):>7s} "
                   f"{ratio_text(der.get('step_time_ratio')):>20s} {ratio_text(der.get('train_time_s_ratio')):>20s}")
     print("\nreasons given for ratios marked not comparable:")
     for key in ("idle", "loaded"):

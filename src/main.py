@@ -236,6 +236,14 @@ def resolve_search_space(cfg: DictConfig) -> dict[str, tuple[str, dict]]:
                    else "no such short key or config path")
             raise ConfigError(f"optuna.search_space.{key}: {why}; short keys for {kind}: {sorted(table)}")
         space[key] = (path, _check_space_spec(key, OmegaConf.to_container(spec)))
+        if path in SCHEDULE_KEYS and space[key][1]["type"] == "categorical":
+            from src import train as T  # a bad choice would otherwise end the study when a trial draws it
+
+            for choice in space[key][1]["choices"]:
+                try:
+                    T.parse_schedule(path, choice)
+                except ValueError as e:
+                    raise ConfigError(f"optuna.search_space.{key}: choice {e}") from None
     return space
 
 

@@ -15,6 +15,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -331,14 +332,22 @@ def parse_schedule(key: str, value) -> tuple[float, str] | None:
     return amount, ("%" if unit == "%" else "epochs")
 
 
+# Intervals: a share of a short run can round to 0 steps, which would mean "never" (or divide by zero in PEFT's
+# masking); a relative interval is at least one step.
+INTERVAL_KEYS = ("training.eval_every_steps", "training.checkpoint_every_steps", "adalora.mask_interval")
+
+
 def schedule_steps(key: str, value, total_steps: int, steps_per_epoch: int) -> int | None:
-    """The schedule value in optimizer steps (rounded half up)."""
+    """The schedule value in optimizer steps, rounded half up exactly (from the decimal as written, so "35%" of 90
+    is 32, not float's 31); a relative interval (INTERVAL_KEYS) is at least 1."""
     parsed = parse_schedule(key, value)
     if parsed is None:
         return None
     amount, unit = parsed
+    amount = Fraction(int(amount)) if unit == "steps" else Fraction(_SCHEDULE.match(value).group(1))
     steps = {"steps": amount, "epochs": amount * steps_per_epoch, "%": amount / 100 * total_steps}[unit]
-    return int(math.floor(steps + 0.5))
+    rounded = math.floor(steps + Fraction(1, 2))
+    return max(rounded, 1) if unit != "steps" and key in INTERVAL_KEYS else rounded
 
 
 def resolve_schedules(cfg, total_steps: int, steps_per_epoch: int) -> tuple:
@@ -890,8 +899,11 @@ def step_time_stats(times: list[float], tokens: list[int] | None = None) -> dict
 
     With dynamic padding a step's time follows its batch's padded length, so the raw spread says little about
     outside load. `unexplained_iqr` is the spread that the padded token count does not explain: the IQR of the
-    residuals of a least-squares line time ~ tokens, relative to the median time. An idle machine keeps it small;
-    another process competing for the device does not."""
+    residuals of a least-squares line time ~ tokens, relative to the median time. A method whose steps cost more in
+    one phase (GLoRA's delta_grad warm-up, AdaLoRA's budgeting) widens it on an idle machine too, so the load signal
+    is `unexplained_jitter`: the IQR of the step-to-step differences of those residuals (/√2, so that it matches the
+    IQR for independent noise), relative to the median time. A level shift between phases moves one difference;
+    another process competing for the device moves them all."""
     skip = 1 if len(times) >= 2 else 0
     times = np.asarray(times[skip:], dtype=float)
     if not len(times):
@@ -903,8 +915,11 @@ def step_time_stats(times: list[float], tokens: list[int] | None = None) -> dict
         out["tokens_median"] = float(np.median(x))
         if len(times) >= 8 and np.ptp(x) > 0:
             slope, intercept = np.polyfit(x, times, 1)
-            r1, r3 = np.percentile(times - (slope * x + intercept), [25, 75])
-            out.update(seconds_per_1k_tokens=float(1000 * slope), unexplained_iqr=float((r3 - r1) / med))
+            residuals = times - (slope * x + intercept)
+            r1, r3 = np.percentile(residuals, [25, 75])
+            d1, d3 = np.percentile(np.diff(residuals), [25, 75])
+            out.update(seconds_per_1k_tokens=float(1000 * slope), unexplained_iqr=float((r3 - r1) / med),
+                       unexplained_jitter=float((d3 - d1) / math.sqrt(2) / med))
     return out
 
 

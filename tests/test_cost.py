@@ -17,6 +17,19 @@ def test_schedule_values_resolve_to_steps(value, steps):
     assert T.schedule_steps("glo_ra.warmup_steps", value, total_steps=1000, steps_per_epoch=400) == steps
 
 
+@pytest.mark.parametrize("key,value,total,per_epoch,steps", [
+    ("glo_ra.warmup_steps", "35%", 90, 90, 32),  # exactly 31.5: half up (float arithmetic gives 31.499...)
+    ("glo_ra.warmup_steps", "29%", 50, 50, 15),  # 14.5
+    ("glo_ra.warmup_steps", "0.7 epochs", 90, 45, 32),  # 31.5
+    ("glo_ra.warmup_steps", "1%", 40, 40, 0),  # a warm-up may round to nothing...
+    ("adalora.mask_interval", "1%", 40, 40, 1),  # ...an interval may not: 0 would mean never (or divide by zero)
+    ("training.eval_every_steps", "0.01 epochs", 40, 40, 1),
+    ("training.eval_every_steps", 0, 40, 40, 0),  # steps as given
+])
+def test_schedule_rounding_is_exact_and_intervals_are_at_least_one_step(key, value, total, per_epoch, steps):
+    assert T.schedule_steps(key, value, total_steps=total, steps_per_epoch=per_epoch) == steps
+
+
 @pytest.mark.parametrize("value", ["1 epoc", "abc", "150%", -1, 2.5, True])
 def test_malformed_schedule_values_name_the_key(value):
     with pytest.raises(ValueError, match=r"glo_ra\.warmup_steps="):
@@ -54,6 +67,7 @@ def test_unexplained_step_time_spread_separates_load_from_padding():
     assert idle["iqr"] / idle["median"] > 0.3  # the raw spread is large even when idle...
     assert idle["unexplained_iqr"] < 0.05  # ...but the lengths explain it
     assert loaded["unexplained_iqr"] > 0.3
+    assert idle["unexplained_jitter"] < 0.05 and loaded["unexplained_jitter"] > 0.2
     assert idle["seconds_per_1k_tokens"] == pytest.approx(0.2, rel=0.05)
     assert idle["n"] == 199  # the first step (one-off set-up) is left out
 
@@ -76,3 +90,17 @@ def test_run_shape_counts_steps_and_evaluations():
 
 def test_padded_tokens_pad_each_batch_to_its_longest():
     assert P.padded_tokens([3, 5, 2, 7, 1], 2) == 2 * 5 + 2 * 7 + 1 * 1
+
+
+def test_a_costlier_phase_is_not_read_as_load():
+    """GLoRA's delta_grad warm-up (or AdaLoRA's budgeting) costs more per step for a share of the run: a level shift
+    that widens the residual IQR of an idle run, but not the step-to-step jitter that outside load brings."""
+    rng = np.random.default_rng(1)
+    tokens = list(rng.integers(400, 2000, 250))
+    times = np.asarray(_times(tokens, rng))
+    times[:75] *= 1.3  # 30% of the run at 1.3x the cost
+    stats = T.step_time_stats(list(times), tokens)
+    assert stats["unexplained_iqr"] > 0.1  # the level shift shows in the residuals...
+    assert stats["unexplained_jitter"] < 0.05  # ...not in the jitter
+    loaded = T.step_time_stats(_times(tokens, rng, load=0.2), tokens)
+    assert loaded["unexplained_jitter"] > 0.2

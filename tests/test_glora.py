@@ -321,3 +321,15 @@ def test_adalora_validation_loss_excludes_the_orthogonal_regulariser(tiny_model)
         task_loss = torch.nn.functional.cross_entropy(out.logits, batch["labels"]).item()
     assert loss == pytest.approx(task_loss, rel=1e-6)
     assert out.loss.item() > task_loss + 1e-3
+
+
+def test_adalora_mask_interval_below_one_is_refused_at_start_up(tiny_model):
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+    cfg = _glora_cfg(tiny_model)
+    cfg.model.peft.type = "adalora"
+    cfg.adalora = {"init_rank": 4, "total_rank_budget": 24, "adaptation_start_step": 2, "final_steps": 2,
+                   "mask_interval": 1}
+    M.check_budget(cfg, base, total_steps=10)  # feasible
+    cfg.adalora.mask_interval = 0
+    with pytest.raises(M.ModelError, match="mask_interval=0"):  # PEFT would divide by zero mid-training
+        M.check_budget(cfg, base, total_steps=10)

@@ -41,6 +41,9 @@ def test_every_shipped_search_key_resolves_to_an_existing_setting(run_id):
     ("learning_rate", {"type": "loguniform", "low": 0, "high": 1e-4}, "malformed range"),
     ("batch_size", {"type": "categorical", "choices": []}, "non-empty choices"),
     ("batch_size", {"type": "choice", "choices": [8]}, "needs type"),
+    # a schedule choice that cannot be read would end the study when a trial draws it
+    ("training.lr_warmup_steps", {"type": "categorical", "choices": ["10%", "1 epoc"]},
+     r"choice training\.lr_warmup_steps='1 epoc'"),
 ])
 def test_bad_search_keys_fail_at_start_up(key, spec, message):
     cfg = compose_run(LORA, "mode=full", "wandb.mode=disabled")
