@@ -21,6 +21,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from src.evaluate import atomic_write  # noqa: E402  (evaluate imports nothing from the training side)
+
 DEMO = "MiniLM-L6-22M--GLUE-SST-2"
 METHODS = {"comparative-2": "LoRA", "comparative-1": "AdaLoRA", "proposed": "GLoRA"}
 HOG = """
@@ -60,9 +64,7 @@ def full_runs(results: Path, walls: dict, key: str, walls_file: Path) -> None:
         wall = train(results, m, "full")
         if wall is not None:
             walls[f"{key}/{m}"] = wall
-            tmp = walls_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(walls, indent=2))
-            os.replace(tmp, walls_file)
+            atomic_write(walls_file, lambda tmp: Path(tmp).write_text(json.dumps(walls, indent=2)))
 
 
 def summary(results: Path, method: str) -> dict:

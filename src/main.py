@@ -221,6 +221,7 @@ def resolve_search_space(cfg: DictConfig) -> dict[str, tuple[str, dict]]:
     """optuna.search_space as {key: (config path, spec)}; a key that maps to nothing, that this method does not
     use, or a malformed range is a ConfigError (never a value silently added at the top level)."""
     from src import model as M
+    from src import train as T
 
     kind = M.adapter_kind(cfg)
     table = SEARCH_KEYS[kind]
@@ -237,9 +238,7 @@ def resolve_search_space(cfg: DictConfig) -> dict[str, tuple[str, dict]]:
             raise ConfigError(f"optuna.search_space.{key}: {why}; short keys for {kind}: {sorted(table)}")
         space[key] = (path, _check_space_spec(key, OmegaConf.to_container(spec)))
         if path in SCHEDULE_KEYS and space[key][1]["type"] == "categorical":
-            from src import train as T  # a bad choice would otherwise end the study when a trial draws it
-
-            for choice in space[key][1]["choices"]:
+            for choice in space[key][1]["choices"]:  # a bad one would otherwise end the study when drawn
                 try:
                     T.parse_schedule(path, choice)
                 except ValueError as e:

@@ -313,20 +313,20 @@ SCHEDULE_KEYS = ("training.lr_warmup_steps", "training.eval_every_steps", "train
 _SCHEDULE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(%|epochs?)\s*$")
 
 
-def parse_schedule(key: str, value) -> tuple[float, str] | None:
-    """(amount, unit) with unit 'steps', 'epochs' or '%'; None for null. A ConfigError-worthy ValueError names the
-    key and the forms it takes."""
+def parse_schedule(key: str, value) -> tuple[Fraction, str] | None:
+    """(amount, unit) with unit 'steps', 'epochs' or '%', the amount exact as written (a Fraction, so that rounding
+    to steps is exact); None for null. A ConfigError-worthy ValueError names the key and the forms it takes."""
     if value is None:
         return None
     if isinstance(value, int) and not isinstance(value, bool):
         if value < 0:
             raise ValueError(f"{key}={value}: a schedule value cannot be negative")
-        return float(value), "steps"
+        return Fraction(value), "steps"
     match = _SCHEDULE.match(value) if isinstance(value, str) else None
     if match is None:
         raise ValueError(f"{key}={value!r}: give optimizer steps (an integer), epochs ('1 epoch', '0.5 epochs') or a "
                          f"share of the run ('20%')")
-    amount, unit = float(match.group(1)), match.group(2)
+    amount, unit = Fraction(match.group(1)), match.group(2)
     if unit == "%" and amount > 100:
         raise ValueError(f"{key}={value!r}: a share of the run lies in 0%..100%")
     return amount, ("%" if unit == "%" else "epochs")
@@ -344,7 +344,6 @@ def schedule_steps(key: str, value, total_steps: int, steps_per_epoch: int) -> i
     if parsed is None:
         return None
     amount, unit = parsed
-    amount = Fraction(int(amount)) if unit == "steps" else Fraction(_SCHEDULE.match(value).group(1))
     steps = {"steps": amount, "epochs": amount * steps_per_epoch, "%": amount / 100 * total_steps}[unit]
     rounded = math.floor(steps + Fraction(1, 2))
     return max(rounded, 1) if unit != "steps" and key in INTERVAL_KEYS else rounded
