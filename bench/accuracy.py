@@ -147,10 +147,13 @@ def print_table(agg: dict) -> None:
     print("(adapter: parameters at the final ranks where recorded; step ratio: median step time vs LoRA, "
           "n/c = not comparable, see report.md)")
     for task, d in agg["derived"].items():
-        share = (d.get("glora_share_of_adalora_gain") or {}).get("accuracy") or {}
-        value = "-" if share.get("value") is None else f"{share['value']:.2f}"
-        reason = f" ({share['reason']})" if share.get("reason") else ""
-        print(f"{task}: share of AdaLoRA's accuracy gain recovered by GLoRA: {value}{reason}")
+        for label, block in (("", d), (" (tuned groups)", d.get("tuned"))):
+            if block is None:
+                continue
+            share = (block.get("glora_share_of_adalora_gain") or {}).get("accuracy") or {}
+            value = "-" if share.get("value") is None else f"{share['value']:.2f}"
+            reason = f" ({share['reason']})" if share.get("reason") else ""
+            print(f"{task}{label}: share of AdaLoRA's accuracy gain recovered by GLoRA: {value}{reason}")
     print("\nacross seeds (glue_score paired by seed):")
     for e in agg["significance"]["seed_level"]:
         print_seed_level(e, f"{e['method_a']} - {e['method_b']}")

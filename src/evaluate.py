@@ -535,13 +535,23 @@ def task_roles(by_method: dict) -> dict[str, str | None]:
         role = role_of(group.get("method"), group.get("variant"), name)
         if role is not None and roles[role] is None:
             roles[role] = name
-    if any(roles.values()):
-        return roles
-    for role in roles:
+    return roles if any(roles.values()) else tuned_roles(by_method)
+
+
+def tuned_roles(by_method: dict) -> dict[str, str | None]:
+    """role -> each method's only `tuned` group on one task (None when it has none, or several to choose from)."""
+    roles = {}
+    for role in ROLE_LABELS:
         method = next(m for m, r in ROLE_OF_METHOD.items() if r == role)
         tuned = [n for n, g in by_method.items() if g.get("method") == method and g.get("variant") == "tuned"]
         roles[role] = tuned[0] if len(tuned) == 1 else None
     return roles
+
+
+def main_config_of(by_method: dict, method: str | None) -> str | None:
+    """The group of a method's main config (no variant) on one task, None when it was not evaluated."""
+    return next((n for n in sort_methods(by_method) if by_method[n].get("method") == method
+                 and by_method[n].get("variant") is None), None) if method else None
 
 
 def _mean(group: dict | None, key: str):
@@ -601,6 +611,10 @@ def derived_metrics(groups: dict, rows: list[dict]) -> dict:
                                  for m, g in by_method.items() if m != base},
                      "glora_share_of_adalora_gain": {k: recovered_share(by_method, k, roles)
                                                      for k in ("accuracy", "glue_score")}}
+        tuned = tuned_roles(by_method)
+        if tuned != roles and tuned["baseline"] is not None:  # tuned groups beside the main configs
+            out[task]["tuned"] = {"roles": tuned, "glora_share_of_adalora_gain": {
+                k: recovered_share(by_method, k, tuned) for k in ("accuracy", "glue_score")}}
     return out
 
 
@@ -896,6 +910,21 @@ def group_budget(by_method: dict, name: str, derived: dict) -> dict:
                ("rank_budget_total_ratio", "adapter_params_ratio", "trainable_params_ratio")}}
 
 
+def comparison_targets(by_method: dict, name: str, roles: dict) -> list[tuple[str, str | None]]:
+    """(role, group) pairs one ablation group is tested against. A variant or control: LoRA and GLoRA (None when
+    absent), then its own method's main config when that is neither (an AdaLoRA variant against AdaLoRA). A `tuned`
+    group beside the main configs: its own method untuned, then the other tuned groups holding LoRA's and GLoRA's
+    roles, when evaluated (a tuned group against an untuned baseline is not a fair contrast, so it has none)."""
+    group = by_method[name]
+    own = main_config_of(by_method, group.get("method"))
+    if group.get("variant") == "tuned" and name not in roles.values():
+        peers = tuned_roles(by_method)
+        return [(r, o) for r, o in (("untuned", own), ("tuned_baseline", peers["baseline"]),
+                                    ("tuned_reference", peers["reference"])) if o is not None and o != name]
+    targets = [("baseline", roles["baseline"]), ("reference", roles["reference"])]
+    return targets + ([("method", own)] if own not in (None, name, roles["baseline"], roles["reference"]) else [])
+
+
 def ablation(groups: dict, derived: dict, pair_tests) -> list[dict]:
     """Per task, every group other than the baseline and the reference, against each of them (seed-level tests
     with their MDE, per-seed example-level tests and their summary). `pair_tests(task, a, b)` -> (seed, example)."""
@@ -904,8 +933,7 @@ def ablation(groups: dict, derived: dict, pair_tests) -> list[dict]:
         roles = derived[task]["roles"]
         for name in (m for m in by_method if m not in (roles["baseline"], roles["reference"])):
             comparisons = []
-            for role in ("baseline", "reference"):
-                other = roles[role]
+            for role, other in comparison_targets(by_method, name, roles):
                 if other is None:
                     comparisons.append({"role": role, "against": None,
                                         "reason": f"no {ROLE_LABELS[role]} run (main config) on this task"})
@@ -1404,10 +1432,11 @@ def cost_table(agg: dict) -> list[str]:
     lines += [""] + [f"Note {k}: not comparable: {reason}." for k, reason in enumerate(notes, 1)] * bool(notes)
     lines += [""] + environment_lines(agg)
     for t, d in agg["derived"].items():
-        share = d.get("glora_share_of_adalora_gain", {}).get("glue_score")
-        if share:
-            lines.append(f"\n{TASKS.get(t, t)}: share of AdaLoRA's gain over LoRA that GLoRA recovers = "
-                         f"{fmt_num(share['value'])}" + (f" ({share['reason']})" if share["reason"] else ""))
+        for label, block in (("", d), (" (tuned groups)", d.get("tuned") or {})):
+            share = block.get("glora_share_of_adalora_gain", {}).get("glue_score")
+            if share:
+                lines.append(f"\n{TASKS.get(t, t)}{label}: share of AdaLoRA's gain over LoRA that GLoRA recovers = "
+                             f"{fmt_num(share['value'])}" + (f" ({share['reason']})" if share["reason"] else ""))
     return lines
 
 

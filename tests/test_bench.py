@@ -65,3 +65,32 @@ def test_accuracy_bench_reads_each_runs_kind_from_its_run_config(tmp_path):
     assert bench.applies("training.max_train_batches=2", "lora")
     with pytest.raises(SystemExit, match=r"no run config nope-.*--methods can be: .*comparative-2.*proposed"):
         bench.check_methods(["nope"])
+
+
+def test_tuning_bench_writes_the_studys_best_values_as_a_tuned_delta(tmp_path):
+    """bench/tuning.py: optuna.best_params of a study's final run land at their config paths in a `tuned` variant."""
+    spec = importlib.util.spec_from_file_location("bench_tuning", REPO / "bench" / "tuning.py")
+    tuning = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tuning)
+    demo = tuning.A.DEMO
+    study = tmp_path / "study" / f"proposed-{demo}"
+    study.mkdir(parents=True)
+    best = {"learning_rate": 0.0012345678901, "beta_ema": 0.91, "warmup_steps": "30%"}
+    (study / "config.yaml").write_text(f"optuna:\n  n_trials: 8\n  best_params: {best}\n")
+    (study / "summary.json").write_text('{"best_trial_value": 0.875}')
+    values = tuning.best_values(study, "glora")
+    assert values == {"training.learning_rate": 0.0012345678901, "glo_ra.beta_ema": 0.91, "glo_ra.warmup_steps": "30%"}
+    configs = tmp_path / "run"
+    configs.mkdir()
+    shutil.copy(REPO / "config" / "run" / f"proposed-{demo}.yaml", configs)
+    (configs / f"proposed-tuned-{demo}.yaml").write_text(tuning.tuned_config("proposed", study, values, 8))
+    cfg = tuning.A.run_config("proposed-tuned", configs)
+    assert cfg.run_id == f"proposed-tuned-{demo}" and cfg.variant == "tuned" and cfg.method_name == "GLoRA (tuned)"
+    assert cfg.training.learning_rate == 0.0012345678901  # the study's value, not a rounded one
+    assert cfg.glo_ra.beta_ema == 0.91 and cfg.glo_ra.warmup_steps == "30%" and cfg.optuna.n_trials == 0
+    assert cfg.glo_ra.score == "grad_norm" and cfg.optuna.search_space.beta_ema.high == 0.99  # the rest: the demo's
+    (study / "config.yaml").write_text("optuna:\n  n_trials: 4\n  best_params: {}\n")
+    (study / "summary.json").write_text("{}")
+    args = tuning.parse_args(["--results-dir", str(tmp_path), "--trials", "8"])
+    with pytest.raises(SystemExit, match="4 trials, not 8"):  # the methods must share one budget
+        tuning.study("proposed", args)

@@ -328,6 +328,9 @@ def test_any_number_of_groups_every_figure_roles_and_order(evaluated_variants):
                                            "LoRA (tuned)"]
     assert agg["derived"]["sst2"]["roles"] == {"baseline": "LoRA", "adalora": "AdaLoRA", "reference": "GLoRA"}
     assert agg["groups"]["sst2"]["LoRA (tuned)"]["variant"] == "tuned"  # same method as LoRA, not the baseline
+    tuned = agg["derived"]["sst2"]["tuned"]  # the tuned groups' own roles, beside the main configs'
+    assert tuned["roles"] == {"baseline": "LoRA (tuned)", "adalora": None, "reference": None}
+    assert tuned["glora_share_of_adalora_gain"]["accuracy"]["value"] is None
     pairs = {(e["method_a"], e["method_b"]) for e in agg["significance"]["seed_level"]}
     assert pairs == {("GLoRA", "AdaLoRA"), ("GLoRA", "LoRA"), ("AdaLoRA", "LoRA")}  # not all 15 pairs of 6
     for method, seed in ALL_RUNS:
@@ -346,8 +349,9 @@ def test_ablation_each_group_against_lora_and_glora_matches_scipy_and_statsmodel
     assert set(entries) == {"AdaLoRA", "GLoRA (params)", "GLoRA (shuffled)", "LoRA (tuned)"}
     assert entries["GLoRA (shuffled)"]["variant"] == "shuffled" and entries["GLoRA (shuffled)"]["method"] == "proposed"
     for name, entry in entries.items():
-        assert [(c["role"], c["against"]) for c in entry["comparisons"]] == [("baseline", "LoRA"),
-                                                                              ("reference", "GLoRA")]
+        assert [(c["role"], c["against"]) for c in entry["comparisons"]] == (
+            [("untuned", "LoRA")] if name == "LoRA (tuned)"  # a tuned group never against untuned GLoRA
+            else [("baseline", "LoRA"), ("reference", "GLoRA")])
         for c in entry["comparisons"]:
             seed_level, shared = c["seed_level"], [7, 42]  # GLoRA (shuffled)'s seed 1 has no partner
             x, y = [accuracy(name, s) for s in shared], [accuracy(c["against"], s) for s in shared]
@@ -692,6 +696,27 @@ def test_roles_prefer_the_main_config_else_a_methods_only_group():
     assert roles == {"baseline": "LoRA", "adalora": None, "reference": None}  # tuned and untuned never mix
     assert E.task_roles({**tuned, "GLoRA (tuned, 2)": {"method": "proposed", "variant": "tuned"}})["reference"] \
         is None  # two tuned GLoRA groups: no method under test to pick
+
+
+def test_tuned_groups_beside_the_main_configs_meet_their_untuned_self_and_each_other():
+    main = {"LoRA": {"method": "comparative-2", "variant": None},
+            "AdaLoRA": {"method": "comparative-1", "variant": None},
+            "GLoRA": {"method": "proposed", "variant": None}}
+    tuned = {f"{n} (tuned)": {**g, "variant": "tuned"} for n, g in main.items()}
+    groups = {**main, **tuned, "AdaLoRA (no pruning)": {"method": "comparative-1", "variant": "noprune"}}
+    roles = E.task_roles(groups)
+    assert roles == {"baseline": "LoRA", "adalora": "AdaLoRA", "reference": "GLoRA"}
+    targets = {n: E.comparison_targets(groups, n, roles) for n in groups if n not in ("LoRA", "GLoRA")}
+    assert targets == {
+        "AdaLoRA": [("baseline", "LoRA"), ("reference", "GLoRA")],
+        "LoRA (tuned)": [("untuned", "LoRA"), ("tuned_reference", "GLoRA (tuned)")],
+        "AdaLoRA (tuned)": [("untuned", "AdaLoRA"), ("tuned_baseline", "LoRA (tuned)"),
+                            ("tuned_reference", "GLoRA (tuned)")],
+        "GLoRA (tuned)": [("untuned", "GLoRA"), ("tuned_baseline", "LoRA (tuned)")],
+        "AdaLoRA (no pruning)": [("baseline", "LoRA"), ("reference", "GLoRA"), ("method", "AdaLoRA")]}
+    only_tuned = E.task_roles(tuned)  # evaluated alone, the tuned groups hold the roles themselves
+    assert E.comparison_targets(tuned, "AdaLoRA (tuned)", only_tuned) == [("baseline", "LoRA (tuned)"),
+                                                                         ("reference", "GLoRA (tuned)")]
 
 
 def test_a_control_never_takes_the_methods_role():

@@ -1,0 +1,145 @@
+"""Tuning protocol: every method's learning rate and its own knobs tuned with the same Optuna budget on the tuning
+split (held out from train, never the dev set), then the tuned demo configs written from the best values, then the
+untuned and tuned configs trained on the same seeds and evaluated together; prints them side by side.
+
+    uv sync --group demo && uv run python bench/tuning.py       # 3 studies x 8 trials, then 18 seed runs (~2 h)
+    uv run python bench/tuning.py --trials 16 --seeds 42 43 44 45 46 --set training.eval_every_steps=null
+
+1. Study: `src.main run={method}-MiniLM-L6-22M--GLUE-SST-2 mode=full optuna.n_trials=N` (the contract CLI; its
+   search space is the run config's `optuna.search_space`), under {results_dir}/study. A finished study is read,
+   not run again.
+2. `config/run/{method}-tuned-MiniLM-L6-22M--GLUE-SST-2.yaml`: the method's demo config (as `defaults`) with the
+   study's best values at their config paths, `variant: tuned` and `optuna.n_trials: 0`. Written only where the file
+   is missing or `--rewrite` is given, so shipped tuned configs are not replaced by a shorter study by accident.
+3. bench/accuracy.py over {method} and {method}-tuned for every method and seed, under {results_dir}/seeds; then
+   src.evaluate over all of them: each tuned group against its own untuned config and against the other tuned
+   methods (report.md, "Ablation and controls").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import accuracy as A  # noqa: E402  (bench/accuracy.py: runs the seeds, evaluates, prints its tables)
+
+from src.main import SEARCH_KEYS  # noqa: E402
+
+TUNED = "tuned"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results-dir", default="results/tuning")
+    p.add_argument("--methods", nargs="+", default=A.METHODS, metavar="PREFIX")
+    p.add_argument("--trials", type=int, default=8, help="Optuna trials per method (the same for every method)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[A.DEFAULT_SEED, A.DEFAULT_SEED + 1, A.DEFAULT_SEED + 2])
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="extra overrides for the seed runs (untuned and tuned alike), e.g. training.eval_every_steps=null")
+    p.add_argument("--rewrite", action="store_true", help="replace existing tuned configs with this study's values")
+    return p.parse_args(argv)
+
+
+def study(method: str, args) -> Path:
+    """Run (or read) one method's study through the CLI; returns the folder of its final run."""
+    rid = f"{method}-{A.DEMO}"
+    folder = Path(args.results_dir) / "study" / rid
+    if not (folder / "summary.json").exists():
+        cmd = [sys.executable, "-u", "-m", "src.main", f"run={rid}", f"results_dir={Path(args.results_dir) / 'study'}",
+               "mode=full", "wandb.mode=disabled", f"optuna.n_trials={args.trials}"]
+        print(f"[tuning] {' '.join(cmd[2:])}", flush=True)
+        if subprocess.run(cmd, cwd=REPO).returncode:
+            sys.exit(f"bench/tuning.py: the study of {rid} failed (its error is above); re-run to continue")
+    trials = OmegaConf.load(folder / "config.yaml").optuna.n_trials
+    if trials != args.trials:
+        sys.exit(f"bench/tuning.py: {folder} holds a study of {trials} trials, not {args.trials}: the methods would "
+                 f"not share one tuning budget; use another --results-dir")
+    return folder
+
+
+def best_values(folder: Path, kind: str) -> dict[str, object]:
+    """config path -> best value, from the final run's own config (src.main stores optuna.best_params there)."""
+    cfg = OmegaConf.load(folder / "config.yaml")
+    best = OmegaConf.to_container(cfg.optuna.best_params)
+    return {SEARCH_KEYS[kind].get(key, key): value for key, value in best.items()}
+
+
+def tuned_config(method: str, folder: Path, values: dict, trials: int) -> str:
+    """The tuned run config: a delta over the method's demo config."""
+    base = A.run_config(method)
+    summary = json.loads((folder / "summary.json").read_text())
+    doc = OmegaConf.create({"defaults": [f"{method}-{A.DEMO}", "_self_"], "run_id": f"{method}-{TUNED}-{A.DEMO}",
+                            "method_name": f"{base.method_name} (tuned)", "variant": TUNED})
+    for path, value in values.items():
+        OmegaConf.update(doc, path, value, force_add=True)
+    OmegaConf.update(doc, "optuna.n_trials", 0, force_add=True)
+    head = (f"# @package _global_\n# {base.method_name} with the best values of its Optuna study (bench/tuning.py): "
+            f"{trials} trials on the tuning split\n# (optuna.holdout_fraction of train), best "
+            f"{base.optuna.metric} {summary['best_trial_value']:.4f}; the search space is the demo config's.\n")
+    return head + OmegaConf.to_yaml(doc)
+
+
+def side_by_side(agg: dict, methods: list[str], names: dict[str, str]) -> None:
+    """Untuned and tuned per method, the paired difference, and the tuned methods against tuned LoRA."""
+    task = next(iter(agg["groups"]))
+    groups = agg["groups"][task]
+    tests = {(e["method_name"], c["against"]): c["seed_level"] for e in agg["ablation"] for c in e["comparisons"]
+             if c.get("against")}
+    print(f"\ntuned vs untuned ({task}, dev accuracy %, mean ± std over seeds; differences paired by seed):")
+    head = f"{'method':<10} {'untuned':>14} {'tuned':>14} {'tuned - untuned':>16} {'t-test p':>9} {'MDE':>6}   " \
+           f"{'vs LoRA untuned':>15} {'vs LoRA tuned':>14}"
+    print(head + "\n" + "-" * len(head))
+    lora = names.get("comparative-2", "LoRA")
+    lora_tuned = f"{lora} (tuned)"
+    for m in methods:
+        name, tuned = names[m], f"{names[m]} (tuned)"
+        t = tests.get((tuned, name)) or {}
+        p = (t.get("tests") or [{}])[0].get("p_value")
+        mde, diff = (t.get("mde") or {}).get("mde"), t.get("mean_difference")
+        gains = [_mean(groups, a) - _mean(groups, b) if None not in (_mean(groups, a), _mean(groups, b)) else None
+                 for a, b in ((name, lora), (tuned, lora_tuned))]
+        print(f"{name:<10} {A.fmt(groups.get(name, {}).get('accuracy'), 100):>14} "
+              f"{A.fmt(groups.get(tuned, {}).get('accuracy'), 100):>14} "
+              f"{'-' if diff is None else f'{100 * diff:+.2f}':>16} "
+              f"{'-' if p is None else f'{p:.4f}':>9} {'-' if mde is None else f'{100 * mde:.2f}':>6}   "
+              + "".join(f"{'-' if g is None else f'{100 * g:+.2f}':>{w}} " for g, w in zip(gains, (15, 14))))
+
+
+def _mean(groups: dict, name: str):
+    return ((groups.get(name) or {}).get("accuracy") or {}).get("mean")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    kinds = A.check_methods(args.methods)
+    names = {m: A.run_config(m).method_name for m in args.methods}
+    for method in args.methods:  # every study first: the tuned configs must exist before any seed run
+        folder = study(method, args)
+        values = best_values(folder, kinds[method])
+        path = A.RUN_DIR / f"{method}-{TUNED}-{A.DEMO}.yaml"
+        print(f"[tuning] {names[method]}: best {values} -> {path.relative_to(REPO)}", flush=True)
+        if path.exists() and not args.rewrite:
+            shipped = {p: OmegaConf.select(A.run_config(f"{method}-{TUNED}"), p) for p in values}
+            if shipped != values:
+                print(f"[tuning] {path.name} exists with {shipped}: kept (--rewrite replaces it)", flush=True)
+            continue
+        path.write_text(tuned_config(method, folder, values, args.trials))
+    runs = [m for method in args.methods for m in (method, f"{method}-{TUNED}")]
+    A.main(["--results-dir", str(Path(args.results_dir) / "seeds"), "--methods", *runs,
+            "--seeds", *map(str, args.seeds), *(["--set", *args.set] if args.set else [])])
+    agg = json.loads((Path(args.results_dir) / "seeds" / "comparison" / "aggregated_metrics.json").read_text())
+    side_by_side(agg, args.methods, names)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
