@@ -145,7 +145,7 @@ def print_table(agg: dict) -> None:
                   f"{fmt(g['adapter_params_reported'], digits=0):>9} "
                   f"{'' if gain is None else f'{100 * gain:+.2f}':>16}")
     print("(adapter: parameters at the final ranks where recorded; step ratio: median step time vs LoRA, "
-          "n/c = not comparable, see report.md)")
+          "n/c = not comparable, see report.md; a tuned group's points are over tuned LoRA)")
     for task, d in agg["derived"].items():
         for label, block in (("", d), (" (tuned groups)", d.get("tuned"))):
             if block is None:

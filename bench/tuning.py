@@ -7,13 +7,18 @@ untuned and tuned configs trained on the same seeds and evaluated together; prin
 
 1. Study: `src.main run={method}-MiniLM-L6-22M--GLUE-SST-2 mode=full optuna.n_trials=N` (the contract CLI; its
    search space is the run config's `optuna.search_space`), under {results_dir}/study. A finished study is read,
-   not run again.
+   not run again; every method's study must hold exactly N finished (complete or pruned) trials.
 2. `config/run/{method}-tuned-MiniLM-L6-22M--GLUE-SST-2.yaml`: the method's demo config (as `defaults`) with the
-   study's best values at their config paths, `variant: tuned` and `optuna.n_trials: 0`. Written only where the file
-   is missing or `--rewrite` is given, so shipped tuned configs are not replaced by a shorter study by accident.
-3. bench/accuracy.py over {method} and {method}-tuned for every method and seed, under {results_dir}/seeds; then
-   src.evaluate over all of them: each tuned group against its own untuned config and against the other tuned
-   methods (report.md, "Ablation and controls").
+   study's best values at their config paths, `variant: tuned` and `optuna.n_trials: 0`. Written after every study
+   has passed the check; a tuned config that exists with other values stops the script unless `--rewrite` is given.
+3. bench/accuracy.py over {method} and {method}-tuned for every method and seed, under {results_dir}/seeds (a
+   tuned seed run trained with other values than the tuned config's stops the script); then src.evaluate over all
+   of them: each tuned group against its own untuned config and against the other tuned methods (report.md,
+   "Ablation and controls").
+
+`--set` reaches the seed runs only: the studies run the demo configs as shipped (their pruning needs the
+evaluations during training). The trial budget is the same count for every method, over search spaces of different
+size (LoRA: the learning rate; AdaLoRA and GLoRA: the learning rate and their own knobs).
 """
 
 from __future__ import annotations
@@ -46,7 +51,11 @@ def parse_args(argv=None):
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra overrides for the seed runs (untuned and tuned alike), e.g. training.eval_every_steps=null")
     p.add_argument("--rewrite", action="store_true", help="replace existing tuned configs with this study's values")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.trials < 1:
+        p.error("--trials must be at least 1")
+    args.results_dir = str(Path(args.results_dir).resolve())  # the runs start in the repository root
+    return args
 
 
 def study(method: str, args) -> Path:
@@ -59,10 +68,11 @@ def study(method: str, args) -> Path:
         print(f"[tuning] {' '.join(cmd[2:])}", flush=True)
         if subprocess.run(cmd, cwd=REPO).returncode:
             sys.exit(f"bench/tuning.py: the study of {rid} failed (its error is above); re-run to continue")
-    trials = OmegaConf.load(folder / "config.yaml").optuna.n_trials
-    if trials != args.trials:
-        sys.exit(f"bench/tuning.py: {folder} holds a study of {trials} trials, not {args.trials}: the methods would "
-                 f"not share one tuning budget; use another --results-dir")
+    summary = json.loads((folder / "summary.json").read_text())
+    done = (summary.get("n_trials_complete") or 0) + (summary.get("n_trials_pruned") or 0)
+    if done != args.trials:
+        sys.exit(f"bench/tuning.py: {folder} holds a study of {done} finished trials, not {args.trials}: the methods "
+                 f"would not share one tuning budget; use another --results-dir")
     return folder
 
 
@@ -88,15 +98,29 @@ def tuned_config(method: str, folder: Path, values: dict, trials: int) -> str:
     return head + OmegaConf.to_yaml(doc)
 
 
+def check_seed_runs(method: str, values: dict, args) -> None:
+    """A tuned run already in {results_dir}/seeds was trained with the tuned config's values, or the script stops."""
+    rid = f"{method}-{TUNED}-{A.DEMO}"
+    for seed in args.seeds:
+        folder = Path(args.results_dir) / "seeds" / (rid if seed == A.DEFAULT_SEED else f"{rid}-seed{seed}")
+        if (folder / "config.yaml").exists():
+            cfg = OmegaConf.load(folder / "config.yaml")
+            used = {p: OmegaConf.select(cfg, p) for p in values}
+            if used != values:
+                sys.exit(f"bench/tuning.py: {folder} was trained with {used}, the tuned config has {values}; "
+                         f"remove it (or use another --results-dir) to train it anew")
+
+
 def side_by_side(agg: dict, methods: list[str], names: dict[str, str]) -> None:
     """Untuned and tuned per method, the paired difference, and the tuned methods against tuned LoRA."""
     task = next(iter(agg["groups"]))
     groups = agg["groups"][task]
     tests = {(e["method_name"], c["against"]): c["seed_level"] for e in agg["ablation"] for c in e["comparisons"]
              if c.get("against")}
-    print(f"\ntuned vs untuned ({task}, dev accuracy %, mean ± std over seeds; differences paired by seed):")
+    print(f"\ntuned vs untuned ({task}, dev accuracy %, mean ± std over seeds; tuned - untuned: glue_score, paired by "
+          f"seed, t-test p and MDE at power 0.8; the last two columns: differences of means, untested):")
     head = f"{'method':<10} {'untuned':>14} {'tuned':>14} {'tuned - untuned':>16} {'t-test p':>9} {'MDE':>6}   " \
-           f"{'vs LoRA untuned':>15} {'vs LoRA tuned':>14}"
+           f"{'untuned - LoRA':>15} {'tuned - LoRA t.':>15}"
     print(head + "\n" + "-" * len(head))
     lora = names.get("comparative-2", "LoRA")
     lora_tuned = f"{lora} (tuned)"
@@ -110,8 +134,8 @@ def side_by_side(agg: dict, methods: list[str], names: dict[str, str]) -> None:
         print(f"{name:<10} {A.fmt(groups.get(name, {}).get('accuracy'), 100):>14} "
               f"{A.fmt(groups.get(tuned, {}).get('accuracy'), 100):>14} "
               f"{'-' if diff is None else f'{100 * diff:+.2f}':>16} "
-              f"{'-' if p is None else f'{p:.4f}':>9} {'-' if mde is None else f'{100 * mde:.2f}':>6}   "
-              + "".join(f"{'-' if g is None else f'{100 * g:+.2f}':>{w}} " for g, w in zip(gains, (15, 14))))
+              f"{'-' if p is None else f'{p:.2g}':>9} {'-' if mde is None else f'{100 * mde:.2f}':>6}   "
+              + "".join(f"{'-' if g is None else f'{100 * g:+.2f}':>15} " for g in gains))
 
 
 def _mean(groups: dict, name: str):
@@ -121,18 +145,26 @@ def _mean(groups: dict, name: str):
 def main(argv=None) -> int:
     args = parse_args(argv)
     kinds = A.check_methods(args.methods)
+    variants = [m for m in args.methods if A.run_config(m).get("variant")]
+    if variants:
+        sys.exit(f"bench/tuning.py: --methods takes main configs only (no variant); {' '.join(variants)} are variants")
     names = {m: A.run_config(m).method_name for m in args.methods}
-    for method in args.methods:  # every study first: the tuned configs must exist before any seed run
-        folder = study(method, args)
+    folders = {m: study(m, args) for m in args.methods}  # every study, checked, before any config is written
+    for method, folder in folders.items():
         values = best_values(folder, kinds[method])
+        summary = json.loads((folder / "summary.json").read_text())
         path = A.RUN_DIR / f"{method}-{TUNED}-{A.DEMO}.yaml"
-        print(f"[tuning] {names[method]}: best {values} -> {path.relative_to(REPO)}", flush=True)
+        print(f"[tuning] {names[method]}: {summary['n_trials_complete']} complete + {summary['n_trials_pruned']} "
+              f"pruned trials, best tuning-split {summary['best_trial_value']:.4f} with {values} -> "
+              f"{path.relative_to(REPO)}", flush=True)
         if path.exists() and not args.rewrite:
             shipped = {p: OmegaConf.select(A.run_config(f"{method}-{TUNED}"), p) for p in values}
             if shipped != values:
-                print(f"[tuning] {path.name} exists with {shipped}: kept (--rewrite replaces it)", flush=True)
-            continue
-        path.write_text(tuned_config(method, folder, values, args.trials))
+                sys.exit(f"bench/tuning.py: {path.name} exists with {shipped}, not this study's values; --rewrite "
+                         f"replaces it")
+        else:
+            path.write_text(tuned_config(method, folder, values, args.trials))
+        check_seed_runs(method, values, args)
     runs = [m for method in args.methods for m in (method, f"{method}-{TUNED}")]
     A.main(["--results-dir", str(Path(args.results_dir) / "seeds"), "--methods", *runs,
             "--seeds", *map(str, args.seeds), *(["--set", *args.set] if args.set else [])])

@@ -577,11 +577,12 @@ def relative_to_baseline(group: dict, base: dict, runs: list[dict], base_runs: l
     return {**out, **time_ratios(runs, base_runs)}
 
 
-def recovered_share(by_method: dict, key: str, roles: dict | None = None) -> dict:
+def recovered_share(by_method: dict, key: str, roles: dict | None = None, absent: str = "") -> dict:
     """(GLoRA - LoRA) / (AdaLoRA - LoRA): the share of AdaLoRA's gain over LoRA that GLoRA recovers; the three
-    groups are the roles (main configs), not display names."""
+    groups are the roles (main configs, or the tuned groups), not display names. `absent`: how a missing role's
+    group is named (" (tuned)")."""
     roles = roles or task_roles(by_method)
-    name = {role: roles[role] or label for role, label in ROLE_LABELS.items()}
+    name = {role: roles[role] or f"{label}{absent}" for role, label in ROLE_LABELS.items()}
     missing = [name[r] for r in ROLE_LABELS if _mean(by_method.get(roles[r]) if roles[r] else None, key) is None]
     if missing:
         return {"value": None, "metric": key, "reason": f"no {key} for {', '.join(missing)}"}
@@ -599,22 +600,30 @@ def recovered_share(by_method: dict, key: str, roles: dict | None = None) -> dic
 def derived_metrics(groups: dict, rows: list[dict]) -> dict:
     out = {}
     for task, by_method in groups.items():
-        roles = task_roles(by_method)
+        roles, tuned = task_roles(by_method), tuned_roles(by_method)
+        beside = tuned != roles and any(tuned.values())  # tuned groups beside the main configs
+        extra = {"tuned": {"roles": tuned, "glora_share_of_adalora_gain": {
+            k: recovered_share(by_method, k, tuned, absent=" (tuned)") for k in ("accuracy", "glue_score")}}} \
+            if beside else {}
         base = roles["baseline"]
         if base is None:
-            out[task] = {"baseline": None, "reference": roles["reference"], "roles": roles,
+            out[task] = {"baseline": None, "reference": roles["reference"], "roles": roles, **extra,
                          "reason": "no LoRA run (method comparative-2, no variant) on this task"}
             continue
         runs = {m: [r for r in rows if r["task"] == task and r["method_name"] == m] for m in by_method}
-        out[task] = {"baseline": base, "reference": roles["reference"], "roles": roles,
-                     "methods": {m: relative_to_baseline(g, by_method[base], runs[m], runs[base])
-                                 for m, g in by_method.items() if m != base},
+        methods = {m: relative_to_baseline(g, by_method[base], runs[m], runs[base])
+                   for m, g in by_method.items() if m != base}
+        for m in methods:  # a tuned group's score gain is over tuned LoRA, never over an untuned baseline
+            if beside and by_method[m].get("variant") == "tuned":
+                t = tuned["baseline"]
+                gains = relative_to_baseline(by_method[m], by_method[t], runs[m], runs[t]) if t and t != m else {}
+                methods[m].update({k: gains.get(k) for k in methods[m] if "_gain_" in k})
+                methods[m]["gain_over"] = t if t != m else None
+            else:
+                methods[m]["gain_over"] = base
+        out[task] = {"baseline": base, "reference": roles["reference"], "roles": roles, "methods": methods,
                      "glora_share_of_adalora_gain": {k: recovered_share(by_method, k, roles)
-                                                     for k in ("accuracy", "glue_score")}}
-        tuned = tuned_roles(by_method)
-        if tuned != roles and tuned["baseline"] is not None:  # tuned groups beside the main configs
-            out[task]["tuned"] = {"roles": tuned, "glora_share_of_adalora_gain": {
-                k: recovered_share(by_method, k, tuned) for k in ("accuracy", "glue_score")}}
+                                                     for k in ("accuracy", "glue_score")}, **extra}
     return out
 
 
@@ -898,7 +907,8 @@ def example_summary(entries: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Ablation and controls: every other group against LoRA and against GLoRA, with what it spent.
+# Ablation and controls: every other group against LoRA and against GLoRA (a tuned group: its untuned self and the
+# other tuned methods), with what it spent.
 
 def group_budget(by_method: dict, name: str, derived: dict) -> dict:
     """What a group spent (means over seeds) and its ratios to LoRA on the same task."""
@@ -919,14 +929,28 @@ def comparison_targets(by_method: dict, name: str, roles: dict) -> list[tuple[st
     own = main_config_of(by_method, group.get("method"))
     if group.get("variant") == "tuned" and name not in roles.values():
         peers = tuned_roles(by_method)
-        return [(r, o) for r, o in (("untuned", own), ("tuned_baseline", peers["baseline"]),
-                                    ("tuned_reference", peers["reference"])) if o is not None and o != name]
+        if name == peers["baseline"]:  # tuned GLoRA - tuned LoRA is GLoRA's row (the newer method first)
+            return [("untuned", own)]
+        return [("untuned", own), ("tuned_baseline", peers["baseline"])] + (
+            [("tuned_reference", peers["reference"])] if name != peers["reference"] else [])
     targets = [("baseline", roles["baseline"]), ("reference", roles["reference"])]
     return targets + ([("method", own)] if own not in (None, name, roles["baseline"], roles["reference"]) else [])
 
 
+def missing_target(by_method: dict, name: str, role: str) -> str:
+    """Why a group has no partner for one of its comparisons."""
+    if role in ROLE_LABELS:
+        return f"no {ROLE_LABELS[role]} run (main config) on this task"
+    if role == "untuned":
+        return f"no untuned {METHOD_NAMES.get(by_method[name].get('method'), 'main config')} run on this task"
+    label = ROLE_LABELS[role.removeprefix("tuned_")]
+    method = next(m for m, r in ROLE_OF_METHOD.items() if r == role.removeprefix("tuned_"))
+    several = sum(g.get("method") == method and g.get("variant") == "tuned" for g in by_method.values()) > 1
+    return f"several tuned {label} groups: none chosen" if several else f"no tuned {label} group on this task"
+
+
 def ablation(groups: dict, derived: dict, pair_tests) -> list[dict]:
-    """Per task, every group other than the baseline and the reference, against each of them (seed-level tests
+    """Per task, every group other than the baseline and the reference, against its comparison_targets (seed-level tests
     with their MDE, per-seed example-level tests and their summary). `pair_tests(task, a, b)` -> (seed, example)."""
     entries = []
     for task, by_method in groups.items():
@@ -935,8 +959,8 @@ def ablation(groups: dict, derived: dict, pair_tests) -> list[dict]:
             comparisons = []
             for role, other in comparison_targets(by_method, name, roles):
                 if other is None:
-                    comparisons.append({"role": role, "against": None,
-                                        "reason": f"no {ROLE_LABELS[role]} run (main config) on this task"})
+                    comparisons.append({"role": role, "against": None, "reason": missing_target(by_method, name,
+                                                                                                  role)})
                     continue
                 seed_level, example_level = pair_tests(task, name, other)
                 comparisons.append({"role": role, "against": other, "seed_level": seed_level,
@@ -1394,7 +1418,8 @@ COST_NOTE = ("Step time: per run the median over training optimizer steps (step_
              f"of its median (older records: unexplained_iqr or iqr/median above {STEP_SPREAD_MAX['unexplained_iqr']}),"
              f" the seeds' median step times spread by more than {SEED_SPREAD_MAX} of their median, "
              f"a CPU run used less than {CPU_UTIL_MIN} of its threads (cpu_time_s / (train_time_s × cpu_threads)), or "
-             "this was not recorded.")
+             "this was not recorded. Score gains are over LoRA; a tuned group's over tuned LoRA (never over an "
+             "untuned baseline).")
 
 
 def environment_lines(agg: dict) -> list[str]:
@@ -1499,7 +1524,9 @@ def significance_tables(agg: dict) -> list[str]:
 
 
 ABLATION_NOTE = ("Every group other than LoRA and GLoRA (the main configs: method comparative-2 / proposed with no "
-                 "variant) against each of them, paired by seed. Example level: per shared seed, McNemar's exact test "
+                 "variant) against each of them, and a variant of AdaLoRA also against AdaLoRA; a tuned group "
+                 "(variant `tuned`) instead against its own untuned config and the tuned LoRA and GLoRA groups, never "
+                 "an untuned baseline; paired by seed. Example level: per shared seed, McNemar's exact test "
                  "and the paired bootstrap 95% CI of the accuracy difference; the table counts the seeds (and MNLI "
                  "splits) with McNemar p < α and gives the lowest CI bound and the highest (all of them in "
                  "aggregated_metrics.json, key `ablation`).")

@@ -89,8 +89,18 @@ def test_tuning_bench_writes_the_studys_best_values_as_a_tuned_delta(tmp_path):
     assert cfg.training.learning_rate == 0.0012345678901  # the study's value, not a rounded one
     assert cfg.glo_ra.beta_ema == 0.91 and cfg.glo_ra.warmup_steps == "30%" and cfg.optuna.n_trials == 0
     assert cfg.glo_ra.score == "grad_norm" and cfg.optuna.search_space.beta_ema.high == 0.99  # the rest: the demo's
-    (study / "config.yaml").write_text("optuna:\n  n_trials: 4\n  best_params: {}\n")
-    (study / "summary.json").write_text("{}")
+    (study / "summary.json").write_text('{"n_trials_complete": 3, "n_trials_pruned": 1}')
     args = tuning.parse_args(["--results-dir", str(tmp_path), "--trials", "8"])
-    with pytest.raises(SystemExit, match="4 trials, not 8"):  # the methods must share one budget
+    with pytest.raises(SystemExit, match="4 finished trials, not 8"):  # the methods must share one budget
         tuning.study("proposed", args)
+    (study / "summary.json").write_text('{"n_trials_complete": 5, "n_trials_pruned": 3}')
+    assert tuning.study("proposed", args) == study
+    seeds = tmp_path / "seeds" / f"proposed-tuned-{demo}-seed43"  # trained with other values than the config's
+    seeds.mkdir(parents=True)
+    (seeds / "config.yaml").write_text("training:\n  learning_rate: 0.001\nglo_ra:\n  beta_ema: 0.91\n"
+                                       "  warmup_steps: 30%\n")
+    tuning.check_seed_runs("proposed", values, tuning.parse_args(["--results-dir", str(tmp_path), "--seeds", "42"]))
+    with pytest.raises(SystemExit, match="was trained with"):
+        tuning.check_seed_runs("proposed", values, tuning.parse_args(["--results-dir", str(tmp_path), "--seeds", "43"]))
+    with pytest.raises(SystemExit, match="main configs only"):
+        tuning.main(["--methods", "proposed-params"])

@@ -330,7 +330,11 @@ def test_any_number_of_groups_every_figure_roles_and_order(evaluated_variants):
     assert agg["groups"]["sst2"]["LoRA (tuned)"]["variant"] == "tuned"  # same method as LoRA, not the baseline
     tuned = agg["derived"]["sst2"]["tuned"]  # the tuned groups' own roles, beside the main configs'
     assert tuned["roles"] == {"baseline": "LoRA (tuned)", "adalora": None, "reference": None}
-    assert tuned["glora_share_of_adalora_gain"]["accuracy"]["value"] is None
+    share = tuned["glora_share_of_adalora_gain"]["accuracy"]
+    assert share["value"] is None and share["reason"] == "no accuracy for AdaLoRA (tuned), GLoRA (tuned)"
+    methods = agg["derived"]["sst2"]["methods"]  # LoRA (tuned) is the tuned baseline: no gain over an untuned one
+    assert methods["LoRA (tuned)"]["gain_over"] is None and methods["LoRA (tuned)"]["accuracy_gain_abs"] is None
+    assert methods["GLoRA"]["gain_over"] == "LoRA" and methods["LoRA (tuned)"]["trainable_params_ratio"] == 1.0
     pairs = {(e["method_a"], e["method_b"]) for e in agg["significance"]["seed_level"]}
     assert pairs == {("GLoRA", "AdaLoRA"), ("GLoRA", "LoRA"), ("AdaLoRA", "LoRA")}  # not all 15 pairs of 6
     for method, seed in ALL_RUNS:
@@ -709,11 +713,17 @@ def test_tuned_groups_beside_the_main_configs_meet_their_untuned_self_and_each_o
     targets = {n: E.comparison_targets(groups, n, roles) for n in groups if n not in ("LoRA", "GLoRA")}
     assert targets == {
         "AdaLoRA": [("baseline", "LoRA"), ("reference", "GLoRA")],
-        "LoRA (tuned)": [("untuned", "LoRA"), ("tuned_reference", "GLoRA (tuned)")],
+        "LoRA (tuned)": [("untuned", "LoRA")],  # tuned GLoRA - tuned LoRA is GLoRA's row
         "AdaLoRA (tuned)": [("untuned", "AdaLoRA"), ("tuned_baseline", "LoRA (tuned)"),
                             ("tuned_reference", "GLoRA (tuned)")],
         "GLoRA (tuned)": [("untuned", "GLoRA"), ("tuned_baseline", "LoRA (tuned)")],
         "AdaLoRA (no pruning)": [("baseline", "LoRA"), ("reference", "GLoRA"), ("method", "AdaLoRA")]}
+    lone = {**main, "AdaLoRA (tuned)": tuned["AdaLoRA (tuned)"],
+            "GLoRA (tuned)": tuned["GLoRA (tuned)"], "GLoRA (tuned, 2)": tuned["GLoRA (tuned)"]}
+    targets = E.comparison_targets(lone, "AdaLoRA (tuned)", roles)
+    assert targets == [("untuned", "AdaLoRA"), ("tuned_baseline", None), ("tuned_reference", None)]
+    assert [E.missing_target(lone, "AdaLoRA (tuned)", r) for r, _ in targets[1:]] == [
+        "no tuned LoRA group on this task", "several tuned GLoRA groups: none chosen"]
     only_tuned = E.task_roles(tuned)  # evaluated alone, the tuned groups hold the roles themselves
     assert E.comparison_targets(tuned, "AdaLoRA (tuned)", only_tuned) == [("baseline", "LoRA (tuned)"),
                                                                          ("reference", "GLoRA (tuned)")]
