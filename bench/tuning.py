@@ -120,7 +120,7 @@ def side_by_side(agg: dict, methods: list[str], names: dict[str, str]) -> None:
     print(f"\ntuned vs untuned ({task}, dev accuracy %, mean ± std over seeds; tuned - untuned: glue_score, paired by "
           f"seed, t-test p and MDE at power 0.8; the last two columns: differences of means, untested):")
     head = f"{'method':<10} {'untuned':>14} {'tuned':>14} {'tuned - untuned':>16} {'t-test p':>9} {'MDE':>6}   " \
-           f"{'untuned - LoRA':>15} {'tuned - LoRA t.':>15}"
+           f"{'untuned - LoRA':>16} {'tuned - t. LoRA':>16}"
     print(head + "\n" + "-" * len(head))
     lora = names.get("comparative-2", "LoRA")
     lora_tuned = f"{lora} (tuned)"
@@ -135,7 +135,7 @@ def side_by_side(agg: dict, methods: list[str], names: dict[str, str]) -> None:
               f"{A.fmt(groups.get(tuned, {}).get('accuracy'), 100):>14} "
               f"{'-' if diff is None else f'{100 * diff:+.2f}':>16} "
               f"{'-' if p is None else f'{p:.2g}':>9} {'-' if mde is None else f'{100 * mde:.2f}':>6}   "
-              + "".join(f"{'-' if g is None else f'{100 * g:+.2f}':>15} " for g in gains))
+              + "".join(f"{'-' if g is None else f'{100 * g:+.2f}':>16} " for g in gains))
 
 
 def _mean(groups: dict, name: str):

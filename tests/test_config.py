@@ -31,7 +31,9 @@ def test_run_config_layout(run_id):
         base = [d for d in raw.defaults if d != "_self_"]
         assert len(base) == 1 and (CONFIG_DIR / "run" / f"{base[0]}.yaml").exists()
         assert raw.variant and raw.method_name != compose_run(base[0], "mode=trial").method_name
-        assert set(raw) <= {"defaults", "run_id", "method_name", "variant", "optuna"} | ({section} if section else set())
+        tuned = {"training"} if raw.variant == "tuned" else set()  # a tuned config carries the tuned learning rate
+        assert set(raw) <= {"defaults", "run_id", "method_name", "variant", "optuna"} | tuned | (
+            {section} if section else set())
     else:
         assert set(raw) == TOP_KEYS | ({section} if section else set())
     if "MiniLM" in run_id:
