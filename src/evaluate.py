@@ -1553,7 +1553,8 @@ def ablation_tables(agg: dict) -> list[str]:
     for entry in agg["ablation"]:
         for c in entry["comparisons"]:
             if c["against"] is None:
-                rows.append([TASKS.get(entry["task"], entry["task"]), entry["method_name"], ROLE_LABELS[c["role"]]]
+                rows.append([TASKS.get(entry["task"], entry["task"]), entry["method_name"],
+                             ROLE_LABELS.get(c["role"], c["role"].replace("_", " "))]
                             + ["–"] * (len(SEED_HEADER) + 2) + [c["reason"]])
                 continue
             s = c["example_summary"]

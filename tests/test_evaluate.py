@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -727,6 +728,17 @@ def test_tuned_groups_beside_the_main_configs_meet_their_untuned_self_and_each_o
     only_tuned = E.task_roles(tuned)  # evaluated alone, the tuned groups hold the roles themselves
     assert E.comparison_targets(tuned, "AdaLoRA (tuned)", only_tuned) == [("baseline", "LoRA (tuned)"),
                                                                          ("reference", "GLoRA (tuned)")]
+
+
+def test_a_tuned_group_without_its_peers_is_reported_with_the_reason(evaluated_variants, tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(evaluated_variants[0], results)
+    assert E.main([f"results_dir={results}", f"run_ids={json.dumps([run_id('AdaLoRA'), run_id('LoRA (tuned)')])}"]) == 0
+    agg = json.loads((results / "comparison" / "aggregated_metrics.json").read_text())
+    entry = next(e for e in agg["ablation"] if e["method_name"] == "LoRA (tuned)")
+    assert [(c["role"], c["against"], c["reason"]) for c in entry["comparisons"]] == [
+        ("untuned", None, "no untuned LoRA run on this task")]
+    assert "no untuned LoRA run on this task" in (results / "comparison" / "report.md").read_text()
 
 
 def test_a_control_never_takes_the_methods_role():
