@@ -43,6 +43,7 @@ ADAPTIVE_METHODS = {"comparative-1", "proposed"}  # AdaLoRA, and GLoRA with all 
 # A task's roles: the main config (variant null) of these methods. baseline = LoRA, reference = the method under test.
 ROLE_OF_METHOD = {"comparative-2": "baseline", "comparative-1": "adalora", "proposed": "reference"}
 ROLE_LABELS = {"baseline": "LoRA", "adalora": "AdaLoRA", "reference": "GLoRA"}  # for records without `method`
+METHOD_OF_ROLE = {role: method for method, role in ROLE_OF_METHOD.items()}
 COLORS = {"LoRA": "#0072B2", "AdaLoRA": "#E69F00", "GLoRA": "#009E73"}  # Okabe-Ito: colour-blind safe
 HATCHES = {"LoRA": "", "AdaLoRA": "//", "GLoRA": ".."}  # bars stay apart when printed in grey
 # Other groups, in sorted order: the rest of Okabe-Ito, then tab20 without its greys (grey marks "not comparable")
@@ -541,8 +542,7 @@ def task_roles(by_method: dict) -> dict[str, str | None]:
 def tuned_roles(by_method: dict) -> dict[str, str | None]:
     """role -> each method's only `tuned` group on one task (None when it has none, or several to choose from)."""
     roles = {}
-    for role in ROLE_LABELS:
-        method = next(m for m, r in ROLE_OF_METHOD.items() if r == role)
+    for role, method in METHOD_OF_ROLE.items():
         tuned = [n for n, g in by_method.items() if g.get("method") == method and g.get("variant") == "tuned"]
         roles[role] = tuned[0] if len(tuned) == 1 else None
     return roles
@@ -943,8 +943,7 @@ def missing_target(by_method: dict, name: str, role: str) -> str:
         return f"no {ROLE_LABELS[role]} run (main config) on this task"
     if role == "untuned":
         return f"no untuned {METHOD_NAMES.get(by_method[name].get('method'), 'main config')} run on this task"
-    label = ROLE_LABELS[role.removeprefix("tuned_")]
-    method = next(m for m, r in ROLE_OF_METHOD.items() if r == role.removeprefix("tuned_"))
+    label, method = ROLE_LABELS[role.removeprefix("tuned_")], METHOD_OF_ROLE[role.removeprefix("tuned_")]
     several = sum(g.get("method") == method and g.get("variant") == "tuned" for g in by_method.values()) > 1
     return f"several tuned {label} groups: none chosen" if several else f"no tuned {label} group on this task"
 
