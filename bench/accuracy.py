@@ -94,10 +94,15 @@ def check_methods(methods: list[str], run_dir: Path = RUN_DIR) -> dict[str, str]
     return {m: adapter_kind(run_config(m, run_dir)) for m in methods}
 
 
+def run_folder(results_dir: str, rid: str, seed: int) -> Path:
+    """Where the CLI writes one seed of a run: the default seed has no -seed{N} suffix."""
+    return Path(results_dir) / (rid if seed == DEFAULT_SEED else f"{rid}-seed{seed}")
+
+
 def train(method: str, kind: str, task: str, seed: int, args) -> float:
     """One run through the contract CLI; returns its wall time (0 when it had already finished)."""
     rid = run_id(method, task)
-    folder = Path(args.results_dir) / (rid if seed == DEFAULT_SEED else f"{rid}-seed{seed}")
+    folder = run_folder(args.results_dir, rid, seed)
     if (folder / "summary.json").exists():
         print(f"[bench] {folder.name}: finished earlier, skipped", flush=True)
         return 0.0

@@ -58,8 +58,8 @@ def parse_args(argv=None):
     return args
 
 
-def study(method: str, args) -> Path:
-    """Run (or read) one method's study through the CLI; returns the folder of its final run."""
+def study(method: str, args) -> tuple[Path, dict]:
+    """Run (or read) one method's study through the CLI; returns the folder of its final run and its summary."""
     rid = f"{method}-{A.DEMO}"
     folder = Path(args.results_dir) / "study" / rid
     if not (folder / "summary.json").exists():
@@ -73,7 +73,7 @@ def study(method: str, args) -> Path:
     if done != args.trials:
         sys.exit(f"bench/tuning.py: {folder} holds a study of {done} finished trials, not {args.trials}: the methods "
                  f"would not share one tuning budget; use another --results-dir")
-    return folder
+    return folder, summary
 
 
 def best_values(folder: Path, kind: str) -> dict[str, object]:
@@ -83,10 +83,9 @@ def best_values(folder: Path, kind: str) -> dict[str, object]:
     return {SEARCH_KEYS[kind].get(key, key): value for key, value in best.items()}
 
 
-def tuned_config(method: str, folder: Path, values: dict, trials: int) -> str:
+def tuned_config(method: str, summary: dict, values: dict, trials: int) -> str:
     """The tuned run config: a delta over the method's demo config."""
     base = A.run_config(method)
-    summary = json.loads((folder / "summary.json").read_text())
     doc = OmegaConf.create({"defaults": [f"{method}-{A.DEMO}", "_self_"], "run_id": f"{method}-{TUNED}-{A.DEMO}",
                             "method_name": f"{base.method_name} (tuned)", "variant": TUNED})
     for path, value in values.items():
@@ -102,7 +101,7 @@ def check_seed_runs(method: str, values: dict, args) -> None:
     """A tuned run already in {results_dir}/seeds was trained with the tuned config's values, or the script stops."""
     rid = f"{method}-{TUNED}-{A.DEMO}"
     for seed in args.seeds:
-        folder = Path(args.results_dir) / "seeds" / (rid if seed == A.DEFAULT_SEED else f"{rid}-seed{seed}")
+        folder = A.run_folder(str(Path(args.results_dir) / "seeds"), rid, seed)
         if (folder / "config.yaml").exists():
             cfg = OmegaConf.load(folder / "config.yaml")
             used = {p: OmegaConf.select(cfg, p) for p in values}
@@ -149,10 +148,9 @@ def main(argv=None) -> int:
     if variants:
         sys.exit(f"bench/tuning.py: --methods takes main configs only (no variant); {' '.join(variants)} are variants")
     names = {m: A.run_config(m).method_name for m in args.methods}
-    folders = {m: study(m, args) for m in args.methods}  # every study, checked, before any config is written
-    for method, folder in folders.items():
+    studies = {m: study(m, args) for m in args.methods}  # every study, checked, before any config is written
+    for method, (folder, summary) in studies.items():
         values = best_values(folder, kinds[method])
-        summary = json.loads((folder / "summary.json").read_text())
         path = A.RUN_DIR / f"{method}-{TUNED}-{A.DEMO}.yaml"
         print(f"[tuning] {names[method]}: {summary['n_trials_complete']} complete + {summary['n_trials_pruned']} "
               f"pruned trials, best tuning-split {summary['best_trial_value']:.4f} with {values} -> "
@@ -163,7 +161,7 @@ def main(argv=None) -> int:
                 sys.exit(f"bench/tuning.py: {path.name} exists with {shipped}, not this study's values; --rewrite "
                          f"replaces it")
         else:
-            path.write_text(tuned_config(method, folder, values, args.trials))
+            path.write_text(tuned_config(method, summary, values, args.trials))
         check_seed_runs(method, values, args)
     runs = [m for method in args.methods for m in (method, f"{method}-{TUNED}")]
     A.main(["--results-dir", str(Path(args.results_dir) / "seeds"), "--methods", *runs,

@@ -83,7 +83,7 @@ def test_tuning_bench_writes_the_studys_best_values_as_a_tuned_delta(tmp_path):
     configs = tmp_path / "run"
     configs.mkdir()
     shutil.copy(REPO / "config" / "run" / f"proposed-{demo}.yaml", configs)
-    (configs / f"proposed-tuned-{demo}.yaml").write_text(tuning.tuned_config("proposed", study, values, 8))
+    (configs / f"proposed-tuned-{demo}.yaml").write_text(tuning.tuned_config("proposed", {"best_trial_value": 0.875}, values, 8))
     cfg = tuning.A.run_config("proposed-tuned", configs)
     assert cfg.run_id == f"proposed-tuned-{demo}" and cfg.variant == "tuned" and cfg.method_name == "GLoRA (tuned)"
     assert cfg.training.learning_rate == 0.0012345678901  # the study's value, not a rounded one
@@ -94,7 +94,7 @@ def test_tuning_bench_writes_the_studys_best_values_as_a_tuned_delta(tmp_path):
     with pytest.raises(SystemExit, match="4 finished trials, not 8"):  # the methods must share one budget
         tuning.study("proposed", args)
     (study / "summary.json").write_text('{"n_trials_complete": 5, "n_trials_pruned": 3}')
-    assert tuning.study("proposed", args) == study
+    assert tuning.study("proposed", args) == (study, {"n_trials_complete": 5, "n_trials_pruned": 3})
     seeds = tmp_path / "seeds" / f"proposed-tuned-{demo}-seed43"  # trained with other values than the config's
     seeds.mkdir(parents=True)
     (seeds / "config.yaml").write_text("training:\n  learning_rate: 0.001\nglo_ra:\n  beta_ema: 0.91\n"
