@@ -5,23 +5,32 @@ so an interrupted study continues where it stopped.
     uv sync --group demo && uv run python bench/adalora_deficit.py                 # both parts, seed 42
     uv run python bench/adalora_deficit.py --part schedule --steps 250 500 1000 2000
     uv run python bench/adalora_deficit.py --part knobs --seeds 42 43
+    uv run python bench/adalora_deficit.py --part schedule --variant tuned --steps 250 500 1000 2000 --seeds 42 43 44
 
 Schedule: `--steps N` trains one epoch over the first 32·N examples of the fixed SST-2 subsample order at batch 32 (N
 optimizer steps); the run configs write every schedule as a share of the run (LR warm-up 10%, AdaLoRA tinit 20% and
-tfinal 32%, GLoRA warm-up 20%), so each length keeps the demo's proportions. Knobs: the demo (250 steps) with one
-override each.
+tfinal 32%, GLoRA warm-up 20%), so each length keeps the demo's proportions; evaluation every 20% of the run.
+`--variant tuned` runs the tuned configs bench/tuning.py wrote (`{method}-tuned-MiniLM-L6-22M--GLUE-SST-2`, their
+schedules are shares of the run as well) into tuned{N}/, without evaluation during training, as the tuning protocol's
+seed runs. Knobs: the demo (250 steps) with one override each.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+from scipy import stats
+
 REPO = Path(__file__).resolve().parent.parent
-DEMO = "MiniLM-L6-22M--GLUE-SST-2"
+sys.path.insert(0, str(REPO / "bench"))
+
+from accuracy import DEMO, run_folder  # noqa: E402  (a seed's folder: the default seed has no -seed{N} suffix)
+
 METHODS = {"comparative-2": "LoRA", "comparative-1": "AdaLoRA", "proposed": "GLoRA"}
 # name -> (method, run-id tag, overrides): one change at a time against the demo config
 KNOBS = {
@@ -43,19 +52,17 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results-dir", default="results/adalora_deficit")  # s{steps}/ and knobs/ inside
     p.add_argument("--part", choices=["schedule", "knobs", "both"], default="both")
+    p.add_argument("--variant", choices=["untuned", "tuned"], default="untuned", help="schedule part's configs")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="schedule part")
     p.add_argument("--steps", nargs="+", type=int, default=[250, 500, 1000, 2000])
     p.add_argument("--seeds", nargs="+", type=int, default=[42])
     p.add_argument("--knobs", nargs="+", default=list(KNOBS), choices=list(KNOBS), metavar="NAME")
     return p.parse_args(argv)
 
 
-def folder_name(run_id: str, seed: int) -> str:
-    return run_id if seed == 42 else f"{run_id}-seed{seed}"
-
-
 def run(results: Path, run_id: str, method: str, seed: int, overrides: list[str]) -> dict:
     """One run through the CLI unless finished; its summary."""
-    summary = results / folder_name(run_id, seed) / "summary.json"
+    summary = run_folder(results, run_id, seed) / "summary.json"
     if not summary.exists():
         cmd = [sys.executable, "-u", "-m", "src.main", f"run={method}-{DEMO}", f"results_dir={results}", "mode=full",
                "wandb.mode=disabled", f"seed={seed}", f"run_id={run_id}", *overrides]
@@ -69,21 +76,42 @@ def mean(values):
     return sum(values) / len(values)
 
 
+def schedule_run(steps: int, method: str, variant: str) -> tuple[str, str, list[str]]:
+    """Folder, run id and overrides of one schedule point: one epoch over 32 x steps examples."""
+    overrides = [f"dataset.max_train_samples={32 * steps}"]
+    if variant == "tuned":
+        return f"tuned{steps}", f"{method}-tuned-{DEMO}", [*overrides, "training.eval_every_steps=null"]
+    return f"s{steps}", f"{method}-{DEMO}", [*overrides, f"training.eval_every_steps={max(1, steps // 5)}"]
+
+
+def gap(acc: dict, a: str, b: str) -> str:
+    """a - b in points, paired by seed: the mean, and with several seeds each seed's and the paired t-test's p."""
+    diffs = [100 * (x - y) for x, y in zip(acc[a], acc[b])]
+    if len(diffs) == 1:
+        return f"{diffs[0]:+.2f}"
+    p = stats.ttest_rel(acc[a], acc[b]).pvalue
+    return f"{mean(diffs):+.2f} ({' / '.join(f'{d:+.2f}' for d in diffs)}; t p = {p:.2f})"
+
+
 def schedule(args) -> None:
     rows = {}
     for steps in args.steps:
-        for method in METHODS:
+        for method in args.methods:
+            folder, run_id, overrides = schedule_run(steps, method, args.variant)
             for seed in args.seeds:
-                s = run(Path(args.results_dir) / f"s{steps}", f"{method}-{DEMO}", method, seed,
-                        [f"dataset.max_train_samples={32 * steps}", f"training.eval_every_steps={max(1, steps // 5)}"])
+                config = run_id.removesuffix(f"-{DEMO}")
+                s = run(Path(args.results_dir) / folder, run_id, config, seed, overrides)
                 rows.setdefault((steps, method), []).append(s["accuracy"])
-    print(f"\nschedule length (one epoch of 32 x steps examples, batch 32; seeds {args.seeds}): dev accuracy (%)")
-    print(f"{'steps':>6} {'examples':>9} " + " ".join(f"{m:>9}" for m in METHODS.values())
-          + f" {'AdaLoRA-LoRA':>13} {'GLoRA-LoRA':>11}")
+    print(f"\nschedule length, {args.variant} configs (one epoch of 32 x steps examples, batch 32; seeds {args.seeds}):"
+          " dev accuracy (%), mean ± std over seeds; gaps paired by seed")
+    print(f"{'steps':>6} {'examples':>9} " + " ".join(f"{METHODS[m]:>14}" for m in args.methods) + "  gaps")
     for steps in args.steps:
-        acc = {m: 100 * mean(rows[(steps, m)]) for m in METHODS}
-        print(f"{steps:>6} {32 * steps:>9} " + " ".join(f"{acc[m]:>9.2f}" for m in METHODS)
-              + f" {acc['comparative-1'] - acc['comparative-2']:>+13.2f} {acc['proposed'] - acc['comparative-2']:>+11.2f}")
+        acc = {m: rows[(steps, m)] for m in args.methods}
+        cells = [f"{100 * mean(acc[m]):.2f}" + (f" ± {100 * statistics.stdev(acc[m]):.2f}" if len(acc[m]) > 1 else "")
+                 for m in args.methods]
+        gaps = [f"{METHODS[a]}-{METHODS[b]} {gap(acc, a, b)}" for a, b in
+                (("comparative-1", "comparative-2"), ("proposed", "comparative-2")) if a in acc and b in acc]
+        print(f"{steps:>6} {32 * steps:>9} " + " ".join(f"{c:>14}" for c in cells) + "  " + "; ".join(gaps))
 
 
 def knobs(args) -> None:

@@ -104,3 +104,26 @@ def test_tuning_bench_writes_the_studys_best_values_as_a_tuned_delta(tmp_path):
         tuning.check_seed_runs("proposed", values, tuning.parse_args(["--results-dir", str(tmp_path), "--seeds", "43"]))
     with pytest.raises(SystemExit, match="main configs only"):
         tuning.main(["--methods", "proposed-params"])
+
+
+def test_adalora_deficit_schedule_reads_the_tuned_configs_runs_and_pairs_gaps_by_seed(tmp_path, capsys):
+    """--variant tuned: the tuned configs' runs in tuned{N}/, no evaluation during training; gaps paired by seed."""
+    spec = importlib.util.spec_from_file_location("bench_deficit", REPO / "bench" / "adalora_deficit.py")
+    deficit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(deficit)
+    folder, run_id, overrides = deficit.schedule_run(1000, "comparative-1", "tuned")
+    assert (folder, run_id) == ("tuned1000", f"comparative-1-tuned-{deficit.DEMO}")
+    assert overrides == ["dataset.max_train_samples=32000", "training.eval_every_steps=null"]
+    assert (REPO / "config" / "run" / f"{run_id}.yaml").exists()
+    assert deficit.schedule_run(500, "proposed", "untuned")[2][1] == "training.eval_every_steps=100"
+    accuracy = {("comparative-2", 42): 0.80, ("comparative-2", 43): 0.82, ("comparative-1", 42): 0.81,
+                ("comparative-1", 43): 0.80}
+    for (method, seed), acc in accuracy.items():  # finished runs: the script reads them, trains nothing
+        run = deficit.run_folder(tmp_path / "tuned1000", f"{method}-tuned-{deficit.DEMO}", seed)
+        run.mkdir(parents=True)
+        (run / "summary.json").write_text(f'{{"accuracy": {acc}}}')
+    deficit.main(["--results-dir", str(tmp_path), "--part", "schedule", "--variant", "tuned", "--steps", "1000",
+                  "--methods", "comparative-2", "comparative-1", "--seeds", "42", "43"])
+    out = capsys.readouterr().out
+    assert re.search(r"^ +1000 +32000 +81\.00 ± 1\.41 +80\.50 ± 0\.71  AdaLoRA-LoRA -0\.50 \(\+1\.00 / -2\.00; "
+                     r"t p = 0\.80\)$", out, re.M), out
