@@ -6,6 +6,7 @@ so an interrupted study continues where it stopped.
     uv run python bench/adalora_deficit.py --part schedule --steps 250 500 1000 2000
     uv run python bench/adalora_deficit.py --part knobs --seeds 42 43
     uv run python bench/adalora_deficit.py --part schedule --variant tuned --steps 250 500 1000 2000 --seeds 42 43 44
+    uv run python bench/adalora_deficit.py --part schedule --variant tuned --no-train   # the table from finished runs
 
 Schedule: `--steps N` trains one epoch over the first 32·N examples of the fixed SST-2 subsample order at batch 32 (N
 optimizer steps); the run configs write every schedule as a share of the run (LR warm-up 10%, AdaLoRA tinit 20% and
@@ -54,16 +55,19 @@ def parse_args(argv=None):
     p.add_argument("--part", choices=["schedule", "knobs", "both"], default="both")
     p.add_argument("--variant", choices=["untuned", "tuned"], default="untuned", help="schedule part's configs")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="schedule part")
+    p.add_argument("--no-train", action="store_true", help="print the tables from finished runs; a missing run stops")
     p.add_argument("--steps", nargs="+", type=int, default=[250, 500, 1000, 2000])
     p.add_argument("--seeds", nargs="+", type=int, default=[42])
     p.add_argument("--knobs", nargs="+", default=list(KNOBS), choices=list(KNOBS), metavar="NAME")
     return p.parse_args(argv)
 
 
-def run(results: Path, run_id: str, method: str, seed: int, overrides: list[str]) -> dict:
+def run(results: Path, run_id: str, method: str, seed: int, overrides: list[str], train: bool = True) -> dict:
     """One run through the CLI unless finished; its summary."""
     summary = run_folder(results, run_id, seed) / "summary.json"
     if not summary.exists():
+        if not train:
+            sys.exit(f"bench/adalora_deficit.py: {summary.parent} has not finished (--no-train trains nothing)")
         cmd = [sys.executable, "-u", "-m", "src.main", f"run={method}-{DEMO}", f"results_dir={results}", "mode=full",
                "wandb.mode=disabled", f"seed={seed}", f"run_id={run_id}", *overrides]
         print(f"[bench] {' '.join(cmd[3:])}", flush=True)
@@ -100,7 +104,7 @@ def schedule(args) -> None:
             folder, run_id, overrides = schedule_run(steps, method, args.variant)
             for seed in args.seeds:
                 config = run_id.removesuffix(f"-{DEMO}")
-                s = run(Path(args.results_dir) / folder, run_id, config, seed, overrides)
+                s = run(Path(args.results_dir) / folder, run_id, config, seed, overrides, not args.no_train)
                 rows.setdefault((steps, method), []).append(s["accuracy"])
     print(f"\nschedule length, {args.variant} configs (one epoch of 32 x steps examples, batch 32; seeds {args.seeds}):"
           " dev accuracy (%), mean ± std over seeds; gaps paired by seed")
@@ -119,8 +123,8 @@ def knobs(args) -> None:
     out = {}
     for name in args.knobs:
         method, tag, overrides = KNOBS[name]
-        out[name] = [run(results, f"{method}-{tag}", method, seed, [*overrides, "training.eval_every_steps=null"])
-                     for seed in args.seeds]
+        out[name] = [run(results, f"{method}-{tag}", method, seed, [*overrides, "training.eval_every_steps=null"],
+                         not args.no_train) for seed in args.seeds]
     base = {m: mean([s["accuracy"] for s in out[f"{label} (demo)"]]) for m, label in
             (("comparative-1", "AdaLoRA"), ("comparative-2", "LoRA")) if f"{label} (demo)" in out}
     print(f"\nknobs at the demo's 250 steps (seeds {args.seeds}): dev accuracy (%), change against the same method's "

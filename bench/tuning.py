@@ -19,6 +19,8 @@ untuned and tuned configs trained on the same seeds and evaluated together; prin
 `--set` reaches the seed runs only: the studies run the demo configs as shipped (their pruning needs the
 evaluations during training). The trial budget is the same count for every method, over search spaces of different
 size (LoRA: the learning rate; AdaLoRA and GLoRA: the learning rate and their own knobs).
+Optuna's TPE sampler draws its first 10 trials at random, so up to 10 trials per method the protocol is a seeded
+random search.
 """
 
 from __future__ import annotations

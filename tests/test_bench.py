@@ -122,8 +122,11 @@ def test_adalora_deficit_schedule_reads_the_tuned_configs_runs_and_pairs_gaps_by
         run = deficit.run_folder(tmp_path / "tuned1000", f"{method}-tuned-{deficit.DEMO}", seed)
         run.mkdir(parents=True)
         (run / "summary.json").write_text(f'{{"accuracy": {acc}}}')
-    deficit.main(["--results-dir", str(tmp_path), "--part", "schedule", "--variant", "tuned", "--steps", "1000",
-                  "--methods", "comparative-2", "comparative-1", "--seeds", "42", "43"])
+    args = ["--results-dir", str(tmp_path), "--part", "schedule", "--variant", "tuned", "--methods", "comparative-2",
+            "comparative-1", "--no-train"]
+    with pytest.raises(SystemExit, match=r"comparative-2-tuned-\S+-seed44 has not finished \(--no-train"):
+        deficit.main([*args, "--steps", "1000", "--seeds", "42", "43", "44"])
+    deficit.main([*args, "--steps", "1000", "--seeds", "42", "43"])
     out = capsys.readouterr().out
     assert re.search(r"^ +1000 +32000 +81\.00 ± 1\.41 +80\.50 ± 0\.71  AdaLoRA-LoRA -0\.50 \(\+1\.00 / -2\.00; "
                      r"t p = 0\.80\)$", out, re.M), out
