@@ -114,7 +114,8 @@ def schedule(args) -> None:
         cells = [f"{100 * mean(acc[m]):.2f}" + (f" ± {100 * statistics.stdev(acc[m]):.2f}" if len(acc[m]) > 1 else "")
                  for m in args.methods]
         gaps = [f"{METHODS[a]}-{METHODS[b]} {gap(acc, a, b)}" for a, b in
-                (("comparative-1", "comparative-2"), ("proposed", "comparative-2")) if a in acc and b in acc]
+                (("comparative-1", "comparative-2"), ("proposed", "comparative-2"), ("proposed", "comparative-1"))
+                if a in acc and b in acc]
         print(f"{steps:>6} {32 * steps:>9} " + " ".join(f"{c:>14}" for c in cells) + "  " + "; ".join(gaps))
 
 
