@@ -94,7 +94,7 @@ def check_methods(methods: list[str], run_dir: Path = RUN_DIR) -> dict[str, str]
     return {m: adapter_kind(run_config(m, run_dir)) for m in methods}
 
 
-def run_folder(results_dir: str, rid: str, seed: int) -> Path:
+def run_folder(results_dir: str | Path, rid: str, seed: int) -> Path:
     """Where the CLI writes one seed of a run: the default seed has no -seed{N} suffix."""
     return Path(results_dir) / (rid if seed == DEFAULT_SEED else f"{rid}-seed{seed}")
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+from statistics import mean, stdev
 import subprocess
 import sys
 from pathlib import Path
@@ -76,16 +76,13 @@ def run(results: Path, run_id: str, method: str, seed: int, overrides: list[str]
     return json.loads(summary.read_text())
 
 
-def mean(values):
-    return sum(values) / len(values)
-
-
 def schedule_run(steps: int, method: str, variant: str) -> tuple[str, str, list[str]]:
-    """Folder, run id and overrides of one schedule point: one epoch over 32 x steps examples."""
+    """Folder, run config (without the demo suffix) and overrides of one schedule point: one epoch over 32 x steps
+    examples."""
     overrides = [f"dataset.max_train_samples={32 * steps}"]
     if variant == "tuned":
-        return f"tuned{steps}", f"{method}-tuned-{DEMO}", [*overrides, "training.eval_every_steps=null"]
-    return f"s{steps}", f"{method}-{DEMO}", [*overrides, f"training.eval_every_steps={max(1, steps // 5)}"]
+        return f"tuned{steps}", f"{method}-tuned", [*overrides, "training.eval_every_steps=null"]
+    return f"s{steps}", method, [*overrides, f"training.eval_every_steps={max(1, steps // 5)}"]
 
 
 def gap(acc: dict, a: str, b: str) -> str:
@@ -101,17 +98,16 @@ def schedule(args) -> None:
     rows = {}
     for steps in args.steps:
         for method in args.methods:
-            folder, run_id, overrides = schedule_run(steps, method, args.variant)
+            folder, config, overrides = schedule_run(steps, method, args.variant)
             for seed in args.seeds:
-                config = run_id.removesuffix(f"-{DEMO}")
-                s = run(Path(args.results_dir) / folder, run_id, config, seed, overrides, not args.no_train)
+                s = run(Path(args.results_dir) / folder, f"{config}-{DEMO}", config, seed, overrides, not args.no_train)
                 rows.setdefault((steps, method), []).append(s["accuracy"])
     print(f"\nschedule length, {args.variant} configs (one epoch of 32 x steps examples, batch 32; seeds {args.seeds}):"
           " dev accuracy (%), mean ± std over seeds; gaps paired by seed")
     print(f"{'steps':>6} {'examples':>9} " + " ".join(f"{METHODS[m]:>14}" for m in args.methods) + "  gaps")
     for steps in args.steps:
         acc = {m: rows[(steps, m)] for m in args.methods}
-        cells = [f"{100 * mean(acc[m]):.2f}" + (f" ± {100 * statistics.stdev(acc[m]):.2f}" if len(acc[m]) > 1 else "")
+        cells = [f"{100 * mean(acc[m]):.2f}" + (f" ± {100 * stdev(acc[m]):.2f}" if len(acc[m]) > 1 else "")
                  for m in args.methods]
         gaps = [f"{METHODS[a]}-{METHODS[b]} {gap(acc, a, b)}" for a, b in
                 (("comparative-1", "comparative-2"), ("proposed", "comparative-2"), ("proposed", "comparative-1"))

@@ -103,7 +103,7 @@ def check_seed_runs(method: str, values: dict, args) -> None:
     """A tuned run already in {results_dir}/seeds was trained with the tuned config's values, or the script stops."""
     rid = f"{method}-{TUNED}-{A.DEMO}"
     for seed in args.seeds:
-        folder = A.run_folder(str(Path(args.results_dir) / "seeds"), rid, seed)
+        folder = A.run_folder(Path(args.results_dir) / "seeds", rid, seed)
         if (folder / "config.yaml").exists():
             cfg = OmegaConf.load(folder / "config.yaml")
             used = {p: OmegaConf.select(cfg, p) for p in values}

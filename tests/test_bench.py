@@ -111,10 +111,10 @@ def test_adalora_deficit_schedule_reads_the_tuned_configs_runs_and_pairs_gaps_by
     spec = importlib.util.spec_from_file_location("bench_deficit", REPO / "bench" / "adalora_deficit.py")
     deficit = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(deficit)
-    folder, run_id, overrides = deficit.schedule_run(1000, "comparative-1", "tuned")
-    assert (folder, run_id) == ("tuned1000", f"comparative-1-tuned-{deficit.DEMO}")
+    folder, config, overrides = deficit.schedule_run(1000, "comparative-1", "tuned")
+    assert (folder, config) == ("tuned1000", "comparative-1-tuned")
     assert overrides == ["dataset.max_train_samples=32000", "training.eval_every_steps=null"]
-    assert (REPO / "config" / "run" / f"{run_id}.yaml").exists()
+    assert (REPO / "config" / "run" / f"{config}-{deficit.DEMO}.yaml").exists()
     assert deficit.schedule_run(500, "proposed", "untuned")[2][1] == "training.eval_every_steps=100"
     accuracy = {("comparative-2", 42): 0.80, ("comparative-2", 43): 0.82, ("comparative-1", 42): 0.81,
                 ("comparative-1", 43): 0.80}
