@@ -943,7 +943,8 @@ def missing_target(by_method: dict, name: str, role: str) -> str:
         return f"no {ROLE_LABELS[role]} run (main config) on this task"
     if role == "untuned":
         return f"no untuned {METHOD_NAMES.get(by_method[name].get('method'), 'main config')} run on this task"
-    label, method = ROLE_LABELS[role.removeprefix("tuned_")], METHOD_OF_ROLE[role.removeprefix("tuned_")]
+    base = role.removeprefix("tuned_")
+    label, method = ROLE_LABELS[base], METHOD_OF_ROLE[base]
     several = sum(g.get("method") == method and g.get("variant") == "tuned" for g in by_method.values()) > 1
     return f"several tuned {label} groups: none chosen" if several else f"no tuned {label} group on this task"
 
