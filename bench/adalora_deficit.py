@@ -30,7 +30,7 @@ from scipy import stats
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-from accuracy import DEMO, run_folder  # noqa: E402  (a seed's folder: the default seed has no -seed{N} suffix)
+from study import DEMO, run_folder  # noqa: E402  (a seed's folder: the default seed has no -seed{N} suffix)
 
 METHODS = {"comparative-2": "LoRA", "comparative-1": "AdaLoRA", "proposed": "GLoRA"}
 # name -> (method, run-id tag, overrides): one change at a time against the demo config

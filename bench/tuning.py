@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-import accuracy as A  # noqa: E402  (bench/accuracy.py: runs the seeds, evaluates, prints its tables)
+import study as A  # noqa: E402  (bench/study.py: runs the seeds, evaluates, prints its tables)
 
 from src.main import SEARCH_KEYS  # noqa: E402
 

@@ -1,0 +1,502 @@
+"""The study: tasks x methods x seeds for one backbone, each task's own run config, through the contract CLI; then
+src.evaluate over every run, a per-run CSV and the tables (dev metric mean ± std, time, ranks, parameters, tests).
+
+    uv sync --group demo && uv run python bench/study.py                       # offline demo: MiniLM, SST-2, 3 seeds
+    uv run python bench/study.py --tasks SST-2 CoLA MRPC STS-B --methods comparative-2 comparative-1 proposed \\
+        proposed-params --seeds 42 43 44 45 46 --results-dir results/study --plan      # what is left, and how long
+    uv run python bench/study.py --tasks SST-2 CoLA MRPC STS-B ... --results-dir results/study   # train what is left
+    uv run python bench/study.py --backbone DeBERTa-v3-base-86M --tasks RTE MRPC --data-dir /data/glue \\
+        --set hardware.device=cuda                                  # one run per GPU when there are several
+
+Run ids are `{method}-{backbone}--GLUE-{task}`: every run uses its own `config/run/{run id}.yaml`, so a variant such
+as `proposed-params` needs a config per task (a delta on that task's GLoRA config); a missing one stops the study
+before anything trains, naming it. Runs go seed-major (every task and method of the first seed, then the next), so a
+study cut short still has whole seeds. Re-running the same command skips finished runs and resumes an interrupted run
+from its checkpoint (the CLI does that); `--plan` lists the runs and forecasts the rest from one trial run per config
+(`mode=trial` into `{results_dir}/.plan/`, kept for the next `--plan`); `--no-train` evaluates what has finished.
+`--set adalora.*` reaches the AdaLoRA-type runs only and `--set glo_ra.*` the GLoRA-type runs only, decided from
+each run config (model.peft.type and its sections), not from the prefix. With several GPUs visible and runs not on
+the CPU, one run goes to each GPU at a time (CUDA_VISIBLE_DEVICES per run, logs in `{results_dir}/.logs/`); on the
+CPU, one run at a time. At the end: `src.evaluate`, the per-run CSV (`--csv`, default `{results_dir}/study-
+{backbone}.csv`) and the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import queue
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from src.evaluate import TASKS, atomic_write  # noqa: E402  (task -> official folder name; temp-and-rename writes)
+
+METHODS = ["comparative-2", "comparative-1", "proposed"]  # LoRA, AdaLoRA, GLoRA
+BACKBONES = ["MiniLM-L6-22M", "DeBERTa-v3-base-86M"]
+TASK_NAMES = {folder: task for task, folder in TASKS.items()}
+CONFIG = OmegaConf.load(REPO / "config" / "config.yaml")
+DEFAULT_SEED = CONFIG.default_seed  # its runs have no -seed{N} suffix
+RUN_DIR = REPO / "config" / "run"
+DEMO = "MiniLM-L6-22M--GLUE-SST-2"
+CSV_COLUMNS = ["task", "method", "method_name", "seed", "metric", "value", "train_time_s", "step_time_median_s",
+               "trainable_params", "adapter_params", "rank_total", "adapter_params_effective", "eval_time_s",
+               "resumes", "run"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results-dir", default="results/study")
+    p.add_argument("--backbone", default="MiniLM-L6-22M", choices=BACKBONES)
+    p.add_argument("--methods", nargs="+", default=METHODS, metavar="PREFIX",
+                   help=f"run-id prefixes of config/run/{{PREFIX}}-{{backbone}}--GLUE-{{task}}.yaml "
+                        f"(default: {' '.join(METHODS)})")
+    p.add_argument("--tasks", nargs="+", default=["SST-2"], choices=sorted(TASK_NAMES), metavar="TASK",
+                   help=f"GLUE folder names: {' '.join(sorted(TASK_NAMES))} (default: SST-2)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[DEFAULT_SEED, DEFAULT_SEED + 1, DEFAULT_SEED + 2])
+    p.add_argument("--data-dir", default=None, help="GLUE folder in the official layout (default: each config's)")
+    p.add_argument("--model", default=None, help="save_pretrained folder (default: each config's backbone)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for every run")
+    p.add_argument("--plan", action="store_true", help="list the runs, which are done, and forecast the rest; "
+                                                       "train nothing")
+    p.add_argument("--no-train", action="store_true", help="evaluate and tabulate the finished runs only")
+    p.add_argument("--gpus", default="auto", help="parallel runs, one per GPU: 'auto' (every visible GPU when the "
+                                                  "runs are not on the CPU), a number, or 0 (one at a time)")
+    p.add_argument("--csv", default=None, help="per-run table (default: {results_dir}/study-{backbone}.csv)")
+    return p.parse_args(argv)
+
+
+def run_id(method: str, task: str, backbone: str = "MiniLM-L6-22M") -> str:
+    return f"{method}-{backbone}--GLUE-{task}"
+
+
+def _run_layers(path: Path, run_dir: Path) -> list:
+    """A run config, after the run configs its own `defaults` list names (a variant written as a delta)."""
+    cfg = OmegaConf.load(path)
+    bases = [run_dir / f"{entry.split('/')[-1]}.yaml" for entry in cfg.get("defaults") or []
+             if isinstance(entry, str) and entry != "_self_"]
+    cfg.pop("defaults", None)
+    return [layer for base in bases if base.exists() for layer in _run_layers(base, run_dir)] + [cfg]
+
+
+def run_config(method: str, run_dir: Path = RUN_DIR, suffix: str = DEMO):
+    """The run config `{method}-{suffix}` over config.yaml's values, unresolved (no interpolation is needed)."""
+    base = OmegaConf.masked_copy(CONFIG, [k for k in CONFIG if k not in ("defaults", "hydra", "trial")])
+    return OmegaConf.merge(base, *_run_layers(run_dir / f"{method}-{suffix}.yaml", run_dir))
+
+
+def adapter_kind(cfg) -> str:
+    """'lora', 'adalora' or 'glora', by the rule training uses: GLoRA is a LoRA whose run config has a glo_ra
+    section."""
+    kind = OmegaConf.select(cfg, "model.peft.type", default="lora")
+    return "glora" if kind == "lora" and "glo_ra" in cfg else kind
+
+
+def applies(override: str, kind: str) -> bool:
+    """`--set adalora.x=...` reaches the AdaLoRA-type runs only, `glo_ra.x=...` the GLoRA-type runs only."""
+    section = override.split(".")[0]
+    return {"adalora": kind == "adalora", "glo_ra": kind == "glora"}.get(section, True)
+
+
+def check_matrix(methods: list[str], tasks: list[str], backbone: str, run_dir: Path = RUN_DIR) -> dict:
+    """(method, task) -> adapter kind; any missing run config stops the study before anything trains, naming all of
+    them and the prefixes that exist for this backbone."""
+    missing = [run_id(m, t, backbone) for m in methods for t in tasks
+               if not (run_dir / f"{run_id(m, t, backbone)}.yaml").exists()]
+    if missing:
+        found = sorted({p.name.split(f"-{backbone}--GLUE-")[0] for p in run_dir.glob(f"*-{backbone}--GLUE-*.yaml")})
+        sys.exit(f"bench/study.py: no run config {', '.join(f'{r}.yaml' for r in missing)} in {run_dir}. A variant "
+                 f"needs one per task, written as a delta on that task's config (defaults: [<base run id>, _self_]; "
+                 f"see proposed-params-MiniLM-L6-22M--GLUE-*.yaml); --methods with configs for {backbone}: "
+                 f"{' '.join(found)}")
+    return {(m, t): adapter_kind(run_config(m, run_dir, f"{backbone}--GLUE-{t}")) for m in methods for t in tasks}
+
+
+def check_methods(methods: list[str], run_dir: Path = RUN_DIR) -> dict[str, str]:
+    """method prefix -> adapter kind, on the SST-2 demo's configs (bench/tuning.py)."""
+    kinds = check_matrix(methods, ["SST-2"], "MiniLM-L6-22M", run_dir)
+    return {m: kinds[(m, "SST-2")] for m in methods}
+
+
+def run_folder(results_dir: str | Path, rid: str, seed: int) -> Path:
+    """Where the CLI writes one seed of a run: the default seed has no -seed{N} suffix."""
+    return Path(results_dir) / (rid if seed == DEFAULT_SEED else f"{rid}-seed{seed}")
+
+
+@dataclass
+class Run:
+    method: str
+    task: str
+    seed: int
+    rid: str
+    kind: str
+    folder: Path
+
+    def state(self) -> tuple[str, int | None]:
+        """('done' | 'partial' | 'todo', the newest checkpoint's optimizer step for a partial run)."""
+        if (self.folder / "summary.json").exists():
+            return "done", None
+        steps = [int(p.name.removeprefix("step-")) for p in (self.folder / "checkpoint").glob("step-*")
+                 if p.name.removeprefix("step-").isdigit()]
+        return ("partial", max(steps)) if steps else (("partial", 0) if self.folder.exists() else ("todo", None))
+
+
+def matrix(args) -> list[Run]:
+    """Every run of the study, seed-major: a study cut short still has whole seeds."""
+    kinds = check_matrix(args.methods, args.tasks, args.backbone)
+    return [Run(m, t, s, run_id(m, t, args.backbone), kinds[(m, t)],
+                run_folder(args.results_dir, run_id(m, t, args.backbone), s))
+            for s in args.seeds for t in args.tasks for m in args.methods]
+
+
+def cli_args(run: Run, args, mode: str = "full", results_dir: str | None = None) -> list[str]:
+    """The contract CLI's arguments for one run."""
+    out = [f"run={run.rid}", f"results_dir={results_dir or args.results_dir}", f"mode={mode}",
+           "wandb.mode=disabled", *([f"seed={run.seed}"] if mode == "full" else []),
+           *[o for o in args.set if applies(o, run.kind)]]
+    out += [f"dataset.data_dir={args.data_dir}"] if args.data_dir else []
+    out += [f"model.backbone={args.model}"] if args.model else []
+    return out
+
+
+def forecast(run: Run, args) -> float | None:
+    """The full run's wall time forecast by a trial run of its config on this device (kept in {results_dir}/.plan/
+    and reused; delete that folder to measure again)."""
+    plan_dir = Path(args.results_dir) / ".plan"
+    summary = plan_dir / run.rid / "summary.json"
+    if not summary.exists():
+        print(f"[study] forecasting {run.rid} (a trial run)", flush=True)
+        proc = subprocess.run([sys.executable, "-u", "-m", "src.main", *cli_args(run, args, "trial", str(plan_dir))],
+                              cwd=REPO, capture_output=True, text=True,
+                              env={**os.environ, "TQDM_DISABLE": "1"})
+        if proc.returncode:
+            print(f"[study] the trial run of {run.rid} failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+            return None
+    return json.loads(summary.read_text()).get("forecast_full_run_s")
+
+
+def remaining_share(run: Run, forecast_s: float | None, step: int | None, args) -> float:
+    """The share of a run still to train: 1 for a new run, 1 - step/total for a partial one."""
+    if not step:
+        return 1.0
+    shape = json.loads((Path(args.results_dir) / ".plan" / run.rid / "summary.json").read_text()).get(
+        "forecast_full_run_shape", {}) if forecast_s else {}
+    total = shape.get("steps")
+    return max(0.0, 1 - step / total) if total else 1.0
+
+
+def hms(seconds: float) -> str:
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def plan(runs: list[Run], args) -> float:
+    """Print every run with its state and the forecast of what is left; returns the seconds left (forecast)."""
+    forecasts = {r.rid: forecast(r, args) for r in {r.rid: r for r in runs}.values()}
+    left, unknown = 0.0, []
+    print(f"\n{'run':<58} {'seed':>5} {'state':<14} {'forecast':>10}")
+    for r in runs:
+        state, step = r.state()
+        f = forecasts[r.rid]
+        label = state if step is None else f"{state} @{step}"
+        if state != "done":
+            if f is None:
+                unknown.append(r.folder.name)
+            else:
+                left += f * remaining_share(r, f, step, args)
+        print(f"{r.rid:<58} {r.seed:>5} {label:<14} {'-' if f is None else hms(f):>10}")
+    done = sum(r.state()[0] == "done" for r in runs)
+    print(f"\n{len(runs)} runs: {done} done, {len(runs) - done} left; forecast for what is left: {hms(left)} "
+          f"on this device, one run at a time{f' (no forecast for {len(unknown)} runs)' if unknown else ''}")
+    print("(forecasts come from trial runs in {}/.plan/; a machine busy with other work inflates them)"
+          .format(args.results_dir))
+    return left
+
+
+def gpu_count(args, runs: list[Run]) -> int:
+    """How many runs go at once: one per GPU when several are visible and the runs are not on the CPU."""
+    if args.gpus != "auto":
+        return int(args.gpus)
+    devices = {str(OmegaConf.select(run_config(r.method, suffix=f"{args.backbone}--GLUE-{r.task}"),
+                                    "hardware.device")) for r in runs}
+    devices |= {o.split("=", 1)[1] for o in args.set if o.startswith("hardware.device=")}
+    if devices <= {"cpu"} or any(o == "hardware.device=cpu" for o in args.set):
+        return 0
+    import torch  # only here: a CPU study never needs CUDA initialised in this process
+    return torch.cuda.device_count() if torch.cuda.device_count() > 1 else 0
+
+
+def visible_gpus(n: int) -> list[str]:
+    """The GPU ids a worker may pin a run to: CUDA_VISIBLE_DEVICES' own list when set, else 0..n-1."""
+    given = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return (given or [str(i) for i in range(n)])[:n]
+
+
+class Progress:
+    """Runs done / left, elapsed, projected end: measured walls of this invocation first, forecasts before any."""
+
+    def __init__(self, runs: list[Run], forecasts: dict[str, float | None], workers: int):
+        self.total, self.forecasts, self.workers = len(runs), forecasts, max(1, workers)
+        self.start, self.walls, self.lock = time.time(), {}, threading.Lock()
+        self.done = sum(r.state()[0] == "done" for r in runs)
+
+    def expected(self, run: Run) -> float | None:
+        measured = self.walls.get(run.rid) or [w for ws in self.walls.values() for w in ws]
+        return statistics.median(measured) if measured else self.forecasts.get(run.rid)
+
+    def line(self, left: list[Run]) -> str:
+        elapsed = time.time() - self.start
+        guesses = [self.expected(r) for r in left]
+        known = [g for g in guesses if g is not None]
+        end = "" if not known else (f", projected end {time.strftime('%H:%M', time.localtime(time.time() + sum(known) / self.workers))}"
+                                    f"{'' if len(known) == len(guesses) else ' (some runs unforecast)'}")
+        return f"{self.done}/{self.total} done, {len(left)} left, elapsed {hms(elapsed)}{end}"
+
+    def finished(self, run: Run, wall: float) -> None:
+        with self.lock:
+            self.walls.setdefault(run.rid, []).append(wall)
+            self.done += 1
+
+
+def train(runs: list[Run], args) -> list[str]:
+    """Train every run that has not finished; returns the failed runs' folder names."""
+    todo = [r for r in runs if r.state()[0] != "done"]
+    for r in runs:
+        if r not in todo:
+            print(f"[study] {r.folder.name}: finished earlier, skipped", flush=True)
+    if not todo:
+        return []
+    cached = {r.rid: json.loads(p.read_text()).get("forecast_full_run_s")
+              for r in todo if (p := Path(args.results_dir) / ".plan" / r.rid / "summary.json").exists()}
+    workers = gpu_count(args, runs)
+    progress = Progress(runs, cached, workers)
+    pending: queue.Queue = queue.Queue()
+    for r in todo:
+        pending.put(r)
+    failed: list[str] = []
+
+    def worker(gpu: str | None) -> None:
+        while True:
+            try:
+                r = pending.get_nowait()
+            except queue.Empty:
+                return
+            with progress.lock:
+                left = [r, *list(pending.queue)]
+                print(f"[study] {r.folder.name}{f' on GPU {gpu}' if gpu else ''} ({r.state()[0]}): "
+                      f"{progress.line(left)}", flush=True)
+            cmd = [sys.executable, "-u", "-m", "src.main", *cli_args(r, args)]
+            env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu else {})}
+            start = time.perf_counter()
+            if gpu:  # parallel runs: their progress bars would interleave, so each writes a log
+                log = Path(args.results_dir) / ".logs" / f"{r.folder.name}.log"
+                log.parent.mkdir(parents=True, exist_ok=True)
+                with open(log, "a") as fh:
+                    code = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+            else:
+                print(f"[study] {' '.join(cmd[2:])}", flush=True)
+                code = subprocess.run(cmd, cwd=REPO, env=env).returncode
+            if code:
+                with progress.lock:
+                    failed.append(r.folder.name)
+                print(f"[study] {r.folder.name} failed (exit {code}); the others go on", flush=True)
+            else:
+                progress.finished(r, time.perf_counter() - start)
+
+    gpus = visible_gpus(workers) if workers else [None]
+    threads = [threading.Thread(target=worker, args=(g,)) for g in gpus]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(f"[study] {progress.line([])}", flush=True)
+    return failed
+
+
+def csv_rows(runs: list[Run]) -> list[dict]:
+    """One row per finished run: the task's headline metric (its number in the GLUE average) and the cost."""
+    rows = []
+    for r in runs:
+        path = r.folder / "summary.json"
+        if not path.exists():
+            continue
+        s = json.loads(path.read_text())
+        metric = s["glue_metric"] if s.get("glue_metric") in s else "glue_score"  # MNLI m/mm and QQP acc/F1 means
+        step = s.get("step_time_s") or {}
+        rows.append({"task": r.task, "method": r.method, "method_name": s["method_name"], "seed": s["seed"],
+                     "metric": metric, "value": s[metric], "train_time_s": s["train_time_s"],
+                     "step_time_median_s": step.get("median"), "trainable_params": s["trainable_params"],
+                     "adapter_params": s["adapter_params"], "rank_total": s["rank_budget_total"],
+                     "adapter_params_effective": s.get("adapter_params_effective"),
+                     "eval_time_s": s.get("eval_time_s"), "resumes": s.get("resumes"), "run": r.folder.name})
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue()))
+
+
+def fmt(stat: dict | None, scale: float = 1.0, digits: int = 2) -> str:
+    if not stat or stat.get("mean") is None:
+        return "-"
+    std = f" ± {stat['std'] * scale:.{digits}f}" if stat.get("std") is not None else ""
+    return f"{stat['mean'] * scale:.{digits}f}{std}"
+
+
+def fmt_ratio(ratio: dict | None) -> str:
+    """A time ratio object: `1.23` or `1.23 n/c` (not comparable: the reason is in report.md)."""
+    if not ratio or ratio.get("value") is None:
+        return "-"
+    return f"{ratio['value']:.2f}" + ("" if ratio["comparable"] else " n/c")
+
+
+def print_paper_table(rows: list[dict], tasks: list[str], methods: list[str]) -> None:
+    """The AdaLoRA paper's layout from the CSV rows: tasks as columns (headline metric x 100, mean ± std over seeds),
+    methods as rows, the GLUE average of the task means last (on the tasks a method has)."""
+    cells = {(r["method"], r["task"]): [] for r in rows}
+    for r in rows:
+        cells[(r["method"], r["task"])].append(100 * r["value"])
+    names = {r["method"]: r["method_name"] for r in rows}
+    metric = {r["task"]: r["metric"] for r in rows}
+    width = max([22, *(len(n) for n in names.values())])
+    print(f"\n{'method':<{width}} " + " ".join(f"{t + ' (' + metric.get(t, '-') + ')':>18}" for t in tasks)
+          + f" {'average':>9}")
+    for m in methods:
+        vals = [cells.get((m, t)) for t in tasks]
+        text = [("-" if not v else f"{statistics.mean(v):.2f}" + (f" ± {statistics.stdev(v):.2f}" if len(v) > 1
+                                                                    else "") + f" ({len(v)})") for v in vals]
+        means = [statistics.mean(v) for v in vals if v]
+        avg = f"{statistics.mean(means):.2f}" + ("" if len(means) == len(tasks) else "*") if means else "-"
+        print(f"{names.get(m, m):<{width}} " + " ".join(f"{c:>18}" for c in text) + f" {avg:>9}")
+    print("(mean ± std over seeds (n); * = average over fewer tasks than the table has)")
+
+
+def print_table(agg: dict) -> None:
+    width = max(8, *(len(m) for g in agg["groups"].values() for m in g))
+    head = f"{'task':<6} {'method':<{width}} {'n':>2} {'glue_score (%)':>14} {'train time (s)':>16} " \
+           f"{'step ratio':>10} {'trainable':>10} {'rank total':>10} {'adapter':>9} {'vs LoRA (points)':>16}"
+    print(head + "\n" + "-" * len(head))
+    for task, by_method in agg["groups"].items():
+        for method, g in by_method.items():
+            d = agg["derived"][task].get("methods", {}).get(method, {})
+            gain = d.get("glue_score_gain_abs", d.get("accuracy_gain_abs"))
+            print(f"{task:<6} {method:<{width}} {g['n']:>2} {fmt(g.get('glue_score'), 100):>14} "
+                  f"{fmt(g['train_time_s'], digits=1):>16} {fmt_ratio(d.get('step_time_ratio')):>10} "
+                  f"{fmt(g['trainable_params'], digits=0):>10} {fmt(g['rank_budget_total'], digits=0):>10} "
+                  f"{fmt(g['adapter_params_reported'], digits=0):>9} "
+                  f"{'' if gain is None else f'{100 * gain:+.2f}':>16}")
+    print("(adapter: parameters at the final ranks where recorded; step ratio: median step time vs LoRA, "
+          "n/c = not comparable, see report.md; a tuned group's points are over tuned LoRA)")
+    for task, d in agg["derived"].items():
+        for label, block in (("", d), (" (tuned groups)", d.get("tuned"))):
+            if block is None:
+                continue
+            share = (block.get("glora_share_of_adalora_gain") or {}).get("glue_score") or {}
+            value = "-" if share.get("value") is None else f"{share['value']:.2f}"
+            reason = f" ({share['reason']})" if share.get("reason") else ""
+            print(f"{task}{label}: share of AdaLoRA's glue_score gain recovered by GLoRA: {value}{reason}")
+    print("\nacross seeds (glue_score paired by seed):")
+    for e in agg["significance"]["seed_level"]:
+        print_seed_level(e, f"{e['method_a']} - {e['method_b']}")
+    print("per example on the dev set (McNemar exact; paired bootstrap 95% CI of the accuracy difference):")
+    for e in agg["significance"]["example_level"]:
+        if "mcnemar" not in e:
+            print(f"  {e['task']:<6} {e['method_a'] + ' - ' + e['method_b']:<17} {e.get('reason')}")
+            continue
+        bs = e["bootstrap"]
+        ci = "-" if bs["ci_low"] is None else f"[{100 * bs['ci_low']:+.2f}, {100 * bs['ci_high']:+.2f}]"
+        print(f"  {e['task']:<6} {e['method_a'] + ' - ' + e['method_b']:<17} {e['paired_by']:<8} n = {e['n']}  "
+              f"diff {100 * bs['difference']:+.2f}  CI {ci}  McNemar p = {e['mcnemar']['p_value']:.2g}")
+
+
+def print_seed_level(e: dict, pair: str) -> None:
+    """One seed-level comparison: mean difference, both tests' p, the MDE and the reading."""
+    diff = "-" if e["mean_difference"] is None else f"{100 * e['mean_difference']:+.2f}"
+    p = ["-" if t.get("p_value") is None else f"{t['p_value']:.4f}" for t in e["tests"]] + ["-"]
+    mde = "-" if e["mde"]["mde"] is None else f"{100 * e['mde']['mde']:.2f} points"
+    needed = e["mde"]["seeds_needed_for_observed"]
+    print(f"  {e['task']:<6} {pair:<34} diff {diff:>6} points  t-test p = {p[0]}  Wilcoxon p = {p[1]}  "
+          f"(n = {e['n']})  MDE {mde}  seeds needed {needed or '-'}: {e['reading']}")
+
+
+def print_ablation(agg: dict) -> None:
+    """Every variant/control against LoRA and GLoRA, with what it spent."""
+    if not agg.get("ablation"):
+        return
+    print("\nablation and controls (glue_score paired by seed; MDE at power 0.8; budget vs LoRA):")
+    for entry in agg["ablation"]:
+        b = entry["budget"]
+        ratio = "-" if b["adapter_params_ratio"] is None else f"{b['adapter_params_ratio']:.3f}"
+        print(f"  {entry['task']:<6} {entry['method_name']}: variant {entry['variant'] or '-'}, rank total "
+              f"{fmt({'mean': b['rank_budget_total']}, digits=0)}, adapter params "
+              f"{fmt({'mean': b['adapter_params']}, digits=0)} (x{ratio} of LoRA)")
+        for c in entry["comparisons"]:
+            if c["against"] is None:
+                print(f"    vs {c['role']}: {c['reason']}")
+                continue
+            s = c["example_summary"]
+            ci = "-" if s["ci_low_min"] is None else f"[{100 * s['ci_low_min']:+.2f}, {100 * s['ci_high_max']:+.2f}]"
+            print_seed_level(c["seed_level"], f"{entry['method_name']} - {c['against']}")
+            print(f"  {'':<6} {'':<34} per seed: McNemar p < 0.05 in {s['n_mcnemar_significant']}/{s['n_tests']}, "
+                  f"bootstrap CIs within {ci}")
+
+
+def report(runs: list[Run], args) -> int:
+    """src.evaluate over every config with a finished run, the per-run CSV, the tables."""
+    finished = [r for r in runs if r.state()[0] == "done"]
+    missing = [r.folder.name for r in runs if r not in finished]
+    if missing:
+        print(f"[study] not finished, left out of the report: {' '.join(missing)}", flush=True)
+    ids = list(dict.fromkeys(r.rid for r in finished))
+    if not ids:
+        sys.exit("bench/study.py: no finished run to evaluate")
+    if subprocess.run([sys.executable, "-m", "src.evaluate", f"results_dir={args.results_dir}",
+                       f"run_ids={json.dumps(ids)}"], cwd=REPO).returncode:
+        sys.exit("bench/study.py: src.evaluate failed (its error is above)")
+    rows = csv_rows(finished)
+    path = Path(args.csv or Path(args.results_dir) / f"study-{args.backbone}.csv")
+    write_csv(path, rows)
+    agg = json.loads((Path(args.results_dir) / "comparison" / "aggregated_metrics.json").read_text())
+    print_paper_table(rows, args.tasks, args.methods)
+    print()
+    print_table(agg)
+    print_ablation(agg)
+    print(f"\nper-run table: {path} ({len(rows)} runs); report: {args.results_dir}/comparison/report.md")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.results_dir = str(Path(args.results_dir).resolve())
+    runs = matrix(args)
+    if args.plan:
+        plan(runs, args)
+        return 0
+    start = time.perf_counter()
+    failed = [] if args.no_train else train(runs, args)
+    report(runs, args)
+    print(f"study wall time: {hms(time.perf_counter() - start)}")
+    if failed:
+        print(f"bench/study.py: {len(failed)} runs failed: {' '.join(failed)}; re-run the same command to retry "
+              f"them", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
