@@ -11,7 +11,7 @@ untuned and tuned configs trained on the same seeds and evaluated together; prin
 2. `config/run/{method}-tuned-MiniLM-L6-22M--GLUE-SST-2.yaml`: the method's demo config (as `defaults`) with the
    study's best values at their config paths, `variant: tuned` and `optuna.n_trials: 0`. Written after every study
    has passed the check; a tuned config that exists with other values stops the script unless `--rewrite` is given.
-3. bench/accuracy.py over {method} and {method}-tuned for every method and seed, under {results_dir}/seeds (a
+3. bench/study.py over {method} and {method}-tuned for every method and seed, under {results_dir}/seeds (a
    tuned seed run trained with other values than the tuned config's stops the script); then src.evaluate over all
    of them: each tuned group against its own untuned config and against the other tuned methods (report.md,
    "Ablation and controls").

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -131,3 +134,85 @@ def test_adalora_deficit_schedule_reads_the_tuned_configs_runs_and_pairs_gaps_by
     out = capsys.readouterr().out
     assert re.search(r"^ +1000 +32000 +81\.00 ± 1\.41 +80\.50 ± 0\.71  AdaLoRA-LoRA -0\.50 \(\+1\.00 / -2\.00; "
                      r"t p = 0\.80\)$", out, re.M), out
+
+
+def _study(tmp_path, tiny_model, glue_dir, *extra: str):
+    """bench/study.py on the tiny model: LoRA on CoLA (its own MiniLM run config), seeds 42 and 43."""
+    targets = (REPO / "config" / "config.yaml").read_text().split("target_modules: ")[1].splitlines()[0].strip()
+    return subprocess.run(
+        [sys.executable, "bench/study.py", "--results-dir", str(tmp_path), "--tasks", "CoLA", "--methods",
+         "comparative-2", "--seeds", "42", "43", "--model", str(tiny_model), "--data-dir", str(glue_dir), "--set",
+         f"model.peft.target_modules={targets}", "training.max_train_batches=2", "dataset.max_eval_samples=16",
+         "training.eval_every_steps=null", *extra],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
+
+
+def test_study_plans_skips_resumes_and_writes_the_per_run_csv(tiny_model, glue_dir, tmp_path):
+    rid = "comparative-2-MiniLM-L6-22M--GLUE-CoLA"
+    plan = _study(tmp_path, tiny_model, glue_dir, "--plan")
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    assert re.search(rf"^{rid} +42 todo +\S+", plan.stdout, re.M) and "2 runs: 0 done, 2 left" in plan.stdout
+    assert not (tmp_path / rid).exists()  # --plan trains nothing; its trial run lives in .plan/
+    assert json.loads((tmp_path / ".plan" / rid / "summary.json").read_text())["forecast_full_run_s"] > 0
+
+    first = _study(tmp_path, tiny_model, glue_dir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "2/2 done, 0 left" in first.stdout
+    rows = list(csv.DictReader((tmp_path / "study-MiniLM-L6-22M.csv").open()))
+    assert [r["seed"] for r in rows] == ["42", "43"] and list(rows[0])[:11] == [
+        "task", "method", "method_name", "seed", "metric", "value", "train_time_s", "step_time_median_s",
+        "trainable_params", "adapter_params", "rank_total"]
+    summary = json.loads((tmp_path / f"{rid}-seed43" / "summary.json").read_text())
+    assert rows[1]["task"] == "CoLA" and rows[1]["method"] == "comparative-2" and rows[1]["metric"] == "mcc"
+    assert float(rows[1]["value"]) == summary["mcc"] and int(rows[1]["rank_total"]) == summary["rank_budget_total"]
+    assert (tmp_path / "comparison" / "report.md").exists()
+
+    # an interrupted run: its checkpoint is there, its summary is not; the study resumes it and skips the other
+    (tmp_path / f"{rid}-seed43" / "summary.json").unlink()
+    replan = _study(tmp_path, tiny_model, glue_dir, "--plan")
+    assert re.search(rf"^{rid} +43 partial @\d+", replan.stdout, re.M), replan.stdout
+    second = _study(tmp_path, tiny_model, glue_dir)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"{rid}: finished earlier, skipped" in second.stdout and "resuming from" in second.stdout + second.stderr
+    again = json.loads((tmp_path / f"{rid}-seed43" / "summary.json").read_text())
+    assert again["mcc"] == summary["mcc"] and again["resumes"] == 1
+
+
+def test_study_refuses_a_missing_task_config_before_training(tmp_path):
+    bench = load_study_bench()
+    with pytest.raises(SystemExit, match=r"no run config proposed-shuffled-MiniLM-L6-22M--GLUE-CoLA\.yaml"):
+        bench.main(["--results-dir", str(tmp_path), "--tasks", "SST-2", "CoLA", "--methods", "proposed",
+                    "proposed-shuffled", "--plan"])
+    assert not (tmp_path / ".plan").exists()
+    runs = bench.matrix(bench.parse_args(["--tasks", "SST-2", "CoLA", "--methods", "comparative-2", "proposed-params",
+                                          "--seeds", "1", "2"]))
+    assert [(r.seed, r.task, r.method) for r in runs[:4]] == [(1, "SST-2", "comparative-2"),
+                                                              (1, "SST-2", "proposed-params"),
+                                                              (1, "CoLA", "comparative-2"), (1, "CoLA", "proposed-params")]
+    assert {r.kind for r in runs if r.method == "proposed-params"} == {"glora"}
+
+
+def test_study_runs_one_run_per_gpu(tmp_path, monkeypatch):
+    """--gpus 2: two workers, each run pinned to one GPU by CUDA_VISIBLE_DEVICES, every run trained once."""
+    bench = load_study_bench()
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    seen = []
+
+    def fake_run(cmd, cwd=None, env=None, stdout=None, stderr=None, **kw):
+        folder = Path(next(a for a in cmd if a.startswith("results_dir=")).split("=", 1)[1])
+        seed = int(next(a for a in cmd if a.startswith("seed=")).split("=", 1)[1])
+        rid = next(a for a in cmd if a.startswith("run=")).split("=", 1)[1]
+        out = bench.run_folder(folder, rid, seed)
+        out.mkdir(parents=True)
+        (out / "summary.json").write_text("{}")
+        seen.append((rid, seed, env["CUDA_VISIBLE_DEVICES"]))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    args = bench.parse_args(["--results-dir", str(tmp_path), "--tasks", "SST-2", "--methods", "comparative-2",
+                             "proposed", "--seeds", "1", "2", "3", "--gpus", "2", "--set", "hardware.device=cuda"])
+    assert bench.train(bench.matrix(args), args) == []
+    assert len(seen) == 6 and len({(r, s) for r, s, _ in seen}) == 6 and {g for *_, g in seen} <= {"0", "1"}
+    assert (tmp_path / ".logs").is_dir()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6,7")
+    assert bench.visible_gpus(2) == ["4", "6"]

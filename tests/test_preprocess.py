@@ -8,7 +8,7 @@ from scipy.stats import pearsonr
 from sklearn.metrics import f1_score, matthews_corrcoef
 
 from src import preprocess as P
-from tests.conftest import GLUE_FILES
+from tests.conftest import GLUE_FILES, REPO
 
 EXPECTED_SPLITS = {"mnli": {"train", "validation", "validation_mm"}}
 
@@ -203,3 +203,23 @@ def test_a_file_that_is_not_utf8_names_its_line(tmp_path):
     (tmp_path / "SST-2" / "train.tsv").write_bytes(b"sentence\tlabel\ngood\t1\ncaf\xe9 \t1\n")
     with pytest.raises(P.DataError, match=r"SST-2/train\.tsv:3: not UTF-8 text"):
         P.load_glue("sst2", str(tmp_path), "unused")
+
+
+def test_bundled_glue_files_are_the_official_ones():
+    """data/glue holds the official files byte for byte (data/glue/SOURCES.md): a re-encoded or edited copy fails."""
+    import hashlib
+    expected = {
+        "SST-2/train.tsv": "48eac26399f8456935f81dd9e3a745c1430adb6c62e233ccfe22db4a0d15d1d1",
+        "SST-2/dev.tsv": "54a9c12c77e402fc14d6a66a506f24d999f596b0176eb777c972cccc2f9cc4b0",
+        "CoLA/train.tsv": "cb368ebeb9f27d7ad03720d27ddc95687a311bdb100781a2fe59a5f5b1bc0624",
+        "CoLA/dev.tsv": "8c013e21dc39957cac37378d87bebe225b694a0d5fe13eded66c2856628833fd",
+        "MRPC/train.tsv": "122becc469405bc16f9defcb8715d2a4b7ce600e9d9381e6dc42bfdd1494c51d",
+        "MRPC/dev.tsv": "81c8a1a9e1dfe461dd2c1a4f98f43fe18bece44d2bf9e3d0b245b88e5aa5eaf7",
+        "STS-B/train.tsv": "41c4d978b6162abdcada7e49a982211954cca5459c228db478af333124b257a2",
+        "STS-B/dev.tsv": "fe7dc0632a5033562f3cadff991f6e8d9b9b6311861660e78c3c82eb7db67f59",
+    }
+    root = REPO / "data" / "glue"
+    for name, digest in expected.items():
+        assert hashlib.sha256((root / name).read_bytes()).hexdigest() == digest, name
+        assert digest in (root / "SOURCES.md").read_text(), name
+    assert (root / "MRPC" / "Microsoft Shared Source License.htm").exists()
