@@ -6,6 +6,7 @@ GLoRA here is *gradient-norm aware rank allocation* on top of PEFT's own LoRA; i
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -38,7 +39,10 @@ def check_model_folder(backbone: str) -> None:
 
 
 def load_backbone(backbone: str, num_labels: int, cache_dir: str):
-    """Tokenizer and sequence-classification model from a hub id (cached in cache_dir) or a save_pretrained folder."""
+    """Tokenizer and sequence-classification model from a hub id (cached in cache_dir) or a save_pretrained folder,
+    in float32 whatever dtype the checkpoint is stored in: without a dtype, transformers loads the stored one
+    (microsoft/deberta-v3-base is stored in float16), and PEFT up-casts the adapters but not modules_to_save, whose
+    AdamW state would then be float16. hardware.precision decides the compute (TF32, bf16 autocast)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     check_model_folder(backbone)
@@ -46,11 +50,34 @@ def load_backbone(backbone: str, num_labels: int, cache_dir: str):
         tokenizer = AutoTokenizer.from_pretrained(backbone, cache_dir=cache_dir)
         model = AutoModelForSequenceClassification.from_pretrained(
             backbone, num_labels=num_labels, cache_dir=cache_dir, ignore_mismatched_sizes=True,  # a fresh task head
-            problem_type="regression" if num_labels == 1 else "single_label_classification")
+            problem_type="regression" if num_labels == 1 else "single_label_classification", dtype=torch.float32)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"could not load model {backbone!r} (hub or {cache_dir}): {first}") from None
     return tokenizer, model
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def stored_dtype(backbone: str, cache_dir: str) -> torch.dtype | None:
+    """The floating dtype the backbone's weights file holds (the dtype `from_pretrained` would load without an explicit
+    one), read from the file's header as transformers reads it; None when no weights file is found. Call it after
+    `load_backbone`, so that a hub id's files are in cache_dir."""
+    from transformers.modeling_utils import get_state_dict_dtype, load_state_dict
+    from transformers.utils import cached_file
+
+    for name in WEIGHT_FILES:  # transformers' own order of preference
+        path = cached_file(backbone, name, cache_dir=cache_dir, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+        if path is None:
+            continue
+        if name.endswith(".index.json"):  # sharded: the first shard's dtype, as transformers takes it
+            shard = next(iter(json.loads(Path(path).read_text())["weight_map"].values()))
+            path = cached_file(backbone, shard, cache_dir=cache_dir)
+        return get_state_dict_dtype(load_state_dict(path, map_location="meta"))
+    return None
 
 
 def target_module_names(model: nn.Module, target_modules: str) -> list[str]:
