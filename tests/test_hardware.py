@@ -387,3 +387,53 @@ def test_data_parallel_shards_of_a_pinned_batch_stay_pinned_and_contiguous(monke
     part, share = dist.shard(batch)
     assert part["labels"].tolist() == [1, 3, 5] and share == 0.5
     assert all(v.is_contiguous() for v in part.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The readiness check (bench/gpu_check.py), on the CPU with the tiny models.
+
+def load_gpu_check():
+    import importlib.util
+
+    from tests.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("bench_gpu_check", REPO / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def table(out: str) -> dict[tuple[str, str], list[str]]:
+    rows = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) > 8 and parts[0] in ("LoRA", "AdaLoRA", "GLoRA"):
+            rows[parts[0], parts[1]] = parts[2:]
+    return rows
+
+
+@pytest.mark.parametrize("stored", ["float32", "float16"])
+def test_gpu_check_runs_every_method_on_the_cpu(stored, tiny_model, tiny_fp16, capsys):
+    backbone = tiny_model if stored == "float32" else tiny_fp16
+    code = load_gpu_check().main_(["--device", "cpu", "--backbone", str(backbone), "--steps", "3",
+                                   "--set", "adalora.total_rank_budget=48", "dataset.max_length=16"])
+    out = capsys.readouterr().out
+    rows = table(out)
+    assert code == 0 and f"stored {stored}, loaded as float32" in out
+    for method in ("LoRA", "AdaLoRA", "GLoRA"):
+        s_step, peak, syncs, stored_col, trainable, state, status = rows[method, "fp32"][:7]
+        assert float(s_step) > 0 and (peak, syncs) == ("-", "-")  # memory and syncs: GPU only
+        assert (stored_col, trainable, state, status) == (stored, "float32", "float32", "ok")
+        assert rows[method, "tf32"][6:8] == ["skipped:", "cpu"] and rows[method, "bf16"][6] == "skipped:"
+    assert "reallocated at step 1" in " ".join(rows["GLoRA", "fp32"])
+
+
+def test_gpu_check_reports_a_rows_first_fault_and_goes_on(tiny_model, capsys):
+    code = load_gpu_check().main_(["--device", "cpu", "--backbone", str(tiny_model), "--steps", "3",
+                                   "--precisions", "fp32", "--set", "adalora.total_rank_budget=500",
+                                   "dataset.max_length=16"])
+    rows = table(capsys.readouterr().out)
+    assert code == 1
+    assert rows["AdaLoRA", "fp32"][6:8] == ["FAULT:", "ModelError:"]
+    assert "total_rank_budget=500 is infeasible" in " ".join(rows["AdaLoRA", "fp32"])
+    assert rows["LoRA", "fp32"][6] == rows["GLoRA", "fp32"][6] == "ok"
