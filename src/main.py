@@ -327,7 +327,7 @@ def _rdb_storage(url: str, attempts: int = 5):
             time.sleep(0.2 + random.random())
 
 
-def tune(cfg: DictConfig, run_dir: Path, name: str, pruner=None) -> dict:
+def tune(cfg: DictConfig, run_dir: Path, name: str, pruner=None, sweep_job: int | None = None) -> dict:
     """Run (or resume) the study and return its summary: best_params, best_trial_value, trial counts."""
     import optuna
     from optuna.study import MaxTrialsCallback
@@ -365,7 +365,7 @@ def tune(cfg: DictConfig, run_dir: Path, name: str, pruner=None) -> dict:
                 raise optuna.TrialPruned(f"pruned at step {step}")
 
         summary = T.train_run(tcfg, study_dir / f"trial-{trial.number:03d}", f"{name}/trial-{trial.number}",
-                              on_eval=on_eval)
+                              on_eval=on_eval, sweep_job=sweep_job)
         return summary[metric.removeprefix("validation_")]
 
     done = sum(t.state in done_states for t in study.trials)
@@ -415,6 +415,12 @@ def write_study_record(study, study_dir: Path) -> None:
         plt.close(fig)
 
 
+def sweep_job() -> int | None:
+    """This job's number in a Hydra sweep (`-m`), which places it on a GPU (src.train.pick_device); None otherwise."""
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    return int(hydra_cfg.job.num) if hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN else None
+
+
 def run_name(cfg: DictConfig) -> str:
     """The run folder (and W&B run id): the config's run id, plus the seed when it is not the default one."""
     return cfg.run_id if cfg.seed == cfg.default_seed else f"{cfg.run_id}-seed{cfg.seed}"
@@ -432,16 +438,16 @@ def run(cfg: DictConfig) -> dict:
     if cfg.mode == "full" and cfg.resume and (run_dir / "summary.json").exists():
         log.info("%s already finished (%s); pass resume=false to train it again", name, run_dir / "summary.json")
         return json.loads((run_dir / "summary.json").read_text())
-    extra = {}
+    extra, job = {}, sweep_job()
     if cfg.mode == "full" and cfg.optuna.n_trials > 0:
-        extra = tune(cfg, run_dir, name)
+        extra = tune(cfg, run_dir, name, sweep_job=job)
         space = resolve_search_space(cfg)
         for key, value in extra["best_params"].items():
             OmegaConf.update(cfg, space[key][0], value, merge=False)
         with open_dict(cfg):  # the best values now sit at their config paths; W&B's config gets the list too
             cfg.optuna.best_params = extra["best_params"]
         log.info("optuna: best %s=%.4f with %s", cfg.optuna.metric, extra["best_trial_value"], extra["best_params"])
-    summary = T.train_run(cfg, run_dir, name, extra_summary=extra)
+    summary = T.train_run(cfg, run_dir, name, extra_summary=extra, sweep_job=job)
     metric = summary.get("accuracy", summary.get("pearson"))
     log.info("%s finished: %s=%.4f, train_time_s=%.1f, rank_budget_total=%d, trainable_params=%d -> %s", name,
              "accuracy" if "accuracy" in summary else "pearson", metric, summary["train_time_s"],

@@ -270,18 +270,22 @@ def padded_tokens(lengths, batch_size: int) -> int:
 
 
 def make_loaders(ds: DatasetDict, tokenizer, batch_size: int, eval_batch_size: int, seed: int,
-                 num_workers: int = 0) -> tuple[DataLoader, dict[str, DataLoader]]:
+                 num_workers: int = 0, pin_memory: bool = False) -> tuple[DataLoader, dict[str, DataLoader]]:
     """Shuffled train loader driven by its own seeded generator, so every method sees the same data order for a
     given seed whatever its parameter initialisation consumed from the global RNG. The eval loaders get their own
     generator too: a loader without one draws a seed from the global RNG at every pass, so evaluating during
-    training would shift the dropout masks of every later step."""
+    training would shift the dropout masks of every later step. The order does not depend on `num_workers` (the
+    sampler runs in this process); `pin_memory` (for a GPU) lets the batches be copied without blocking. No
+    persistent workers: a persistent iterator skips the seed draw a fresh one makes from the generator at every
+    epoch, so the order of later epochs (and of a resumed run) would depend on it."""
     collate = DataCollatorWithPadding(tokenizer)
     ds = ds.with_format("torch")
     generator = torch.Generator().manual_seed(seed)
-    train = DataLoader(ds["train"], batch_size=batch_size, shuffle=True, generator=generator,
-                       collate_fn=collate, num_workers=num_workers)
+    workers = dict(num_workers=num_workers, pin_memory=pin_memory)
+    train = DataLoader(ds["train"], batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate,
+                       **workers)
     evals = {split: DataLoader(ds[split], batch_size=eval_batch_size, shuffle=False, collate_fn=collate,
-                               num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
+                               generator=torch.Generator().manual_seed(seed), **workers)
              for split in ds if split != "train"}
     return train, evals
 

@@ -51,16 +51,12 @@ class Dist:
         self.main = self.rank == 0
 
     def init(self, device: torch.device) -> None:
+        """After `setup_process` (NCCL's object collectives use the current device, which it set)."""
         if self.world > 1 and not torch.distributed.is_initialized():
-            if device.type == "cuda":  # NCCL's object collectives use the current device
-                torch.cuda.set_device(device)
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
-    def device(self, name: str) -> torch.device:
-        device = pick_device(name)
-        if self.world > 1 and device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", self.local_rank)
-        return device
+    def device(self, name: str, sweep_job: int | None = None) -> torch.device:
+        return pick_device(name, self.local_rank if self.world > 1 else None, sweep_job)
 
     def shard(self, batch: dict) -> tuple[dict, float]:
         """This process's slice of a global batch and its share of the global mean loss."""
@@ -68,6 +64,8 @@ class Dist:
             return batch, 1.0
         n = len(batch["labels"])
         part = {k: v[self.rank::self.world] for k, v in batch.items()}
+        # a strided slice of a pinned batch would be copied to the GPU through pageable memory, which blocks
+        part = {k: v.contiguous().pin_memory() if v.is_pinned() else v for k, v in part.items()}
         return part, len(part["labels"]) / n
 
     def reduce_gradients(self, model) -> None:
@@ -92,6 +90,14 @@ class Dist:
         torch.distributed.all_reduce(value)
         return value
 
+    def gather(self, obj) -> list:
+        """Every process's `obj`, in rank order (on every process)."""
+        if self.world == 1:
+            return [obj]
+        objs = [None] * self.world
+        torch.distributed.all_gather_object(objs, obj)
+        return objs
+
     def broadcast(self, obj):
         if self.world == 1:
             return obj
@@ -104,8 +110,7 @@ class Dist:
         silent divergence."""
         if self.world == 1:
             return
-        objs = [None] * self.world
-        torch.distributed.all_gather_object(objs, obj)
+        objs = self.gather(obj)
         bad = [r for r, o in enumerate(objs) if o != objs[0]]
         if bad:
             raise TrainingError(f"{what} differ between processes at optimizer step {step} (process {bad[0]} vs 0)")
@@ -270,16 +275,41 @@ def truncate_history(path: Path, step: int) -> None:
     atomic_write(path, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in keep), encoding="utf-8"))
 
 
-def check_precision(precision: str, device: torch.device) -> bool:
-    """True for bf16 autocast (adapters stay fp32); only on a GPU that supports it: CPU runs stay fp32."""
-    if precision == "fp32":
-        return False
-    if precision != "bf16":
-        raise TrainingError(f"hardware.precision={precision!r}: use fp32 or bf16")
-    if device.type != "cuda" or not torch.cuda.is_bf16_supported():
-        raise TrainingError(f"hardware.precision=bf16 needs a GPU with bf16 support (device {device}); "
-                            f"use hardware.precision=fp32")
-    return True
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def native_bf16_tf32(device: torch.device) -> bool:
+    """Whether `device` has TF32 and native bfloat16 matmuls: an NVIDIA GPU of compute capability 8.0 or newer
+    (Ampere on). Older GPUs (V100, T4) emulate bf16 much slower than fp16, which `torch.cuda.is_bf16_supported()`
+    accepts by default, and its answer is for the current device, not necessarily the chosen one."""
+    return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def check_precision(precision: str, device: torch.device) -> str:
+    """Set up hardware.precision on `device` and return the precision the run computes in. Weights, gradients and
+    optimizer state are float32 in all of them; they differ in the matmuls:
+
+    fp32: IEEE float32 (always on CPUs); tf32: float32 matmuls in TensorFloat-32 on GPUs that have it (compute
+    capability >= 8.0), fp32 elsewhere, CPUs included; bf16: autocast to bfloat16 (its float32 matmuls in TF32), only
+    on GPUs with native bf16, else an error. The CUDA flags are set either way, so an earlier run in the same
+    process leaves nothing behind; a CPU run touches no flag."""
+    if precision not in PRECISIONS:
+        raise TrainingError(f"hardware.precision={precision!r}: one of {list(PRECISIONS)}")
+    native = native_bf16_tf32(device)
+    rocm_bf16 = device.type == "cuda" and torch.version.hip is not None  # every ROCm GPU torch runs on has bf16
+    if precision == "bf16" and not (native or rocm_bf16):
+        what = (f"{torch.cuda.get_device_name(device)}, compute capability "
+                f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}" if device.type == "cuda" else "a CPU")
+        raise TrainingError(f"hardware.precision=bf16 needs a GPU with native bf16 (compute capability >= 8.0); "
+                            f"device {device} is {what}: use hardware.precision=tf32 (fp32 where there is no TF32)")
+    effective = precision if precision == "bf16" or native else "fp32"
+    if device.type == "cuda":
+        mode = "ieee" if effective == "fp32" else "tf32"
+        torch.backends.cuda.matmul.fp32_precision = mode
+        torch.backends.cudnn.conv.fp32_precision = mode
+        if effective != precision:
+            log.info("hardware.precision=%s: %s has no TF32; computing in fp32", precision, device)
+    return effective
 
 
 def quiet(progress: bool) -> dict:
@@ -287,10 +317,113 @@ def quiet(progress: bool) -> dict:
     return {} if progress else {"disable": True}
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:(\d+))$")
+
+
+def pick_device(name: str, process: int | None = None, sweep_job: int | None = None) -> torch.device:
+    """Where a run goes (hardware.device), one rule. The GPUs are those this process sees (CUDA_VISIBLE_DEVICES
+    chooses them), numbered from 0:
+
+    `cpu`; `cuda:N`: GPU N; `cuda`, or `auto` when there is a GPU: a data-parallel process takes the GPU of its
+    LOCAL_RANK (`process`), Hydra sweep job k the GPU k mod the number of GPUs (`sweep_job`), any other run GPU 0;
+    `auto` without a GPU: cpu. A GPU that does not exist is an error naming the ones that do."""
+    match = _DEVICE.match(name)
+    if match is None:
+        raise TrainingError(f"hardware.device={name!r}: one of auto, cpu, cuda, cuda:N")
+    if name == "cpu":
+        return torch.device("cpu")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    seen = f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}"
+    if count == 0:
+        if name == "auto":
+            return torch.device("cpu")
+        raise TrainingError(f"hardware.device={name} but this process sees no GPU ({seen}); use hardware.device=cpu "
+                            f"or auto")
+    if match.group(2) is not None:
+        index = int(match.group(2))
+        if index >= count:
+            raise TrainingError(f"hardware.device={name}: this process sees {count} GPU(s), cuda:0..cuda:{count - 1} "
+                                f"({seen}); in a sweep leave hardware.device=auto, job k runs on GPU k mod {count}")
+        if process is not None:
+            raise TrainingError(f"hardware.device={name} under a data-parallel launch would put every process on GPU "
+                                f"{index}: use hardware.device=cuda (process i takes GPU LOCAL_RANK i) and choose "
+                                f"the GPUs with CUDA_VISIBLE_DEVICES")
+        return torch.device("cuda", index)
+    if process is not None:
+        if process >= count:
+            raise TrainingError(f"data-parallel process LOCAL_RANK={process} but this process sees {count} GPU(s) "
+                                f"({seen}): start at most {count} processes per node")
+        return torch.device("cuda", process)
+    return torch.device("cuda", (sweep_job or 0) % count)
+
+
+def cuda_seed(seed: int, rank: int) -> int:
+    """This process's CUDA seed: the run's seed on process 0 (and in a single-process run), distinct for every
+    (seed < 2**32, rank), so that no two processes of one run or of two seeds' runs share a stream."""
+    return seed + rank * 2**32
+
+
+def seed_process(seed: int, device: torch.device, rank: int = 0) -> None:
+    """Python, NumPy and torch seeded with the run's seed, then this process's own CUDA seed. Data-parallel
+    processes draw their dropout masks on their own GPUs, and one seed would give every shard of a batch the same
+    masks. The CPU stream stays the same on every process: the weights are initialised from it (the task head, LoRA's
+    A, GLoRA's added components), and every process must build the same ones. (Data parallel on CPUs therefore draws
+    the same dropout masks on every process: a launcher test, not a way to train.)"""
+    set_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(cuda_seed(seed, rank))
+
+
+def setup_process(cfg, dist: Dist, sweep_job: int | None = None) -> tuple[torch.device, str]:
+    """The run's device, made current before any CUDA work (so that every later CUDA call, the RNG state a
+    checkpoint saves included, is this run's GPU and not GPU 0), then seeds and precision. Returns the device and
+    the precision the run computes in."""
+    device = dist.device(cfg.hardware.device, sweep_job)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    seed_process(cfg.seed, device, dist.rank)
+    if cfg.hardware.deterministic:
+        torch.use_deterministic_algorithms(True)
+    return device, check_precision(cfg.hardware.precision, device)
+
+
+def check_fp32_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Every trainable parameter and every floating tensor of its optimizer state must be float32: in float16,
+    AdamW's eps (1e-8) rounds to 0 and small updates vanish, so the loss turns NaN within steps whatever the learning
+    rate. (Under bf16 autocast only the matmuls are bfloat16.)"""
+    names = {p: n for n, p in model.named_parameters()}
+    bad = [f"{n} is {p.dtype}" for n, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float32]
+    for p, state in (optimizer.state.items() if optimizer is not None else ()):
+        bad += [f"optimizer state {k!r} of {names.get(p, 'a parameter')} is {v.dtype}" for k, v in state.items()
+                if torch.is_tensor(v) and v.is_floating_point() and v.dtype != torch.float32]
+    if bad:
+        raise TrainingError(f"trainable parameters and their optimizer state must be float32, but {bad[0]}"
+                            f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}: in half precision AdamW's "
+                            f"eps and small updates round to 0 and the loss turns NaN, whatever the learning rate. "
+                            f"The backbone must be loaded in float32 (src.model.load_backbone does so); "
+                            f"lower-precision compute is hardware.precision=bf16")
+
+
+def nonfinite_cause(model: torch.nn.Module, precision: str, lr: float) -> str:
+    """Why the loss or the weights became non-finite, from what the model holds now (read when it has happened, so
+    the host syncs cost nothing): the learning rate is named only when the trained weights themselves diverged."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    half = [(n, p) for n, p in trainable if p.dtype != torch.float32]
+    if half:
+        return (f"{half[0][0]} is trained in {half[0][1].dtype}, where AdamW's eps and small updates round to 0: "
+                f"trainable parameters and their optimizer state must be float32")
+    frozen = next((n for n, p in model.named_parameters() if not p.requires_grad and not torch.isfinite(p).all()),
+                  None)
+    if frozen is not None:
+        return f"the frozen backbone weight {frozen} is non-finite: the backbone is broken (check model.backbone)"
+    diverged = next((n for n, p in trainable if not torch.isfinite(p).all()), None)
+    if diverged is not None:
+        return (f"the trained weights diverged ({diverged} is non-finite) at learning rate {lr:.3g}: try a lower "
+                f"training.learning_rate or training.max_grad_norm")
+    largest = max(float(p.detach().abs().max()) for _, p in trainable)
+    return (f"every weight is finite (largest trained |w| {largest:.3g}), so the forward pass overflowed "
+            f"(hardware.precision={precision}) or an input is bad; a lower learning rate helps only if the weights "
+            f"grew large")
 
 
 def build_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
@@ -370,8 +503,9 @@ def resolve_schedules(cfg, total_steps: int, steps_per_epoch: int) -> tuple:
 FORECAST_AFTER_STEPS = 10  # a full run logs its projected wall time once this many steps are timed
 
 
-def environment(device: torch.device, world_size: int) -> dict:
-    """What a run's times depend on: device and its name, CPU threads or GPU model, library versions, host."""
+def environment(device: torch.device, world_size: int, precision: str = "fp32") -> dict:
+    """What a run's times depend on: device and its name, CPU threads or GPU model, the precision it computes in
+    (check_precision's: tf32 requested on a device without TF32 records fp32), library versions, host."""
     import platform
     import socket
 
@@ -388,7 +522,8 @@ def environment(device: torch.device, world_size: int) -> dict:
     return {"device": device.type, "device_name": gpu or cpu, "cpu_threads": torch.get_num_threads(),
             "cpu_cores_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "gpu_model": gpu, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "hostname": socket.gethostname(), "world_size": world_size}
+            "peft": peft.__version__, "hostname": socket.gethostname(), "world_size": world_size,
+            "precision": precision}
 
 
 def process_seconds() -> float:
@@ -495,24 +630,26 @@ def evaluate_split(model, loader, spec: P.TaskSpec, device, autocast, progress: 
                    ) -> tuple[np.ndarray, np.ndarray, float]:
     """Predictions, labels and mean task loss on one eval split. The loss is computed here from the logits, not
     taken from the model: PEFT's AdaLoRA adds its orthogonal regulariser to any loss it returns, which would make
-    validation losses incomparable across methods."""
+    validation losses incomparable across methods. Everything stays on the device until the end (one host sync per
+    split); the loss sums in float64, the same additions as Python floats would make."""
     model.eval()
-    preds, labels, loss_sum, n = [], [], 0.0, 0
+    preds, labels, n = [], [], 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for batch in tqdm(loader, desc="eval", leave=False, mininterval=2, **quiet(progress)):
-        batch = {k: v.to(device) for k, v in batch.items() if k != "idx"}
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "idx"}
         y = batch.pop("labels")
         with autocast():
             logits = model(**batch).logits.float()
         if spec.is_regression:
             preds.append(logits.squeeze(-1))
-            loss_sum += torch.nn.functional.mse_loss(preds[-1], y.float(), reduction="sum").item()
+            loss_sum += torch.nn.functional.mse_loss(preds[-1], y.float(), reduction="sum").double()
         else:
             preds.append(logits.argmax(-1))
-            loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").double()
         labels.append(y)
         n += len(y)
     model.train()
-    return torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy(), loss_sum / max(n, 1)
+    return torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy(), loss_sum.item() / max(n, 1)
 
 
 def run_evaluation(model, eval_loaders, spec, device, autocast, progress: bool = True) -> tuple[dict, dict]:
@@ -555,24 +692,22 @@ def save_adapter(model, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # The run.
 
-def train_run(cfg, run_dir: Path, run_name: str, on_eval=None, extra_summary: dict | None = None) -> dict:
+def train_run(cfg, run_dir: Path, run_name: str, on_eval=None, extra_summary: dict | None = None,
+              sweep_job: int | None = None) -> dict:
     """Train one run of `cfg` into `run_dir` and return its summary (also written to summary.json).
 
     `on_eval(metrics, step, adaptation_done)` makes this an Optuna trial: it trains on the training set minus a
     held-out tuning split, evaluates on that split (never on the dev set that the final run reports), and saves no
-    adapter or predictions. The callback may raise to prune.
+    adapter or predictions. The callback may raise to prune. `sweep_job`: the run's job number in a Hydra sweep
+    (its GPU, see pick_device).
     """
     tuning = on_eval is not None
     t, d = cfg.training, cfg.dataset
     imports_s, tic = process_seconds(), time.perf_counter()
-    set_seed(cfg.seed)
-    if cfg.hardware.deterministic:
-        torch.use_deterministic_algorithms(True)
     dist = Dist()
-    device = dist.device(cfg.hardware.device)
-    bf16 = check_precision(cfg.hardware.precision, device)
+    device, precision = setup_process(cfg, dist, sweep_job)
     dist.init(device)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
 
     # data first: a bad file fails before the model is loaded
     task, spec = P.task_spec(d.name)
@@ -585,11 +720,16 @@ def train_run(cfg, run_dir: Path, run_name: str, on_eval=None, extra_summary: di
     for split in [s for s in data if s != "train"]:
         data[split] = P.subsample(data[split], d.max_eval_samples)
     tokenizer, base = M.load_backbone(cfg.model.backbone, spec.num_labels, cfg.model.cache_dir)
+    stored = M.stored_dtype(cfg.model.backbone, cfg.model.cache_dir)
+    stored = str(stored).removeprefix("torch.") if stored is not None else None
+    if stored not in (None, "float32"):
+        log.info("model.backbone=%s is stored in %s; loaded in float32 (hardware.precision=%s computes in %s)",
+                 cfg.model.backbone, stored, cfg.hardware.precision, precision)
     tokenize_tic = time.perf_counter()
     data = P.tokenize(data, tokenizer, d.max_length)
     tokenize_s = time.perf_counter() - tokenize_tic
     train_loader, eval_loaders = P.make_loaders(data, tokenizer, d.batch_size, d.eval_batch_size, cfg.seed,
-                                                d.num_workers)
+                                                d.num_workers, pin_memory=device.type == "cuda")
     n_batches = batches_per_epoch(len(train_loader), t)
     per_epoch = math.ceil(n_batches / t.gradient_accumulation_steps)
     total_steps = per_epoch * t.epochs if t.max_steps is None else min(per_epoch * t.epochs, t.max_steps)
@@ -616,6 +756,7 @@ def train_run(cfg, run_dir: Path, run_name: str, on_eval=None, extra_summary: di
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
                               num_training_steps=total_steps)
     hook = M.make_hook(cfg, model, optimizer)
+    check_fp32_state(model, optimizer)
     counts_initial = M.parameter_counts(model)
     initial_ranks = M.current_ranks(model)
     log.info("%s | %s on %s | %d train examples, %d optimizer steps (%d/epoch), batch %d x accum %d | "
@@ -628,15 +769,16 @@ def train_run(cfg, run_dir: Path, run_name: str, on_eval=None, extra_summary: di
                                                             for k, v in relative.items()))
 
     checkpoints = None if tuning else Checkpoints(run_dir / "checkpoint", model, optimizer, scheduler, hook,
-                                                   t.keep_checkpoints, dist.main)
+                                                   t.keep_checkpoints, dist, device, precision)
     state = None
     if resuming:
         state = checkpoints.restore_latest()
+        check_fp32_state(model, optimizer)
         dist.check_same("resumed checkpoint steps", state.step, state.step)
         if dist.main:
             truncate_history(run_dir / "history.jsonl", state.step)
     recorder = Recorder(run_dir, given, run_name, enabled=dist.main, resuming=bool(resuming))
-    env = environment(device, dist.world)
+    env = environment(device, dist.world, precision)
     eval_examples = sum(len(ds) for split, ds in data.items() if split != "train")
     setup_s = time.perf_counter() - tic - tokenize_s
 
@@ -651,7 +793,7 @@ def train_run(cfg, run_dir: Path, run_name: str, on_eval=None, extra_summary: di
 
     try:
         summary = _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, spec, device, autocast,
-                        n_batches, total_steps, recorder, on_eval, state, checkpoints, dist,
+                        n_batches, total_steps, recorder, on_eval, state, checkpoints, dist, precision,
                         forecast=progress if dist.main and not tuning and cfg.get("mode") != "trial" else None)
         final_ranks = M.current_ranks(model)
         dist.check_same("final ranks", final_ranks, summary["final_step"])
@@ -666,6 +808,7 @@ def train_run(cfg, run_dir: Path, run_name: str, on_eval=None, extra_summary: di
         total_steps=total_steps, steps_per_epoch=per_epoch, schedule_steps=schedule, epochs=t.epochs, **counts,
         rank_budget_total=sum(final_ranks.values()), rank_budget_initial=sum(initial_ranks.values()),
         final_ranks=final_ranks, variant=cfg.get("variant"), **hook.summary(), environment=env,
+        backbone_stored_dtype=stored,
         **(extra_summary or {}))
     if cfg.get("mode") == "trial" and dist.main and summary["step_time_s"]:
         train_lengths, tokenize_per_example = P.sample_lengths(pools["train"], tokenizer, d.max_length)
@@ -704,14 +847,16 @@ class CheckpointError(RuntimeError):
 class Checkpoints:
     """{run_dir}/checkpoint/step-NNNNNNN/: trainable weights (safetensors), optimizer and scheduler state dicts
     (torch.save, read back with weights_only=True), the hook's state (AdaLoRA's allocator, GLoRA's scores and
-    allocation: `hook.state_dict()`), RNG states and the
+    allocation: `hook.state_dict()`), every process's RNG states (CPU, and its GPU's) and the
     loop state (data position, elapsed train time). Each is written to a temp folder and renamed, so a kill mid-write
     leaves the previous checkpoint whole; the last `keep` are kept."""
 
-    def __init__(self, root: Path, model, optimizer, scheduler, hook, keep: int, writer: bool = True):
+    def __init__(self, root: Path, model, optimizer, scheduler, hook, keep: int, dist: Dist | None = None,
+                 device: torch.device = torch.device("cpu"), precision: str = "fp32"):
         self.root, self.model, self.optimizer, self.scheduler = root, model, optimizer, scheduler
         self.hook, self.keep = hook, max(1, keep)
-        self.writer = writer  # data parallel: only the main process writes (every process reads)
+        self.dist, self.device, self.precision = dist or Dist(), device, precision
+        self.writer = self.dist.main  # data parallel: only the main process writes (every process reads)
 
     def save(self, st: LoopState) -> Path:
         final = self.root / f"step-{st.step:07d}"
@@ -721,7 +866,9 @@ class Checkpoints:
         if bad:  # never replace a good checkpoint with a broken one
             raise TrainingError(f"weights became non-finite at optimizer step {st.step} ({bad[0].removeprefix('param/')}"
                                 f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}); stopping, the last good "
-                                f"checkpoint is kept; try a lower training.learning_rate")
+                                f"checkpoint is kept. Cause: "
+                                f"{nonfinite_cause(self.model, self.precision, self.scheduler.get_last_lr()[0])}")
+        rng = self.dist.gather(rng_states(self.device))  # a collective: every process, before the writer returns
         if not self.writer:
             return final
         self.root.mkdir(parents=True, exist_ok=True)
@@ -730,9 +877,8 @@ class Checkpoints:
         tmp.mkdir()
         from safetensors.torch import save_file
 
-        tensors["rng/torch"] = torch.get_rng_state()
-        if torch.cuda.is_available():  # this process's device only: a resume may see other devices
-            tensors["rng/cuda"] = torch.cuda.get_rng_state()
+        for rank, states in enumerate(rng):
+            tensors.update({f"{rng_prefix(rank)}{kind}": v for kind, v in states.items()})
         hook_tensors, hook_meta = self.hook.state_dict()
         tensors.update({f"hook/{k}": v.detach().cpu().contiguous() for k, v in hook_tensors.items()})
         save_file(tensors, tmp / "state.safetensors")
@@ -791,12 +937,38 @@ class Checkpoints:
                 p.copy_(saved[n].to(p.device))
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
-        torch.set_rng_state(tensors["rng/torch"])
-        if torch.cuda.is_available() and "rng/cuda" in tensors:
-            torch.cuda.set_rng_state(tensors["rng/cuda"])
+        prefix = rng_prefix(self.dist.rank)
+        mine = {k.removeprefix(prefix): v for k, v in tensors.items()
+                if k.startswith(prefix) and "/" not in k.removeprefix(prefix)}
+        if "torch" not in mine or (self.device.type == "cuda" and "cuda" not in mine):
+            log.warning("the checkpoint holds no %s RNG state for process %d (written by another number of processes "
+                        "or on another device): training continues, but not exactly as it would have",
+                        "CPU" if "torch" not in mine else "GPU", self.dist.rank)
+        set_rng_states(mine, self.device)
         st = LoopState(**state["loop"])
         st.resumes += 1
         return st
+
+
+def rng_prefix(rank: int) -> str:
+    """Checkpoint keys of a process's RNG states: rng/torch, rng/cuda for process 0 (as single-process runs have
+    always written them), rng/process{r}/... for the others."""
+    return "rng/" if rank == 0 else f"rng/process{rank}/"
+
+
+def rng_states(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's RNG states: CPU, and on a GPU that GPU's (never GPU 0's by default)."""
+    states = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_rng_states(states: dict[str, torch.Tensor], device: torch.device) -> None:
+    if "torch" in states:
+        torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -810,7 +982,7 @@ def forward_backward(model, batch: dict, device, autocast, accum: int = 1, share
     the global mean loss; `share` is this process's part of the global batch."""
     if not len(batch["labels"]):  # data parallel: a last global batch smaller than the number of processes
         return torch.zeros((), device=device)
-    batch = {k: v.to(device) for k, v in batch.items() if k != "idx"}
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "idx"}  # pinned on a GPU
     with autocast():
         loss = model(**batch).loss  # AdaLoRA adds its orthogonal regulariser here (labels are passed)
     (loss * share / accum).backward()
@@ -858,38 +1030,63 @@ class LoopState:
 
 class StepClock:
     """Training time as wall and process CPU time over the training intervals (evaluation and checkpoints outside
-    them), and the wall time of every optimizer step, a one-off rebuild pause apart. On a GPU it synchronises at each
-    step boundary, so a step's time is its own and not the queue's."""
+    them), and the time of every optimizer step, a one-off rebuild pause apart.
+
+    On a CPU each step boundary reads perf_counter. On a GPU it is a CUDA event recorded on the stream, so timing adds
+    no host sync: a step's time is the GPU's from one boundary to the next, and the events are read at `flush()`,
+    where the loop waits for the GPU anyway (a logged step; `stop()` before evaluation, a checkpoint, the end)."""
 
     def __init__(self, st: LoopState, device: torch.device):
-        self.st, self.device = st, device
+        self.st, self.device, self.cuda = st, device, device.type == "cuda"
         self.tokens = 0  # of the step in progress
+        self.pending: list = []  # GPU: (start event, end event, tokens, pause) of steps not read yet
 
     def count(self, batch: dict) -> None:
         self.tokens += batch["input_ids"].numel()
 
-    def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def start(self) -> None:
-        self.wall0 = self.mark = self._now()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self.wall0 = time.perf_counter()
+        self.mark = self.wall0 if not self.cuda else self._mark()
         self.cpu0 = time.process_time()
 
-    def step(self, pause: float = 0.0) -> float:
-        now = self._now()
-        seconds = now - self.mark - pause
-        self.st.step_times.append(seconds)
-        self.st.step_tokens.append(self.tokens)
+    def step(self, pause: float = 0.0) -> None:
+        now = self._mark()
+        if self.cuda:
+            self.pending.append((self.mark, now, self.tokens, pause))
+        else:
+            self._record(now - self.mark, self.tokens, pause)
         self.tokens = 0
+        self.mark = now
+
+    def _record(self, seconds: float, tokens: int, pause: float) -> None:
+        self.st.step_times.append(seconds - pause)
+        self.st.step_tokens.append(tokens)
         if pause:
             self.st.rebuild_pause = pause
-        self.mark = now
-        return seconds
+
+    def flush(self) -> float | None:
+        """The latest step's seconds, once every timed step is recorded (GPU: waits for the last step's event)."""
+        if self.pending:
+            self.pending[-1][1].synchronize()
+            for begin, end, tokens, pause in self.pending:
+                self._record(begin.elapsed_time(end) / 1000, tokens, pause)
+            self.pending = []
+        return self.st.step_times[-1] if self.st.step_times else None
 
     def stop(self) -> None:
-        self.st.train_time += self._now() - self.wall0
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self.flush()
+        self.st.train_time += time.perf_counter() - self.wall0
         self.st.cpu_time += time.process_time() - self.cpu0
 
 
@@ -924,9 +1121,10 @@ def step_time_stats(times: list[float], tokens: list[int] | None = None) -> dict
 
 def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, spec, device, autocast, n_batches,
           total_steps, recorder, on_eval=None, state: LoopState | None = None, checkpoints=None, dist=None,
-          forecast=None) -> dict:
+          precision: str = "fp32", forecast=None) -> dict:
     """The training loop; returns the metric part of the summary. `forecast(step_seconds, step)`: the line logged
-    once the first FORECAST_AFTER_STEPS steps have been timed."""
+    once the first FORECAST_AFTER_STEPS steps have been timed. On a GPU the host waits for it only at logged steps
+    (training.log_every_steps), evaluations and checkpoints."""
     dist = dist or Dist()
     t = cfg.training
     accum = t.gradient_accumulation_steps
@@ -938,6 +1136,7 @@ def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, sp
     pbar = tqdm(total=total_steps, initial=st.step, desc="train", mininterval=1, **quiet(dist.main))
 
     clock = StepClock(st, device)
+    forecast_due = forecast is not None and len(st.step_times) < FORECAST_AFTER_STEPS
 
     def evaluate():
         nonlocal last_predictions
@@ -970,10 +1169,8 @@ def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, sp
                 continue
             st.step += 1
             event = optimizer_step(model, optimizer, scheduler, hook, st.step, t.max_grad_norm, dist)
-            step_seconds = clock.step(pause=event["realloc_seconds"] if event else 0.0)
+            clock.step(pause=event["realloc_seconds"] if event else 0.0)
             pbar.update(1)
-            if forecast is not None and len(st.step_times) == FORECAST_AFTER_STEPS:
-                log.info(forecast(step_time_stats(st.step_times)["median"], st.step))
             if event is not None:
                 dist.check_same("GLoRA's new ranks", event["new_ranks"], st.step)
                 recorder.log({"step": st.step, "event": "glora_reallocation",
@@ -981,15 +1178,19 @@ def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, sp
                                                        "trainable_params_after", "scores", "old_ranks",
                                                        "new_ranks")}})
             if st.step % t.log_every_steps == 0 or st.step == total_steps:
-                mean_loss = (dist.sum(running_loss) / st.running_n).item()
+                mean_loss = (dist.sum(running_loss) / st.running_n).item()  # the host waits for the GPU here
                 if not math.isfinite(mean_loss):
                     raise TrainingError(f"training loss became {mean_loss} at optimizer step {st.step}; stopping "
-                                        f"(the last good checkpoint is kept; try a lower training.learning_rate)")
+                                        f"(the last good checkpoint is kept). Cause: "
+                                        f"{nonfinite_cause(model, precision, scheduler.get_last_lr()[0])}")
                 recorder.log({"step": st.step, "epoch": st.step / per_epoch, "train_loss": mean_loss,
-                              "lr": scheduler.get_last_lr()[0], "step_time_s": step_seconds})
+                              "lr": scheduler.get_last_lr()[0], "step_time_s": clock.flush()})
                 pbar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 running_loss.zero_()
                 st.running_n = 0
+            if forecast_due and len(st.step_times) >= FORECAST_AFTER_STEPS:  # GPU: step times arrive at flushes
+                log.info(forecast(step_time_stats(st.step_times)["median"], st.step))
+                forecast_due = False
             end_of_epoch = st.step % per_epoch == 0 or st.step == total_steps
             do_eval = end_of_epoch or (t.eval_every_steps and st.step % t.eval_every_steps == 0)
             do_checkpoint = checkpoints and (end_of_epoch or (t.checkpoint_every_steps and

@@ -240,7 +240,7 @@ def test_delta_grad_is_the_norm_of_the_full_weight_gradient(tiny_model):
     batches = [_batch(seed=1), _batch(seed=2)]  # two micro-batches of one optimizer step
     expected = _full_weight_gradient_norms(model, batches)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    hook = M.GloraHook(model, optimizer, 48, warmup_steps=2, beta_ema=0.0, score="delta_grad")
+    hook = M.GloraHook(model, optimizer, 48, warmup_steps=2, beta_ema=0.0, score="delta_grad", micro_batches=2)
     model.train()
     for i, batch in enumerate(batches):
         torch.manual_seed(i)
@@ -251,6 +251,51 @@ def test_delta_grad_is_the_norm_of_the_full_weight_gradient(tiny_model):
         model.eval()
         model(**_batch(seed=3))
     assert hook._weights.sums == {}
+
+
+def test_delta_grad_with_one_micro_batch_holds_norms_not_weight_sized_sums(tiny_model):
+    """One micro-batch per step: the norm is taken in the backward hook, the same value as from a held sum."""
+    batch = _batch(seed=1)
+    expected = _full_weight_gradient_norms(_peft_model(tiny_model), [batch])
+    model = _peft_model(tiny_model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    hook = M.GloraHook(model, optimizer, 48, warmup_steps=2, beta_ema=0.0, score="delta_grad")
+    model.train()
+    torch.manual_seed(0)
+    model(**batch).loss.backward()
+    assert hook._weights.sums and all(t.shape == () for t in hook._weights.sums.values())
+    hook.on_gradients(1)
+    assert hook.ema.tolist() == pytest.approx(expected, rel=1e-4)
+    model(**batch).loss.backward()
+    with pytest.raises(AssertionError, match="second micro-batch"):  # two micro-batches need micro_batches=2
+        model(**batch).loss.backward()
+
+
+def test_delta_grad_under_bf16_autocast_multiplies_in_bf16(tiny_model):
+    """Under bf16 autocast the extra product runs in bfloat16 (float32 accumulation): norms within bf16 rounding."""
+    batch = _batch(seed=1)
+    expected = _full_weight_gradient_norms(_peft_model(tiny_model), [batch])
+    model = _peft_model(tiny_model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    hook = M.GloraHook(model, optimizer, 48, warmup_steps=2, beta_ema=0.0, score="delta_grad")
+    model.train()
+    torch.manual_seed(0)
+    seen = []
+    real_matmul = torch.Tensor.__matmul__
+
+    def spy(a, b):
+        seen.append((a.dtype, b.dtype))
+        return real_matmul(a, b)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "__matmul__", spy)
+        loss.backward()
+    hook.on_gradients(1)
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
+    assert hook.ema.dtype == torch.float32
+    assert hook.ema.tolist() == pytest.approx(expected, rel=0.05)
 
 
 def test_delta_grad_stops_after_warm_up(tiny_model):

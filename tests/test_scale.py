@@ -25,7 +25,8 @@ RUNS = {
 # global batch 7 over 2 processes: shards of 4 and 3; the last batch of SST-2's 96 examples has 5 (3 + 2), of RTE's
 # 64 examples 1 (1 + an empty shard)
 COMMON = ["mode=full", "wandb.mode=disabled", "optuna.n_trials=0", "training.epochs=1", "dataset.batch_size=7",
-          "training.lr_warmup_steps=0", "training.eval_every_steps=5", "hardware.device=cpu"]
+          "training.lr_warmup_steps=0", "training.eval_every_steps=5", "hardware.device=cpu",
+          "training.log_every_steps=1"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
 ENV = {k: v for k, v in ENV.items() if not k.startswith(("WANDB_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
 # Same global batch, same data order: only the order of floating-point sums differs (per-process partial sums).

@@ -1,0 +1,439 @@
+"""The real run on real hardware: a backbone stored in float16 trains in float32, the start-up and NaN checks name
+their cause, one rule places a run on a GPU (sweeps wrap around the GPUs), data-parallel processes draw their own
+CUDA streams and resume from their own RNG states, and the step needs no host sync on a GPU. GPU paths run here on
+the CPU with torch.cuda's functions patched, exactly as a GPU node calls them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import src.main as main
+from src import model as M
+from src import preprocess as P
+from src import train as T
+from tests.test_config import compose_run
+
+RUNS = {"LoRA": ("comparative-2-DeBERTa-v3-base-86M--GLUE-SST-2", []),
+        "AdaLoRA": ("comparative-1-DeBERTa-v3-base-86M--GLUE-SST-2", ["adalora.total_rank_budget=40"]),
+        "GLoRA": ("proposed-DeBERTa-v3-base-86M--GLUE-SST-2", ["glo_ra.total_rank_budget=60"])}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_no_bars():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TQDM_DISABLE", "1")
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_fp16(tiny_model, tmp_path_factory) -> Path:
+    """The tiny DeBERTa saved in float16, as microsoft/deberta-v3-base is distributed."""
+    from transformers import AutoModelForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny-fp16")
+    AutoModelForSequenceClassification.from_pretrained(tiny_model, dtype=torch.float32).half().save_pretrained(folder)
+    for f in tiny_model.iterdir():
+        if f.name.startswith("tokenizer"):
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
+def full_cfg(method, backbone, glue_dir, results, *extra):
+    run_id, overrides = RUNS[method]
+    return compose_run(run_id, "mode=full", "wandb.mode=disabled", "optuna.n_trials=0", "training.max_steps=20",
+                       "training.log_every_steps=1", f"model.backbone={backbone}", f"dataset.data_dir={glue_dir}",
+                       f"results_dir={results}", *overrides, *extra)
+
+
+def _lora(tiny_model):
+    cfg = compose_run(RUNS["LoRA"][0], "mode=trial", f"model.backbone={tiny_model}")
+    _, base = M.load_backbone(str(tiny_model), 2, "unused")
+    return M.build_adapter(cfg, base, 10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Precision.
+
+@pytest.mark.parametrize("method", sorted(RUNS))
+def test_a_float16_saved_backbone_trains_in_full_mode_in_float32(method, tiny_fp16, glue_dir, tmp_path):
+    """The issue's failure: before, the LoRA config stopped at optimizer step 2 with a NaN loss (the classifier and
+    pooler, modules_to_save, were float16, so was their AdamW state)."""
+    assert M.stored_dtype(str(tiny_fp16), "unused") == torch.float16
+    main.run(full_cfg(method, tiny_fp16, glue_dir, tmp_path))
+    run_dir = tmp_path / RUNS[method][0]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["backbone_stored_dtype"] == "float16"
+    losses = [json.loads(r)["train_loss"] for r in (run_dir / "history.jsonl").read_text().splitlines()
+              if "train_loss" in r]
+    assert len(losses) == summary["total_steps"] == 9 and all(map(torch.isfinite, torch.tensor(losses)))
+    checkpoint = max((run_dir / "checkpoint").glob("step-*"))
+    params = {k: v for k, v in load_file(checkpoint / "state.safetensors").items() if k.startswith("param/")}
+    assert any("classifier" in k for k in params) and {v.dtype for v in params.values()} == {torch.float32}
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=True)["optimizer"]["state"]
+    moments = [v for s in state.values() for k, v in s.items() if k in ("exp_avg", "exp_avg_sq")]
+    assert len(moments) == 2 * len(params) and {v.dtype for v in moments} == {torch.float32}
+    adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert {v.dtype for v in adapter.values()} == {torch.float32}
+
+
+def test_the_start_up_check_names_a_half_precision_parameter_or_state(tiny_model):
+    model = _lora(tiny_model)
+    optimizer = T.build_optimizer(model, compose_run(RUNS["LoRA"][0], "mode=trial").training)
+    T.check_fp32_state(model, optimizer)  # float32: no error
+    name, head = next((n, p) for n, p in model.named_parameters() if p.requires_grad and "classifier" in n)
+    head.data = head.data.half()
+    with pytest.raises(T.TrainingError, match=rf"{name} is torch.float16.*eps.*hardware.precision=bf16"):
+        T.check_fp32_state(model, optimizer)
+    head.data = head.data.float()
+    optimizer.state[head]["exp_avg"] = torch.zeros_like(head, dtype=torch.float16)
+    with pytest.raises(T.TrainingError, match=rf"optimizer state 'exp_avg' of {name} is torch.float16"):
+        T.check_fp32_state(model, optimizer)
+
+
+def test_a_run_with_a_half_precision_trainable_parameter_stops_before_its_first_step(tiny_model, glue_dir, tmp_path,
+                                                                                    monkeypatch):
+    real = M.build_adapter
+
+    def half_head(*args, **kwargs):
+        model = real(*args, **kwargs)
+        next(p for n, p in model.named_parameters() if p.requires_grad and "classifier" in n).data = \
+            torch.zeros(2, 32, dtype=torch.float16)
+        return model
+
+    monkeypatch.setattr(M, "build_adapter", half_head)
+    with pytest.raises(T.TrainingError, match="must be float32, but .*classifier.* is torch.float16"):
+        main.run(full_cfg("LoRA", tiny_model, glue_dir, tmp_path))
+    assert not (tmp_path / RUNS["LoRA"][0] / "history.jsonl").exists()  # stopped before the first step
+
+
+def test_the_nan_message_blames_the_learning_rate_only_when_the_weights_diverged(tiny_model):
+    model = _lora(tiny_model)
+    finite = T.nonfinite_cause(model, "bf16", 2e-4)
+    assert "forward pass overflowed (hardware.precision=bf16)" in finite
+    assert "lower training.learning_rate" not in finite
+    lora_a = next(p for n, p in model.named_parameters() if "lora_A" in n)
+    with torch.no_grad():
+        lora_a[0, 0] = float("inf")
+    diverged = T.nonfinite_cause(model, "fp32", 2e-4)
+    assert "diverged" in diverged and "lower training.learning_rate" in diverged
+    with torch.no_grad():
+        lora_a[0, 0] = 0.0
+        next(p for p in model.parameters() if not p.requires_grad)[0, 0] = float("nan")
+    assert "frozen backbone weight" in T.nonfinite_cause(model, "fp32", 2e-4)
+    half = _lora(tiny_model)
+    next(p for n, p in half.named_parameters() if p.requires_grad and "classifier" in n).data = torch.zeros(
+        2, 32, dtype=torch.float16)
+    assert "float16" in T.nonfinite_cause(half, "fp32", 2e-4) and "learning_rate" not in T.nonfinite_cause(
+        half, "fp32", 2e-4)
+
+
+def test_a_nan_loss_with_a_broken_backbone_says_so_not_lower_the_learning_rate(tiny_model, glue_dir, tmp_path,
+                                                                               monkeypatch):
+    real = M.build_adapter
+
+    def broken(*args, **kwargs):
+        model = real(*args, **kwargs)
+        with torch.no_grad():
+            next(p for n, p in model.named_parameters() if "word_embeddings" in n).fill_(float("nan"))
+        return model
+
+    monkeypatch.setattr(M, "build_adapter", broken)
+    with pytest.raises(T.TrainingError, match="loss became nan at optimizer step 1.*frozen backbone weight") as e:
+        main.run(full_cfg("LoRA", tiny_model, glue_dir, tmp_path))
+    assert "learning_rate" not in str(e.value)
+
+
+@pytest.fixture
+def cuda_flags():
+    """check_precision sets the CUDA matmul flags (torch's CPU build accepts them); put them back afterwards."""
+    saved = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    yield
+    torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+
+
+def fake_gpus(monkeypatch, count: int = 2, capability=(8, 0)):
+    """torch.cuda as a node with `count` GPUs of one compute capability; returns the devices each query asked about."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: asked.append(d) or capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Fake GPU")
+    monkeypatch.setattr(torch.version, "hip", None)
+    return asked
+
+
+def test_precision_on_a_cpu_is_fp32_and_touches_no_cuda_flag(cuda_flags):
+    before = torch.backends.cuda.matmul.fp32_precision
+    cpu = torch.device("cpu")
+    assert T.check_precision("fp32", cpu) == "fp32" and T.check_precision("tf32", cpu) == "fp32"
+    assert torch.backends.cuda.matmul.fp32_precision == before
+    with pytest.raises(T.TrainingError, match="bf16 needs a GPU with native bf16.*a CPU"):
+        T.check_precision("bf16", cpu)
+    with pytest.raises(T.TrainingError, match="'fp16'"):
+        T.check_precision("fp16", cpu)
+    assert T.environment(cpu, 1, "fp32")["precision"] == "fp32"
+
+
+def test_tf32_and_bf16_follow_the_chosen_gpus_compute_capability(monkeypatch, cuda_flags):
+    asked = fake_gpus(monkeypatch, capability=(8, 0))
+    gpu1 = torch.device("cuda", 1)
+    assert T.check_precision("tf32", gpu1) == "tf32" and torch.backends.cuda.matmul.fp32_precision == "tf32"
+    assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+    assert T.check_precision("fp32", gpu1) == "fp32" and torch.backends.cuda.matmul.fp32_precision == "ieee"
+    assert T.check_precision("bf16", gpu1) == "bf16"
+    assert asked and set(asked) == {gpu1}  # the chosen GPU, not the current one
+    fake_gpus(monkeypatch, capability=(7, 0))  # V100: bf16 only emulated, no TF32
+    assert T.check_precision("tf32", gpu1) == "fp32" and torch.backends.cuda.matmul.fp32_precision == "ieee"
+    with pytest.raises(T.TrainingError, match=r"bf16 needs .* Fake GPU, compute capability 7\.0"):
+        T.check_precision("bf16", gpu1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Devices.
+
+def test_sweep_jobs_wrap_around_the_gpus(monkeypatch):
+    fake_gpus(monkeypatch, count=3)
+    assert [T.pick_device("auto", sweep_job=k).index for k in range(8)] == [0, 1, 2, 0, 1, 2, 0, 1]
+    assert [T.pick_device("cuda", sweep_job=k).index for k in (3, 7)] == [0, 1]
+    assert T.pick_device("auto") == torch.device("cuda", 0)
+    assert T.pick_device("cuda:2", sweep_job=5) == torch.device("cuda", 2)  # an explicit GPU wins
+    assert T.pick_device("cpu", sweep_job=5) == torch.device("cpu")
+    with pytest.raises(T.TrainingError, match=r"cuda:3: this process sees 3 GPU\(s\), cuda:0..cuda:2.*mod 3"):
+        T.pick_device("cuda:3")
+    # data parallel: process i takes GPU LOCAL_RANK i
+    assert [T.pick_device("auto", process=r).index for r in range(3)] == [0, 1, 2]
+    with pytest.raises(T.TrainingError, match="LOCAL_RANK=3 but this process sees 3"):
+        T.pick_device("cuda", process=3)
+    with pytest.raises(T.TrainingError, match="every process on GPU 1"):
+        T.pick_device("cuda:1", process=0)
+    with pytest.raises(T.TrainingError, match="one of auto, cpu, cuda, cuda:N"):
+        T.pick_device("gpu")
+
+
+def test_without_a_gpu_auto_is_the_cpu_and_cuda_an_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert T.pick_device("auto", sweep_job=3) == torch.device("cpu")
+    with pytest.raises(T.TrainingError, match="sees no GPU.*CUDA_VISIBLE_DEVICES="):
+        T.pick_device("cuda:0")
+
+
+def test_a_sweep_jobs_number_reaches_the_run(monkeypatch, tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from tests.test_config import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = compose(config_name="config", overrides=[f"run={RUNS['LoRA'][0]}", "mode=trial",
+                                                       f"results_dir={tmp_path}"], return_hydra_config=True)
+    assert main.sweep_job() is None
+    with open_dict(cfg):
+        cfg.hydra.mode, cfg.hydra.job.num = "MULTIRUN", 7
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert main.sweep_job() == 7
+        seen = {}
+        monkeypatch.setattr(T, "train_run", lambda *a, **k: seen.update(k) or {
+            "accuracy": 0.5, "train_time_s": 1.0, "rank_budget_total": 1, "trainable_params": 1})
+        main.run(compose_run(RUNS["LoRA"][0], "mode=trial", f"results_dir={tmp_path}"))
+        assert seen["sweep_job"] == 7
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+def test_data_parallel_processes_draw_distinct_cuda_seeds_and_share_the_cpu_one(monkeypatch):
+    seeds = []
+    monkeypatch.setattr(torch.cuda, "manual_seed", seeds.append)
+    cpu_states = []
+    for rank in range(4):
+        T.seed_process(42, torch.device("cuda", rank), rank)
+        cpu_states.append(torch.get_rng_state())
+    assert seeds[0] == 42 and len(set(seeds)) == 4  # process 0 keeps the run's seed
+    assert all(torch.equal(s, cpu_states[0]) for s in cpu_states)  # the weights are initialised from this stream
+    seeds.clear()
+    T.seed_process(42, torch.device("cpu"), 1)
+    assert seeds == []
+    grid = {T.cuda_seed(s, r) for s in range(50) for r in range(8)}
+    assert len(grid) == 50 * 8  # no two (seed, process) pairs share a stream
+
+
+def test_the_device_is_set_before_any_cuda_work(monkeypatch, cuda_flags):
+    fake_gpus(monkeypatch, count=3)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda s: calls.append(("manual_seed", s)))
+    cfg = compose_run(RUNS["LoRA"][0], "mode=trial")
+    device, precision = T.setup_process(cfg, T.Dist(), sweep_job=4)
+    assert device == torch.device("cuda", 1) and precision == "tf32"  # the shipped DeBERTa configs: tf32
+    assert calls == [("set_device", torch.device("cuda", 1)), ("manual_seed", cfg.seed)]
+
+
+class FakeDist(T.Dist):
+    """Process `rank` of a two-process run whose collectives return `others` for the other process."""
+
+    def __init__(self, rank: int, others: dict):
+        self.world, self.rank, self.local_rank, self.main, self.others = 2, rank, rank, rank == 0, others
+
+    def gather(self, obj) -> list:
+        return [obj, self.others] if self.rank == 0 else [self.others, obj]
+
+
+def test_a_checkpoint_keeps_every_processs_rng_states_and_each_resumes_its_own(tiny_model, tmp_path, monkeypatch):
+    gpu_states = {torch.device("cuda", 0): torch.tensor([1], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda d: gpu_states[d].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d: gpu_states.__setitem__(d, s.clone()))
+    model = _lora(tiny_model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    hook = M.AdapterHook(model)
+    torch.manual_seed(1)
+    process1 = {"torch": torch.get_rng_state(), "cuda": torch.tensor([2], dtype=torch.uint8)}
+    torch.manual_seed(0)
+    process0 = torch.get_rng_state()
+    main_process = T.Checkpoints(tmp_path, model, optimizer, scheduler, hook, 2, FakeDist(0, process1),
+                                 torch.device("cuda", 0))
+    main_process.save(T.LoopState(step=3))
+    saved = load_file(tmp_path / "step-0000003" / "state.safetensors")
+    assert torch.equal(saved["rng/torch"], process0) and saved["rng/cuda"].tolist() == [1]
+    assert torch.equal(saved["rng/process1/torch"], process1["torch"]) and saved["rng/process1/cuda"].tolist() == [2]
+    # process 1 of the resumed run, on its own GPU
+    gpu_states[torch.device("cuda", 1)] = torch.tensor([9], dtype=torch.uint8)
+    torch.manual_seed(5)
+    T.Checkpoints(tmp_path, model, optimizer, scheduler, hook, 2, FakeDist(1, {}), torch.device("cuda", 1)
+                  ).restore_latest()
+    assert torch.equal(torch.get_rng_state(), process1["torch"])
+    assert gpu_states[torch.device("cuda", 1)].tolist() == [2]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Throughput.
+
+class FakeEvent:
+    """A CUDA event: records when it was recorded, and waits (counted) only when asked."""
+
+    clock, waits = 0.0, []
+
+    def __init__(self, enable_timing=False):
+        assert enable_timing
+
+    def record(self):
+        FakeEvent.clock += 0.25
+        self.at = FakeEvent.clock
+
+    def synchronize(self):
+        FakeEvent.waits.append(self)
+
+    def elapsed_time(self, end) -> float:
+        return (end.at - self.at) * 1000  # ms
+
+
+def test_the_gpu_step_clock_waits_only_when_flushed(monkeypatch):
+    syncs = []
+    FakeEvent.waits = []
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: syncs.append(d))
+    st = T.LoopState()
+    clock = T.StepClock(st, torch.device("cuda", 0))
+    clock.start()
+    for _ in range(3):
+        clock.count({"input_ids": torch.zeros(2, 5)})
+        clock.step()
+    assert st.step_times == [] and FakeEvent.waits == [] and len(syncs) == 1  # the steps: no host sync
+    assert clock.flush() == pytest.approx(0.25)
+    assert len(FakeEvent.waits) == 1 and st.step_times == pytest.approx([0.25] * 3) and st.step_tokens == [10] * 3
+    clock.step(pause=0.1)
+    clock.stop()
+    assert len(syncs) == 2 and st.step_times[-1] == pytest.approx(0.15) and st.rebuild_pause == 0.1
+
+
+def test_loader_workers_and_pinned_memory_do_not_change_the_data_order(glue_dir, tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ds = P.tokenize(P.load_glue("sst2", str(glue_dir), "unused"), tok, 32)
+
+    def order(**kwargs):
+        loader = P.make_loaders(ds, tok, 16, 16, 3, **kwargs)[0]
+        epochs = []
+        for epoch in range(2):  # as the loop does: each epoch from its own seed
+            loader.generator.manual_seed(T.epoch_seed(3, epoch))
+            epochs.append([b["idx"].tolist() for b in loader])
+        return epochs
+
+    assert order(num_workers=2) == order(num_workers=0)
+    with warnings.catch_warnings():  # without an accelerator torch skips the pinning, with a warning
+        warnings.simplefilter("ignore")
+        assert order(pin_memory=True) == order()
+
+
+def test_data_parallel_shards_of_a_pinned_batch_stay_pinned_and_contiguous(monkeypatch):
+    batch = {"input_ids": torch.arange(12).view(6, 2), "labels": torch.arange(6)}
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: True)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self.clone())
+    dist = FakeDist(1, {})
+    part, share = dist.shard(batch)
+    assert part["labels"].tolist() == [1, 3, 5] and share == 0.5
+    assert all(v.is_contiguous() for v in part.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The readiness check (bench/gpu_check.py), on the CPU with the tiny models.
+
+def load_gpu_check():
+    import importlib.util
+
+    from tests.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("bench_gpu_check", REPO / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def table(out: str) -> dict[tuple[str, str], list[str]]:
+    rows = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) > 8 and parts[0] in ("LoRA", "AdaLoRA", "GLoRA"):
+            rows[parts[0], parts[1]] = parts[2:]
+    return rows
+
+
+@pytest.mark.parametrize("stored", ["float32", "float16"])
+def test_gpu_check_runs_every_method_on_the_cpu(stored, tiny_model, tiny_fp16, capsys):
+    backbone = tiny_model if stored == "float32" else tiny_fp16
+    code = load_gpu_check().main_(["--device", "cpu", "--backbone", str(backbone), "--steps", "3",
+                                   "--set", "adalora.total_rank_budget=48", "dataset.max_length=16"])
+    out = capsys.readouterr().out
+    rows = table(out)
+    assert code == 0 and f"stored {stored}, loaded as float32" in out
+    for method in ("LoRA", "AdaLoRA", "GLoRA"):
+        s_step, peak, syncs, stored_col, trainable, state, status = rows[method, "fp32"][:7]
+        assert float(s_step) > 0 and (peak, syncs) == ("-", "-")  # memory and syncs: GPU only
+        assert (stored_col, trainable, state, status) == (stored, "float32", "float32", "ok")
+        assert rows[method, "tf32"][6:8] == ["skipped:", "cpu"] and rows[method, "bf16"][6] == "skipped:"
+    assert "reallocated at step 1" in " ".join(rows["GLoRA", "fp32"])
+
+
+def test_gpu_check_reports_a_rows_first_fault_and_goes_on(tiny_model, capsys):
+    code = load_gpu_check().main_(["--device", "cpu", "--backbone", str(tiny_model), "--steps", "3",
+                                   "--precisions", "fp32", "--set", "adalora.total_rank_budget=500",
+                                   "dataset.max_length=16"])
+    rows = table(capsys.readouterr().out)
+    assert code == 1
+    assert rows["AdaLoRA", "fp32"][6:8] == ["FAULT:", "ModelError:"]
+    assert "total_rank_budget=500 is infeasible" in " ".join(rows["AdaLoRA", "fp32"])
+    assert rows["LoRA", "fp32"][6] == rows["GLoRA", "fp32"][6] == "ok"
