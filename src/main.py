@@ -212,6 +212,7 @@ SEARCH_KEYS = {  # short key -> config path, one explicit table per method
                 "final_steps": "adalora.final_steps", "beta1": "adalora.beta1", "beta2": "adalora.beta2"},
     "glora": {**COMMON_KEYS, "total_rank_budget": "glo_ra.total_rank_budget", "beta_ema": "glo_ra.beta_ema",
               "warmup_steps": "glo_ra.warmup_steps", "min_rank": "glo_ra.min_rank", "score": "glo_ra.score"},
+    "eva": {**COMMON_KEYS, "rho": "eva.rho", "tau": "eva.tau"},
 }
 SPACE_TYPES = ("loguniform", "uniform", "int", "categorical")
 _ABSENT = object()

@@ -1,4 +1,4 @@
-"""Model layer: backbone loading, the three adapters (LoRA, AdaLoRA, GLoRA) on PEFT, and GLoRA's allocation and rebuild.
+"""Model layer: backbone loading, the adapters (LoRA, AdaLoRA, GLoRA, EVA) on PEFT, and GLoRA's allocation and rebuild.
 
 GLoRA here is *gradient-norm aware rank allocation* on top of PEFT's own LoRA; it is unrelated to PEFT's
 "GLoRA" (Generalized LoRA), which this project never imports.
@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import AdaLoraConfig, LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import (AdaLoraConfig, EvaConfig, LoraConfig, PeftModel, TaskType, get_eva_state_dict, get_peft_model,
+                  initialize_lora_eva_weights)
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
@@ -90,14 +91,19 @@ def target_module_names(model: nn.Module, target_modules: str) -> list[str]:
 # Adapter configs: one switch for the three methods.
 
 def adapter_kind(cfg) -> str:
-    """'lora', 'adalora' or 'glora' (GLoRA is a LoRA whose run config has a glo_ra section)."""
+    """'lora', 'adalora', 'glora' or 'eva' (GLoRA is a LoRA whose run config has a glo_ra section, EVA one with an
+    eva section)."""
     kind = cfg.model.peft.type
     if kind not in ("lora", "adalora"):
         raise ModelError(f"model.peft.type={kind!r}: use lora or adalora")
     if kind == "adalora" and "adalora" not in cfg:
         raise ModelError("model.peft.type=adalora needs an adalora section in the run config")
+    if kind == "lora" and "glo_ra" in cfg and "eva" in cfg:
+        raise ModelError("a run config has either a glo_ra or an eva section, not both")
     if kind == "lora" and "glo_ra" in cfg:
         return "glora"
+    if kind == "lora" and "eva" in cfg:
+        return "eva"
     return kind
 
 
@@ -212,8 +218,103 @@ def build_adapter(cfg, base_model: nn.Module, total_steps: int) -> PeftModel:
         # PEFT's target is target_r x #matrices, an integer multiple; the config's total budget is exact instead.
         model.base_model.rankallocator.target_bgt = int(a.total_rank_budget)
         return model
+    if kind == "eva":
+        e = cfg.eva
+        # A classifier's labels are one per sequence, not per token: padding is masked by the attention mask alone.
+        eva = EvaConfig(rho=e.rho, tau=e.tau, use_label_mask=False, whiten=e.whiten,
+                        adjust_scaling_factors=e.adjust_scaling_factors)
+        return get_peft_model(base_model, LoraConfig(r=p.init_rank, use_rslora=p.use_rslora, init_lora_weights="eva",
+                                                     eva_config=eva, **common))
     config = LoraConfig(r=p.init_rank, use_rslora=p.use_rslora, **common)
     return get_peft_model(base_model, config)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# EVA (PEFT's explained-variance adaptation): a data pass before training sets each layer's rank and A.
+
+class _CountingLoader:
+    """A loader that counts the batches drawn from it (EVA cycles until every layer's SVD has converged)."""
+
+    def __init__(self, loader):
+        self.loader, self.batches = loader, 0
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.batches += 1
+            yield dict(batch)  # PEFT's EVA wants a plain dict, not the collator's BatchEncoding
+
+
+def _eva_token_mask(inputs: dict, peft_config) -> torch.Tensor:
+    """(B, T) bool: the tokens that are not padding (a classifier's labels are per sequence, so no label mask)."""
+    return inputs["attention_mask"].bool()
+
+
+def _eva_layer_rows(layer_input, mask: torch.Tensor, name: str) -> torch.Tensor:
+    """The rows an adapted matrix transforms: its non-padding token inputs; any other call of it (DeBERTa's query and
+    key also project the relative-position embeddings, (1, 2k, d)) is taken whole, as the matrix sees it."""
+    x = layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
+    if x.dim() == 3 and x.shape[:2] == mask.shape:
+        return x[mask]
+    return x.reshape(-1, x.shape[-1])
+
+
+def eva_initialize(model: PeftModel, loader, device: torch.device, progress: bool = True,
+                   max_passes: int = 500) -> tuple[dict, dict]:
+    """EVA's data pass through PEFT's `initialize_lora_eva_weights`: forward passes (PEFT switches to eval mode, so no
+    dropout) over `loader`'s training batches, an incremental SVD of each adapted layer's inputs, the ranks
+    redistributed under uniform LoRA's total (at most rho x r per layer, 0 allowed: that layer loses its adapter) and
+    A set to the top right-singular vectors. The global RNG is forked around it, so training's dropout masks are what
+    they would be without the pass. Returns (eva_state_dict on the CPU, info: seconds, batches, ranks)."""
+    counting = _CountingLoader(loader)
+    forwards = 0
+
+    def forward(m, inputs):
+        nonlocal forwards
+        forwards += 1
+        if forwards > max_passes:  # PEFT cycles the loader until convergence, with no cap of its own
+            raise ModelError(f"EVA's data pass did not converge within eva.max_passes={max_passes} forward passes "
+                             f"(eva.tau={model.peft_config[ADAPTER].eva_config.tau}); a few distinct batches that "
+                             f"alternate can keep components from settling: raise eva.batch_size or lower eva.tau")
+        return m(**{k: v for k, v in inputs.items() if k not in ("idx", "labels")})
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    tic, cpu = time.perf_counter(), time.process_time()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        state = get_eva_state_dict(model, counting, forward_fn=forward, prepare_model_inputs_fn=_eva_token_mask,
+                                   prepare_layer_inputs_fn=_eva_layer_rows, gather_distributed_inputs=False,
+                                   show_progress_bar=progress)
+        initialize_lora_eva_weights(model, eva_state_dict=dict(state), show_progress_bar=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    info = {"eva_init_s": time.perf_counter() - tic, "eva_init_cpu_s": time.process_time() - cpu,
+            "eva_batches": counting.batches, "eva_forward_passes": forwards, "eva_ranks": {_base_name(k): int(v.shape[0]) for k, v in state.items()}}
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}, info
+
+
+def eva_restore(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
+    """A resumed EVA run: the saved data-pass result rebuilds the same ranks (the checkpoint then loads the weights)."""
+    device = next(model.parameters()).device
+    initialize_lora_eva_weights(model, eva_state_dict={k: v.to(device) for k, v in state.items()},
+                                show_progress_bar=False)
+
+
+def prepare_adapter(cfg, model: PeftModel, make_loader, device: torch.device, saved: dict | None = None,
+                    progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """A method's work between building the adapter and building the optimizer (the parameters' shapes must be final
+    by then): EVA's data pass, or on resume its saved result. Returns (tensors to keep with the run, summary values);
+    nothing for the other methods. `make_loader(batch_size)`: a loader of training batches with its own generator."""
+    if adapter_kind(cfg) != "eva":
+        return {}, {}
+    if saved is not None:
+        eva_restore(model, saved)
+        return saved, {}
+    e = cfg.eva
+    return eva_initialize(model, make_loader(e.get("batch_size") or cfg.dataset.batch_size), device, progress,
+                          e.get("max_passes", 500))
 
 
 # ---------------------------------------------------------------------------------------------------------------

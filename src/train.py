@@ -679,6 +679,23 @@ def save_predictions(path: Path, predictions: dict) -> None:
     atomic_write(path, write)
 
 
+def write_init(path: Path, tensors: dict, info: dict) -> None:
+    """A method's data-pass result (EVA's A initialisation, which also fixes its ranks) with its summary values, so
+    that a resumed run rebuilds the same adapter without a second pass."""
+    from safetensors.torch import save_file
+
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"info": json.dumps(info)}))
+
+
+def read_init(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(path, framework="pt") as f:
+        info = json.loads(f.metadata()["info"])
+    return load_file(path), info
+
+
 def save_adapter(model, path: Path) -> None:
     """PEFT save_pretrained (safetensors), written beside and renamed into place."""
     tmp = path.with_name(path.name + ".tmp")
@@ -752,6 +769,15 @@ def train_run(cfg, run_dir: Path, run_name: str, on_eval=None, extra_summary: di
     if t.gradient_checkpointing:
         model.enable_input_require_grads()
     model.train()
+    # EVA's data pass (timed as training) or, on resume, its saved result: before the optimizer sees the parameters
+    init_file = run_dir / "eva_init.safetensors"
+    saved_init, init_info = (read_init(init_file) if resuming and init_file.exists() else (None, {}))
+    init_tensors, fresh_info = M.prepare_adapter(
+        cfg, model, lambda size: P.make_loaders(data, tokenizer, size, d.eval_batch_size, cfg.seed)[0], device,
+        saved_init, dist.main)
+    init_info = init_info or fresh_info
+    if init_tensors and saved_init is None and dist.main and not tuning:
+        write_init(init_file, init_tensors, init_info)
     optimizer = build_optimizer(model, t)
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
                               num_training_steps=total_steps)
@@ -794,7 +820,8 @@ def train_run(cfg, run_dir: Path, run_name: str, on_eval=None, extra_summary: di
     try:
         summary = _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, spec, device, autocast,
                         n_batches, total_steps, recorder, on_eval, state, checkpoints, dist, precision,
-                        forecast=progress if dist.main and not tuning and cfg.get("mode") != "trial" else None)
+                        forecast=progress if dist.main and not tuning and cfg.get("mode") != "trial" else None,
+                        init_seconds=(init_info.get("eva_init_s", 0.0), init_info.get("eva_init_cpu_s", 0.0)))
         final_ranks = M.current_ranks(model)
         dist.check_same("final ranks", final_ranks, summary["final_step"])
     except BaseException:
@@ -807,7 +834,7 @@ def train_run(cfg, run_dir: Path, run_name: str, on_eval=None, extra_summary: di
         dataset=d.name, backbone=str(cfg.model.backbone), seed=cfg.seed, status="finished",
         total_steps=total_steps, steps_per_epoch=per_epoch, schedule_steps=schedule, epochs=t.epochs, **counts,
         rank_budget_total=sum(final_ranks.values()), rank_budget_initial=sum(initial_ranks.values()),
-        final_ranks=final_ranks, variant=cfg.get("variant"), **hook.summary(), environment=env,
+        final_ranks=final_ranks, variant=cfg.get("variant"), **hook.summary(), **init_info, environment=env,
         backbone_stored_dtype=stored,
         **(extra_summary or {}))
     if cfg.get("mode") == "trial" and dist.main and summary["step_time_s"]:
@@ -1121,16 +1148,17 @@ def step_time_stats(times: list[float], tokens: list[int] | None = None) -> dict
 
 def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, spec, device, autocast, n_batches,
           total_steps, recorder, on_eval=None, state: LoopState | None = None, checkpoints=None, dist=None,
-          precision: str = "fp32", forecast=None) -> dict:
+          precision: str = "fp32", forecast=None, init_seconds: tuple[float, float] = (0.0, 0.0)) -> dict:
     """The training loop; returns the metric part of the summary. `forecast(step_seconds, step)`: the line logged
     once the first FORECAST_AFTER_STEPS steps have been timed. On a GPU the host waits for it only at logged steps
-    (training.log_every_steps), evaluations and checkpoints."""
+    (training.log_every_steps), evaluations and checkpoints. `init_seconds`: (wall, CPU) seconds of a data pass
+    before training (EVA's), counted as training time in a new run (a resumed run's state already holds them)."""
     dist = dist or Dist()
     t = cfg.training
     accum = t.gradient_accumulation_steps
     per_epoch = math.ceil(n_batches / accum)
     primary = f"validation_{P.primary_metric(spec)}"
-    st = state or LoopState()
+    st = state or LoopState(train_time=init_seconds[0], cpu_time=init_seconds[1])
     last_predictions = {}
     running_loss = torch.tensor(st.running_loss if dist.main else 0.0, device=device)
     pbar = tqdm(total=total_steps, initial=st.step, desc="train", mininterval=1, **quiet(dist.main))

@@ -27,6 +27,8 @@ CASES = {  # name: (run id, extra overrides, kill once a checkpoint at or after 
     "LoRA-epoch-end": ("comparative-2-DeBERTa-v3-base-86M--GLUE-RTE", ["training.checkpoint_every_steps=null"], 16),
     "GLoRA-before-realloc": ("proposed-DeBERTa-v3-base-86M--GLUE-RTE",
                              ["glo_ra.total_rank_budget=60", "glo_ra.warmup_steps=12"], 5),
+    # the resumed run rebuilds EVA's ranks from its saved data pass, with no second pass
+    "EVA": ("comparative-3-DeBERTa-v3-base-86M--GLUE-RTE", ["eva.batch_size=64"], 9),
 }
 COMMON = ["mode=full", "wandb.mode=disabled", "optuna.n_trials=0", "training.epochs=2", "dataset.batch_size=4",
           "training.lr_warmup_steps=0", "training.checkpoint_every_steps=1", "training.eval_every_steps=8",
@@ -74,6 +76,8 @@ def test_killed_run_resumes_to_the_same_result(tiny_model, glue_dir, tmp_path, c
                 "trainable_params", "realloc_step"):
         assert got.get(key) == pytest.approx(want.get(key), abs=1e-6), key
     assert got["resumes"] == 1 and want["resumes"] == 0
+    if "eva_ranks" in want:  # the killed run's own pass, read back: its time is counted once
+        assert got["eva_ranks"] == want["eva_ranks"] and 0 < got["eva_init_s"] <= got["train_time_s"]
     w_ref = load_file(tmp_path / "ref" / run_id / "adapter" / "adapter_model.safetensors")
     w_got = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     assert set(w_ref) == set(w_got)
