@@ -157,6 +157,9 @@ def main(argv=None) -> int:
         print(f"[tuning] {names[method]}: {summary['n_trials_complete']} complete + {summary['n_trials_pruned']} "
               f"pruned trials, best tuning-split {summary['best_trial_value']:.4f} with {values} -> "
               f"{path.relative_to(REPO)}", flush=True)
+        for key, side in (summary.get("best_params_at_edge") or {}).items():
+            print(f"[tuning] {names[method]}: best {key} is at the {side} end of its search range (the optimum may "
+                  f"lie beyond it: widen the range)", flush=True)
         if path.exists() and not args.rewrite:
             shipped = {p: OmegaConf.select(A.run_config(f"{method}-{TUNED}"), p) for p in values}
             if shipped != values:

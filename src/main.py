@@ -302,8 +302,36 @@ def make_study(cfg: DictConfig, study_dir: Path, name: str):
                                 pruner=pruner[p.type]())
     # seeded for reproducibility; offset by the trials already there so that a second worker or a resumed
     # study does not replay the first one's random start-up samples
-    study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(study.trials))
+    study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(study.trials),
+                                               n_startup_trials=o.sampler.n_startup_trials)
     return study
+
+
+def at_edge(space: dict[str, tuple[str, dict]], best: dict, tolerance: float) -> dict[str, str]:
+    """{key: 'low' | 'high'} for each best value within `tolerance` of its range's end (log scale for loguniform or
+    log=True ranges), or the first or last of three or more ordered categorical choices (numbers or positions in the
+    run, as listed): the optimum may lie outside the range searched."""
+    out = {}
+    for key, (_, spec) in space.items():
+        if key not in best:
+            continue
+        value = best[key]
+        if spec["type"] == "categorical":  # ordered only when numbers or positions in the run ("10%", "1 epoch")
+            choices = list(spec["choices"])
+            ordered = all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in choices) or all(
+                isinstance(c, str) and (c.endswith("%") or "epoch" in c) for c in choices)
+            if ordered and len(choices) >= 3 and value in (choices[0], choices[-1]):
+                out[key] = "low" if value == choices[0] else "high"
+            continue
+        lo, hi = float(spec["low"]), float(spec["high"])
+        if spec["type"] == "loguniform" or spec.get("log"):
+            lo, hi, value = math.log(lo), math.log(hi), math.log(value)
+        position = (value - lo) / (hi - lo) if hi > lo else 0.5
+        if position <= tolerance:
+            out[key] = "low"
+        elif position >= 1 - tolerance:
+            out[key] = "high"
+    return out
 
 
 class StudyFull(RuntimeError):
@@ -383,8 +411,12 @@ def tune(cfg: DictConfig, run_dir: Path, name: str, pruner=None, sweep_job: int 
     states = [t.state for t in study.trials]
     if TrialState.COMPLETE not in states:
         raise ConfigError(f"optuna: no trial of {name} completed ({len(states)} trials); see {study_dir}")
+    edges = at_edge(space, study.best_params, cfg.optuna.edge_tolerance)
+    for key, side in edges.items():
+        log.warning("optuna: best %s=%r is at the %s end of its search range: the best value may lie beyond it",
+                    key, study.best_params[key], side)
     return {"best_params": study.best_params, "best_trial_value": study.best_value,
-            "best_trial_number": study.best_trial.number,
+            "best_trial_number": study.best_trial.number, "best_params_at_edge": edges,
             "n_trials_complete": states.count(TrialState.COMPLETE), "n_trials_pruned": states.count(TrialState.PRUNED)}
 
 

@@ -13,7 +13,7 @@ import src.main as main
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 RUN_IDS = sorted(p.stem for p in (CONFIG_DIR / "run").glob("*.yaml"))
 TOP_KEYS = {"run_id", "method", "method_name", "model", "dataset", "training", "evaluation", "hardware", "optuna"}
-METHOD_SECTION = {"comparative-1": "adalora", "comparative-2": None, "proposed": "glo_ra"}
+METHOD_SECTION = {"comparative-1": "adalora", "comparative-2": None, "proposed": "glo_ra", "comparative-3": "eva"}
 
 
 def compose_run(run_id: str, *overrides: str):
@@ -27,7 +27,11 @@ def test_run_config_layout(run_id):
     assert raw.run_id == run_id
     cfg = compose_run(run_id, "mode=trial")
     section = METHOD_SECTION[cfg.method]
-    if "defaults" in raw:  # a variant: a delta on one base run config, named and labelled as its own method
+    if "defaults" in raw and "method" in raw:  # a method written as a delta on another's config (EVA on LoRA's)
+        base = [d for d in raw.defaults if d != "_self_"]
+        assert len(base) == 1 and compose_run(base[0], "mode=trial").method != raw.method
+        assert set(raw) == {"defaults", "run_id", "method", "method_name", section}
+    elif "defaults" in raw:  # a variant: a delta on one base run config, named and labelled as its own method
         base = [d for d in raw.defaults if d != "_self_"]
         assert len(base) == 1 and (CONFIG_DIR / "run" / f"{base[0]}.yaml").exists()
         assert raw.variant and raw.method_name != compose_run(base[0], "mode=trial").method_name
@@ -44,6 +48,71 @@ def test_run_config_layout(run_id):
         assert cfg.adalora.final_steps == 0 and cfg.adalora.adaptation_start_step == 0
     if section == "glo_ra":
         assert cfg.glo_ra.warmup_steps == 1
+    if section == "eva":
+        assert cfg.eva.batch_size == 64  # the trial's examples in one batch: its pass converges in a few passes
+
+
+# Every key the README documents for a method's section, with a value other than the shipped one: each must be
+# overridable as `key=value` (the key has a value in every run config of that method), and a trial runs with all of
+# them at once.
+DOCUMENTED_OVERRIDES = {
+    "proposed": ["glo_ra.total_rank_budget=uniform", "glo_ra.beta_ema=0.8", "glo_ra.warmup_steps=1",
+                 "glo_ra.score=shuffled", "glo_ra.min_rank=2", "glo_ra.max_rank=12", "glo_ra.budget_unit=params"],
+    "comparative-1": ["adalora.init_rank=6", "adalora.total_rank_budget=100", "adalora.adaptation_start_step=0",
+                      "adalora.final_steps=0", "adalora.mask_interval=1", "adalora.beta1=0.8", "adalora.beta2=0.8",
+                      "adalora.orth_reg_weight=0.2"],
+    "comparative-3": ["eva.rho=1.5", "eva.tau=0.98", "eva.whiten=true", "eva.adjust_scaling_factors=false",
+                      "eva.batch_size=64", "eva.max_passes=400"],
+}
+
+
+def _method(run_id: str) -> str:
+    return run_id.split("-MiniLM")[0].split("-DeBERTa")[0]
+
+
+@pytest.mark.parametrize("method", sorted(DOCUMENTED_OVERRIDES))
+def test_every_documented_key_overrides_from_the_command_line(method):
+    """Hydra accepts `key=value` only for a key the composed config has: every run config of the method has them all
+    (one composition each), and the override itself lands, on one config per method."""
+    keys = [o.split("=")[0] for o in DOCUMENTED_OVERRIDES[method]]
+    runs = [r for r in RUN_IDS if _method(r) == method]
+    for run_id in runs:
+        cfg = compose_run(run_id, "mode=full")
+        missing = [k for k in keys if OmegaConf.select(cfg, k, default="<missing>") == "<missing>"]
+        assert not missing, (run_id, missing)
+    cfg = compose_run(runs[0], "mode=full", *DOCUMENTED_OVERRIDES[method])
+    for override in DOCUMENTED_OVERRIDES[method]:
+        key, value = override.split("=")
+        assert str(OmegaConf.select(cfg, key)).lower() == value.lower(), override
+
+
+def test_the_override_list_covers_every_key_the_readme_names():
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    named = set(re.findall(r"\b((?:glo_ra|adalora|eva)\.[a-z_0-9]+)", readme))
+    listed = {o.split("=")[0] for overrides in DOCUMENTED_OVERRIDES.values() for o in overrides}
+    assert named and named <= listed, sorted(named - listed)
+
+
+@pytest.mark.parametrize("method", sorted(DOCUMENTED_OVERRIDES))
+def test_a_trial_runs_with_every_documented_override(method, tiny_deberta12, glue_dir, tmp_path):
+    import json
+
+    run_id = f"{method}-DeBERTa-v3-base-86M--GLUE-SST-2"
+    overrides = [o for o in DOCUMENTED_OVERRIDES[method] if not o.startswith(("glo_ra.warmup", "adalora.adaptation",
+                                                                             "adalora.final", "adalora.mask"))]
+    if method == "comparative-1":
+        overrides.append("model.peft.init_rank=6")  # AdaLoRA's init_r is LoRA's r: the two must agree
+    cfg = compose_run(run_id, "mode=trial", *overrides, f"model.backbone={tiny_deberta12}",
+                      f"dataset.data_dir={glue_dir}", f"results_dir={tmp_path}")
+    main.run(cfg)
+    summary = json.loads((tmp_path / run_id / "summary.json").read_text())
+    assert summary["status"] == "finished"
+    if method == "proposed":
+        assert summary["budget_unit"] == "params" and max(summary["final_ranks"].values()) <= 12
+    if method == "comparative-1":
+        assert summary["rank_budget_total"] == 100
 
 
 def test_mnli_configs_carry_the_issue_values():

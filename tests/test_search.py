@@ -177,3 +177,17 @@ def test_two_workers_share_one_study(tiny_model, glue_dir, tmp_path):
     trials = _finished(storage)
     numbers = [t.number for t in trials]
     assert len(trials) == 5 and len(set(numbers)) == 5
+
+
+def test_a_best_value_at_the_end_of_its_range_is_reported():
+    space = {"learning_rate": ("training.learning_rate", {"type": "loguniform", "low": 2e-4, "high": 8e-3}),
+             "beta_ema": ("glo_ra.beta_ema", {"type": "uniform", "low": 0.8, "high": 0.99}),
+             "warmup_steps": ("glo_ra.warmup_steps", {"type": "categorical", "choices": ["10%", "20%", "30%"]}),
+             "batch_size": ("dataset.batch_size", {"type": "categorical", "choices": [16, 32]}),
+             "score": ("glo_ra.score", {"type": "categorical", "choices": ["grad_norm", "shuffled", "sensitivity"]})}
+    # 7.5e-3 is 98% of the way up in log scale; 0.9 mid-range; "10%" the first of three ordered choices
+    best = {"learning_rate": 7.5e-3, "beta_ema": 0.9, "warmup_steps": "10%", "batch_size": 32, "score": "sensitivity"}
+    assert main.at_edge(space, best, 0.05) == {"learning_rate": "high", "warmup_steps": "low"}
+    assert main.at_edge(space, {**best, "learning_rate": 2.1e-4, "warmup_steps": "20%"}, 0.05) == {
+        "learning_rate": "low"}
+    assert main.at_edge(space, {**best, "learning_rate": 1.3e-3, "warmup_steps": "20%"}, 0.05) == {}
