@@ -118,11 +118,14 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
+    # the run's own precision check: bf16 only where the device has it natively (an error otherwise)
+    T.check_precision("bf16" if args.bf16 else "fp32", device)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 else nullcontext
     if args.model:
         from transformers import AutoModelForSequenceClassification
 
-        base = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=3,
+        # float32 whatever the folder stores, as training loads it (a float16 folder would otherwise train in fp16)
+        base = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=3, dtype=torch.float32,
                                                                   ignore_mismatched_sizes=True)
     else:
         base = deberta_v3_base()
