@@ -37,7 +37,7 @@ from src import preprocess as P  # noqa: E402
 from src import train as T  # noqa: E402
 
 RUNS = ["comparative-2-DeBERTa-v3-base-86M--GLUE-SST-2", "comparative-1-DeBERTa-v3-base-86M--GLUE-SST-2",
-        "proposed-DeBERTa-v3-base-86M--GLUE-SST-2"]
+        "proposed-DeBERTa-v3-base-86M--GLUE-SST-2", "comparative-3-DeBERTa-v3-base-86M--GLUE-SST-2"]
 
 
 def run_config(run_id: str, overrides: list[str], results_dir: str):
@@ -101,6 +101,9 @@ def check_one(cfg, base, device: torch.device, steps: int, vocab: int, num_label
         torch.cuda.reset_peak_memory_stats(device)
     model = M.build_adapter(cfg, copy.deepcopy(base), steps).to(device)
     model.train()
+    # EVA's data pass, as training runs it (on this check's own batches, 16 of them cycled until convergence)
+    _, init = M.prepare_adapter(cfg, model, lambda size: batches(cfg, vocab, num_labels, 16, device), device,
+                                progress=False)
     optimizer = T.build_optimizer(model, cfg.training)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     hook = M.make_hook(cfg, model, optimizer)
@@ -129,7 +132,8 @@ def check_one(cfg, base, device: torch.device, steps: int, vocab: int, num_label
            "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
            "syncs": statistics.median(syncs[1:] or syncs) if device.type == "cuda" else None,
            "trainable": dtypes(p for p in model.parameters() if p.requires_grad), "state": dtypes(state),
-           "status": "ok" + note}
+           "status": "ok" + note + (f" (EVA pass: {init['eva_forward_passes']} forward passes, "
+                                    f"{init['eva_init_s']:.1f} s)" if init else "")}
     return row
 
 

@@ -407,7 +407,7 @@ def table(out: str) -> dict[tuple[str, str], list[str]]:
     rows = {}
     for line in out.splitlines():
         parts = line.split()
-        if len(parts) > 8 and parts[0] in ("LoRA", "AdaLoRA", "GLoRA"):
+        if len(parts) > 8 and parts[0] in ("LoRA", "AdaLoRA", "GLoRA", "EVA"):
             rows[parts[0], parts[1]] = parts[2:]
     return rows
 
@@ -426,6 +426,8 @@ def test_gpu_check_runs_every_method_on_the_cpu(stored, tiny_model, tiny_fp16, c
         assert (stored_col, trainable, state, status) == (stored, "float32", "float32", "ok")
         assert rows[method, "tf32"][6:8] == ["skipped:", "cpu"] and rows[method, "bf16"][6] == "skipped:"
     assert "reallocated at step 1" in " ".join(rows["GLoRA", "fp32"])
+    assert rows["EVA", "fp32"][3:7] == [stored, "float32", "float32", "ok"]  # its data pass ran first
+    assert "EVA pass:" in " ".join(rows["EVA", "fp32"])
 
 
 def test_gpu_check_reports_a_rows_first_fault_and_goes_on(tiny_model, capsys):
