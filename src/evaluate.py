@@ -2104,7 +2104,7 @@ def verdict_line(e: dict) -> str:
     test = e.get("test") or {}
     p = "" if test.get("p_value") is None else (
         f", {'TOST' if test['alternative'] == 'equivalence' else 'one-sided'} p = {fmt_num(test['p_value'], 3)}"
-        + (f" ({test['adjustment']} {fmt_num(test['p_adjusted'], 3)})" if test.get("adjustment") != "none" else ""))
+        + (f" (Bonferroni {fmt_num(test['p_adjusted'], 3)})" if test.get("adjustment") == "bonferroni" else ""))
     n = f"n = {e['n']} seed{'s' * (e['n'] != 1)}" + (f" × {e['n_tasks']} tasks" if e.get("n_tasks") else "")
     status = f"**{e['status']}**" + (f" ({e['reason']})" if e["reason"] else "") + (
         f"; {e['detail']}" if e.get("detail") else "")
@@ -2123,9 +2123,13 @@ def verdict_section(agg: dict) -> list[str]:
                                                   f"`hypotheses.{hid[:2]}`"
         lines += [f"{hid}: {CLAIMS[hid]} ({source})", ""]
         lines += [verdict_line(e) for e in sorted(mine, key=lambda e: e["task"] != "GLUE average")] + [""]
-    families = dict.fromkeys(f"{e['family']}: {e['adjustment']}" for e in entries)
-    lines += [f"Families and adjustment (α = {alpha}): " + "; ".join(families) + ". " + VERDICT_RULE, ""]
-    lines += ["What these verdicts cannot say:", ""] + [f"- {note}" for note in agg["scope"]]
+    sizes = {e["id"]: e["family_size"] for e in entries if e["task"] != "GLUE average"}
+    pooled = [hid for hid in sizes if any(e["id"] == hid and e["task"] == "GLUE average" for e in entries)]
+    lines += [f"Families and adjustment (α = {alpha}): the per-task verdicts of one hypothesis are one family, "
+              f"Bonferroni over its tasks ({', '.join(f'{h}: {k}' for h, k in sizes.items())}; 1: none)"
+              + (f"; the GLUE-average verdicts ({', '.join(pooled)}) are primary and unadjusted" if pooled else "")
+              + "; no adjustment across H1–H4 (all must hold).", ""]
+    lines += ["What these verdicts cannot say:", ""] + [f"- {note}" for note in agg["scope"]] + ["", VERDICT_RULE]
     return lines
 
 
