@@ -413,7 +413,8 @@ def print_table(agg: dict) -> None:
     print("\nacross seeds (glue_score paired by seed):")
     for e in agg["significance"]["seed_level"]:
         print_seed_level(e, f"{e['method_a']} - {e['method_b']}")
-    print("per example on the dev set (McNemar exact; paired bootstrap 95% CI of the accuracy difference):")
+    print("per example on the dev set (McNemar exact, Holm over a pair's seeds; paired bootstrap 95% CI of the "
+          "accuracy difference):")
     for e in agg["significance"]["example_level"]:
         if "mcnemar" not in e:
             print(f"  {e['task']:<6} {e['method_a'] + ' - ' + e['method_b']:<17} {e.get('reason')}")
@@ -421,24 +422,29 @@ def print_table(agg: dict) -> None:
         bs = e["bootstrap"]
         ci = "-" if bs["ci_low"] is None else f"[{100 * bs['ci_low']:+.2f}, {100 * bs['ci_high']:+.2f}]"
         print(f"  {e['task']:<6} {e['method_a'] + ' - ' + e['method_b']:<17} {e['paired_by']:<8} n = {e['n']}  "
-              f"diff {100 * bs['difference']:+.2f}  CI {ci}  McNemar p = {e['mcnemar']['p_value']:.2g}")
+              f"diff {100 * bs['difference']:+.2f}  CI {ci}  McNemar p = {e['mcnemar']['p_value']:.2g} "
+              f"(Holm {e['mcnemar']['p_adjusted']:.2g})")
 
 
 def print_seed_level(e: dict, pair: str) -> None:
-    """One seed-level comparison: mean difference, both tests' p, the MDE and the reading."""
+    """One seed-level comparison: mean difference and its interval, both tests' p (raw; Holm within the family),
+    the MDE, the seeds the hypothesis' margin needs and the reading."""
     diff = "-" if e["mean_difference"] is None else f"{100 * e['mean_difference']:+.2f}"
-    p = ["-" if t.get("p_value") is None else f"{t['p_value']:.4f}" for t in e["tests"]] + ["-"]
+    ci = "-" if not e.get("ci") else f"[{100 * e['ci'][0]:+.2f}, {100 * e['ci'][1]:+.2f}]"
+    p = ["-" if t.get("p_value") is None else f"{t['p_value']:.4f} (Holm {t['p_adjusted']:.4f})" for t in e["tests"]]
+    p += ["-"]
     mde = "-" if e["mde"]["mde"] is None else f"{100 * e['mde']['mde']:.2f} points"
-    needed = e["mde"]["seeds_needed_for_observed"]
-    print(f"  {e['task']:<6} {pair:<34} diff {diff:>6} points  t-test p = {p[0]}  Wilcoxon p = {p[1]}  "
-          f"(n = {e['n']})  MDE {mde}  seeds needed {needed or '-'}: {e['reading']}")
+    needed = e["mde"]["seeds_needed_for_margin"]
+    print(f"  {e['task']:<6} {pair:<34} diff {diff:>6} points {ci}  t-test p = {p[0]}  Wilcoxon p = {p[1]}  "
+          f"(n = {e['n']})  MDE {mde}  seeds for the margin {needed or '-'}: {e['reading']}")
 
 
 def print_ablation(agg: dict) -> None:
     """Every variant/control against LoRA and GLoRA, with what it spent."""
     if not agg.get("ablation"):
         return
-    print("\nablation and controls (glue_score paired by seed; MDE at power 0.8; budget vs LoRA):")
+    print("\nablation and controls (glue_score paired by seed; Holm over each task's table; MDE at power 0.8; "
+          "budget vs LoRA):")
     for entry in agg["ablation"]:
         b = entry["budget"]
         ratio = "-" if b["adapter_params_ratio"] is None else f"{b['adapter_params_ratio']:.3f}"
@@ -450,10 +456,19 @@ def print_ablation(agg: dict) -> None:
                 print(f"    vs {c['role']}: {c['reason']}")
                 continue
             s = c["example_summary"]
-            ci = "-" if s["ci_low_min"] is None else f"[{100 * s['ci_low_min']:+.2f}, {100 * s['ci_high_max']:+.2f}]"
             print_seed_level(c["seed_level"], f"{entry['method_name']} - {c['against']}")
-            print(f"  {'':<6} {'':<34} per seed: McNemar p < 0.05 in {s['n_mcnemar_significant']}/{s['n_tests']}, "
-                  f"bootstrap CIs within {ci}")
+            print(f"  {'':<6} {'':<34} per seed: McNemar p < 0.05 in {s['n_mcnemar_significant']}/{s['n_tests']} "
+                  f"({s['n_mcnemar_significant_adjusted']} after Holm over the seeds)")
+
+
+def print_verdict(agg: dict) -> None:
+    """The hypotheses' verdicts (report.md opens with them, with the rule and what they cannot say)."""
+    print("\nverdict (config/hypotheses.yaml; rule and scope in report.md):")
+    for e in agg["hypotheses"]:
+        ci = "-" if not e["ci"] else f"[{e['ci'][0]:.4g}, {e['ci'][1]:.4g}]"
+        estimate = "-" if e["estimate"] is None else f"{e['estimate']:.4g}"
+        print(f"  {e['id']:<4} {e['task']:<12} {estimate:>9} {ci:<20} margin {e['margin']:g}  n = {e['n']}  "
+              f"{e['status']}" + (f" ({e['reason']})" if e["reason"] else ""))
 
 
 def report(runs: list[Run], args) -> int:
@@ -476,6 +491,7 @@ def report(runs: list[Run], args) -> int:
     print()
     print_table(agg)
     print_ablation(agg)
+    print_verdict(agg)
     print(f"\nper-run table: {path} ({len(rows)} runs); report: {args.results_dir}/comparison/report.md")
     return 0
 

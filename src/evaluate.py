@@ -1,13 +1,16 @@
 """Evaluate finished runs: per-run metrics and figures, then a comparison of methods with significance tests.
 
-    uv run python -m src.evaluate results_dir={path} run_ids='["id-1","id-2"]' [skip_bad=true]
+    uv run python -m src.evaluate results_dir={path} run_ids='["id-1","id-2"]' [skip_bad=true] \
+        [hypotheses.H1.margin=0.01] [statistics.alpha=0.05]
 
 An entry of run_ids is a run folder name ({run_id} or {run_id}-seed{N}) or a config run_id (all its seeds). Each run
 comes from W&B when it was logged online, else from its local record (config.yaml, history.jsonl, summary.json,
 predictions.csv, rank_allocation.json). This module imports nothing from src: it runs in its own process.
 Any number of method groups per task (a method's main config and its named variants/controls): the roles come from
-the summary (`method`, `variant`), never from display names. Layout: load -> per-run metrics -> comparison (groups,
-roles, cost comparability, tests with their power, ablation) -> figures -> report -> main.
+the summary (`method`, `variant`), never from display names. The claims judged (H1-H4, with margins) and alpha come
+from config/hypotheses.yaml, overridable on the command line. Layout: load -> per-run metrics -> comparison (groups,
+roles, cost comparability, tests with their power, ablation) -> statistics (intervals, Holm, pooled test) ->
+hypotheses (verdicts) -> figures -> report -> main.
 """
 
 from __future__ import annotations
@@ -34,9 +37,12 @@ from omegaconf.errors import OmegaConfBaseException
 from scipy import stats
 from sklearn.metrics import confusion_matrix
 from statsmodels.stats.contingency_tables import mcnemar
+from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestPower
+from statsmodels.stats.weightstats import ttost_paired
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "config.yaml"
+HYPOTHESES_CONFIG = REPO_CONFIG.parent / "hypotheses.yaml"  # evaluate-only: training never reads it
 METHOD_NAMES = {"comparative-1": "AdaLoRA", "comparative-2": "LoRA", "proposed": "GLoRA"}
 METHOD_ORDER = ["LoRA", "AdaLoRA", "GLoRA"]  # then every other group (variants, controls) sorted by name
 ADAPTIVE_METHODS = {"comparative-1", "proposed"}  # AdaLoRA, and GLoRA with all its variants
@@ -74,9 +80,7 @@ HISTORY_ONLY = {"train_loss", "lr", "epoch", "scores", "old_ranks", "new_ranks",
 MATRIX_TYPES = [("Wq", r"attention\.self\.query(_proj)?$"), ("Wk", r"attention\.self\.key(_proj)?$"),
                 ("Wv", r"attention\.self\.value(_proj)?$"), ("Wo", r"attention\.output\.dense$"),
                 ("Wf1", r"intermediate\.dense$"), ("Wf2", r"(?<!attention\.)output\.dense$")]
-N_RESAMPLES, BOOT_SEED = 10_000, 0
-# Seed-level tests and their power: the MDE is the smallest difference a paired t-test detects at MDE_POWER.
-ALPHA, MDE_POWER = 0.05, 0.8
+N_RESAMPLES, BOOT_SEED = 10_000, 0  # the per-example bootstrap (alpha, power and margins: config/hypotheses.yaml)
 # Time ratios are marked "not comparable" when the runs' timing cannot be trusted; calibrate on a quiet machine.
 # Calibrated on the demo (2 CPU cores, BENCHMARKS.md), idle vs a 2-thread process beside it: unexplained_jitter
 # 0.039-0.055 idle, 0.206-0.483 loaded (a 30% phase at 1.3x the step cost, e.g. delta_grad's warm-up, keeps an idle
@@ -99,9 +103,6 @@ PUBLISHED = {  # Zhang et al., ICLR 2023 (AdaLoRA), Table 1: DeBERTa-v3-base, GL
     "LoRA r=8 (1.33M)": ["90.65/90.69", "94.95", "69.82", "91.99/89.38", "93.87", "85.20", "89.95", "91.60", "88.34"],
     "AdaLoRA (1.27M)": ["90.76/90.79", "96.10", "71.45", "92.23/89.74", "94.55", "88.09", "90.69", "91.84", "89.31"],
 }
-# The effect the question is about: AdaLoRA's published gain over LoRA on the GLUE average (a fraction). A
-# non-significant seed-level difference whose MDE is below it rules out an effect that large.
-RELEVANT_DIFFERENCE = (float(PUBLISHED["AdaLoRA (1.27M)"][-1]) - float(PUBLISHED["LoRA r=8 (1.33M)"][-1])) / 100
 mpl.rcParams.update({"font.size": 10, "axes.titlesize": 9, "figure.titlesize": 10, "legend.fontsize": 8,
                      "pdf.fonttype": 42, "figure.constrained_layout.use": True,  # no overlapping labels
                      "axes.spines.top": False, "axes.spines.right": False})
@@ -126,16 +127,17 @@ class RunRecord:
 # ---------------------------------------------------------------------------------------------------------------
 # Load: arguments, run folders, local record, W&B.
 
-def parse_args(argv: list[str]) -> tuple[Path, list[str], bool]:
-    """`results_dir=... run_ids=[...] skip_bad=...` (Hydra-style dotlist) -> (results_dir, run_ids, skip_bad)."""
+def parse_args(argv: list[str]) -> tuple[Path, list[str], bool, dict]:
+    """`results_dir=... run_ids=[...] skip_bad=... [hypotheses.H1.margin=... statistics.alpha=...]` (Hydra-style
+    dotlist) -> (results_dir, run_ids, skip_bad, settings: config/hypotheses.yaml with the overrides)."""
     try:
         cli = OmegaConf.to_container(OmegaConf.from_dotlist(list(argv)))
     except (OmegaConfBaseException, ValueError) as e:
         raise EvaluationError(f"cannot parse arguments {argv}: {e}") from None
-    unknown = sorted(set(cli) - {"results_dir", "run_ids", "skip_bad"})
+    unknown = sorted(set(cli) - {"results_dir", "run_ids", "skip_bad", "statistics", "hypotheses"})
     if unknown:
         raise EvaluationError(f"unknown argument(s) {unknown}; expected results_dir=PATH run_ids='[\"id\",...]' "
-                              f"[skip_bad=true]")
+                              f"[skip_bad=true] [hypotheses.H1.margin=X statistics.alpha=X ...]")
     if not cli.get("results_dir"):
         raise EvaluationError("results_dir=PATH is required")
     run_ids = cli.get("run_ids")
@@ -145,7 +147,38 @@ def parse_args(argv: list[str]) -> tuple[Path, list[str], bool]:
     skip_bad = cli.get("skip_bad", False)
     if not isinstance(skip_bad, bool):
         raise EvaluationError(f"skip_bad must be true or false; got {skip_bad!r}")
-    return Path(str(cli["results_dir"])), list(dict.fromkeys(run_ids)), skip_bad
+    settings = load_settings({k: cli[k] for k in ("statistics", "hypotheses") if k in cli})
+    return Path(str(cli["results_dir"])), list(dict.fromkeys(run_ids)), skip_bad, settings
+
+
+def load_settings(overrides: dict | None = None, path: Path = HYPOTHESES_CONFIG) -> dict:
+    """config/hypotheses.yaml merged with command-line overrides (a key the file does not have is an error), checked:
+    alpha in (0, 0.5), power in (0, 1), n_resamples >= 100, every margin a number (H3's and H4's in (0, 1))."""
+    base = OmegaConf.load(path)
+    OmegaConf.set_struct(base, True)
+    try:
+        settings = OmegaConf.to_container(OmegaConf.merge(base, overrides or {}))
+    except OmegaConfBaseException as e:
+        raise EvaluationError(f"bad hypotheses/statistics override ({str(e).splitlines()[0]}); the keys are those "
+                              f"of {path}") from None
+    st = settings["statistics"]
+    checks = [("statistics.alpha", st["alpha"], 0 < _num(st["alpha"]) < 0.5, "in (0, 0.5)"),
+              ("statistics.power", st["power"], 0 < _num(st["power"]) < 1, "in (0, 1)"),
+              ("statistics.n_resamples", st["n_resamples"], isinstance(st["n_resamples"], int)
+               and st["n_resamples"] >= 100, "an integer >= 100")]
+    for hid, h in settings["hypotheses"].items():
+        bounded = hid in ("H3", "H4")
+        ok = 0 < _num(h["margin"]) < 1 if bounded else math.isfinite(_num(h["margin"]))
+        checks.append((f"hypotheses.{hid}.margin", h["margin"], ok, "in (0, 1)" if bounded else "a number"))
+    for key, value, ok, want in checks:
+        if not ok:
+            raise EvaluationError(f"{key}={value!r} must be {want}")
+    return settings
+
+
+def _num(value) -> float:
+    """A config value as a float; NaN (fails every check) when it is not a number."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
 def scan_results(results_dir: Path) -> tuple[dict[str, dict], dict[str, tuple[str | None, str]]]:
@@ -458,6 +491,7 @@ def run_row(rec: RunRecord) -> dict:
     step = s.get("step_time_s") if isinstance(s.get("step_time_s"), dict) else {}
     effective = s.get("adapter_params_effective") is not None
     return {"run_name": rec.name, "run_id": s.get("run_id"), "task": task_of(rec), "method": method_key_of(rec),
+            "backbone": s.get("backbone"),
             "method_name": method_of(rec), "variant": variant_of(rec), "seed": s.get("seed"),
             "source": rec.source.split()[0],
             **{k: s.get(k) for k in METRICS + COST_KEYS + ["best_step", "best_validation_accuracy",
@@ -562,7 +596,7 @@ def _ratio(a, b):
     return None if a is None or b in (None, 0) else a / b
 
 
-def relative_to_baseline(group: dict, base: dict, runs: list[dict], base_runs: list[dict]) -> dict:
+def relative_to_baseline(group: dict, base: dict, runs: list[dict], base_runs: list[dict], confidence: float) -> dict:
     """Gains (absolute and relative), budget ratios and time ratios of one group against LoRA on the same task."""
     out = {}
     for key in ("accuracy", "glue_score"):
@@ -574,7 +608,7 @@ def relative_to_baseline(group: dict, base: dict, runs: list[dict], base_runs: l
     out["adapter_params_ratio"] = _ratio(_mean(group, "adapter_params_reported"),
                                          _mean(base, "adapter_params_reported"))
     out["adapter_params_basis"] = _shared([r["adapter_params_source"] for r in runs + base_runs])
-    return {**out, **time_ratios(runs, base_runs)}
+    return {**out, **time_ratios(runs, base_runs, confidence)}
 
 
 def recovered_share(by_method: dict, key: str, roles: dict | None = None, absent: str = "") -> dict:
@@ -597,7 +631,8 @@ def recovered_share(by_method: dict, key: str, roles: dict | None = None, absent
     return {"value": (_mean(by_method[name["reference"]], key) - lora) / denominator, "metric": key, "reason": None}
 
 
-def derived_metrics(groups: dict, rows: list[dict]) -> dict:
+def derived_metrics(groups: dict, rows: list[dict], confidence: float) -> dict:
+    """Per task: the roles, each group's gains, budget and time ratios against LoRA, the share of AdaLoRA's gain."""
     out = {}
     for task, by_method in groups.items():
         roles, tuned = task_roles(by_method), tuned_roles(by_method)
@@ -611,12 +646,13 @@ def derived_metrics(groups: dict, rows: list[dict]) -> dict:
                          "reason": "no LoRA run (method comparative-2, no variant) on this task"}
             continue
         runs = {m: [r for r in rows if r["task"] == task and r["method_name"] == m] for m in by_method}
-        methods = {m: relative_to_baseline(g, by_method[base], runs[m], runs[base])
+        methods = {m: relative_to_baseline(g, by_method[base], runs[m], runs[base], confidence)
                    for m, g in by_method.items() if m != base}
         for m in methods:  # a tuned group's score gain is over tuned LoRA, never over an untuned baseline
             if beside and by_method[m].get("variant") == "tuned":
                 t = tuned["baseline"]
-                gains = relative_to_baseline(by_method[m], by_method[t], runs[m], runs[t]) if t and t != m else {}
+                gains = relative_to_baseline(by_method[m], by_method[t], runs[m], runs[t], confidence) \
+                    if t and t != m else {}
                 methods[m].update({k: gains.get(k) for k in methods[m] if "_gain_" in k})
                 methods[m]["gain_over"] = t if t != m else None
             else:
@@ -627,19 +663,26 @@ def derived_metrics(groups: dict, rows: list[dict]) -> dict:
     return out
 
 
-def glue_average(groups: dict) -> dict:
+def glue_average(groups: dict, rows: list[dict], confidence: float) -> dict:
     """Per method, the mean over tasks of the mean glue_score (AdaLoRA convention), on the tasks it has and on the
-    tasks every method has."""
+    tasks every method has; and `per_seed`: the GLUE average of each seed run on all of the method's tasks, with the
+    interval of their mean (seeds are the units: one seed's tasks are averaged first)."""
     methods = sort_methods(m for by_method in groups.values() for m in by_method)
     has = {m: [t for t in groups if _mean(groups[t].get(m), "glue_score") is not None] for m in methods}
     common = [t for t in groups if all(t in has[m] for m in methods)]
     out = {}
     for m in methods:
         scores = {t: _mean(groups[t][m], "glue_score") for t in has[m]}
+        runs = {t: [r for r in rows if r["task"] == t and r["method_name"] == m] for t in has[m]}
+        per_seed = {s: float(np.mean(v)) for s, v in paired_values(runs, has[m], "glue_score").items()}
+        iv = mean_interval(list(per_seed.values()), confidence)
         out[m] = {"value": float(np.mean(list(scores.values()))) if scores else None, "tasks": has[m],
                   "n_tasks": len(has[m]), "missing_from_paper_average": [t for t in ADALORA_TASKS if t not in has[m]],
                   "value_on_common_tasks": float(np.mean([scores[t] for t in common])) if common else None,
-                  "common_tasks": common}
+                  "common_tasks": common,
+                  "per_seed": {"seeds": list(per_seed), "values": list(per_seed.values()), "mean": iv["estimate"],
+                               "std": iv["sd"], "ci": iv["ci"], "confidence": confidence, "n": iv["n"],
+                               "reason": iv["reason"] if per_seed else "no seed was run on every one of its tasks"}}
     return out
 
 
@@ -707,9 +750,10 @@ def comparability(runs_a: list[dict], runs_b: list[dict]) -> tuple[bool, str | N
     return True, None
 
 
-def time_ratios(runs: list[dict], base_runs: list[dict]) -> dict:
+def time_ratios(runs: list[dict], base_runs: list[dict], confidence: float) -> dict:
     """step_time_ratio (per-step medians, mean over seeds; train_time_s / total_steps for records without step
-    times) and train_time_s_ratio (total), each {value, comparable, reason, basis}."""
+    times) and train_time_s_ratio (total), each {value, comparable, reason, basis} plus, for comparable runs, the
+    paired interval: the geometric mean of the per-seed ratios and its `confidence` interval (log_ratio_interval)."""
     comparable, reason = comparability(base_runs, runs)  # LoRA's first run is the one the others are held to
     step_basis = "step_time_median" if all(r["step_time_median_s"] for r in runs + base_runs) else \
         "train_time_per_step"
@@ -717,8 +761,130 @@ def time_ratios(runs: list[dict], base_runs: list[dict]) -> dict:
     mean = {side: describe([r[key] for r in rs])["mean"] for side, rs in (("a", runs), ("b", base_runs))}
     totals = {side: describe([r["train_time_s"] for r in rs])["mean"] for side, rs in (("a", runs), ("b", base_runs))}
     common = {"comparable": comparable, "reason": reason}
-    return {"step_time_ratio": {"value": _ratio(mean["a"], mean["b"]), **common, "basis": step_basis},
-            "train_time_s_ratio": {"value": _ratio(totals["a"], totals["b"]), **common, "basis": "train_time_total"}}
+    return {"step_time_ratio": {"value": _ratio(mean["a"], mean["b"]), **common, "basis": step_basis,
+                                **paired_ratio(runs, base_runs, key, confidence, comparable)},
+            "train_time_s_ratio": {"value": _ratio(totals["a"], totals["b"]), **common, "basis": "train_time_total",
+                                   **paired_ratio(runs, base_runs, "train_time_s", confidence, comparable)}}
+
+
+def paired_ratio(runs: list[dict], base_runs: list[dict], key: str, confidence: float, comparable: bool) -> dict:
+    """{geometric_mean, ci, n_paired, confidence, ci_reason} of runs[key] / base_runs[key] paired by seed; no
+    interval from runs that were not timed alike."""
+    if not comparable:
+        return {"geometric_mean": None, "ci": None, "n_paired": 0, "confidence": confidence,
+                "ci_reason": "not comparable: no interval"}
+    pairs = paired_values({"a": runs, "b": base_runs}, ["a", "b"], key)
+    iv = log_ratio_interval([p[0] for p in pairs.values()], [p[1] for p in pairs.values()], confidence)
+    return {"geometric_mean": iv["estimate"], "ci": iv["ci"], "n_paired": iv["n"], "confidence": confidence,
+            "ci_reason": iv["reason"]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Statistics: pure functions on per-seed values (seeds are the units; a run's dev score is one observation).
+
+def paired_values(runs_by_group: dict[str, list[dict]], groups: list[str], key: str) -> dict:
+    """seed -> (value of groups[0], value of groups[1], ...) for the seeds every group ran with `key` recorded."""
+    by_seed = [{r["seed"]: r[key] for r in runs_by_group.get(g, []) if r.get(key) is not None} for g in groups]
+    seeds = sorted(set.intersection(*(set(d) for d in by_seed)) if by_seed else set(), key=seed_key)
+    return {s: tuple(float(d[s]) for d in by_seed) for s in seeds}
+
+
+def mean_interval(values, confidence: float) -> dict:
+    """Two-sided t-interval of the mean of per-seed values (e.g. paired differences GLoRA - LoRA).
+
+    Args:
+        values (`array-like`): one value per seed.
+        confidence (`float`): the interval's level, e.g. 0.95.
+
+    Returns {estimate, ci: [low, high] or None, sd, n, confidence, reason}: mean ± t_{n-1,(1+c)/2} · sd/√n
+    (scipy.stats.ttest_1samp(...).confidence_interval). No interval for n < 2 or zero spread (say why).
+    """
+    v = np.asarray(values, dtype=float)
+    out = {"estimate": float(v.mean()) if len(v) else None, "ci": None, "sd": None, "n": len(v),
+           "confidence": confidence, "reason": None}
+    if len(v) < 2:
+        return {**out, "reason": f"needs >= 2 seeds (has {len(v)})"}
+    out["sd"] = float(np.std(v, ddof=1))
+    if out["sd"] < 1e-12:  # equal up to float rounding
+        return {**out, "reason": "the per-seed values have no spread (sd = 0): no interval"}
+    ci = stats.ttest_1samp(v, 0.0).confidence_interval(confidence)
+    return {**out, "ci": [float(ci.low), float(ci.high)]}
+
+
+def log_ratio_interval(a, b, confidence: float) -> dict:
+    """Geometric mean of the per-seed ratios a/b and its interval: mean_interval of log a - log b, exponentiated."""
+    iv = mean_interval(np.log(a) - np.log(b), confidence) if len(a) else mean_interval([], confidence)
+    return {**iv, "estimate": None if iv["estimate"] is None else math.exp(iv["estimate"]),
+            "ci": None if iv["ci"] is None else [math.exp(iv["ci"][0]), math.exp(iv["ci"][1])]}
+
+
+def fieller_interval(num, den, confidence: float) -> dict:
+    """Interval of the ratio of means mean(num) / mean(den) for paired per-seed values (Fieller 1954).
+
+    Args:
+        num, den (`array-like`): per seed, e.g. GLoRA - LoRA and AdaLoRA - LoRA (the same seeds, in order).
+        confidence (`float`): the interval's level.
+
+    The interval is every ratio r for which a one-sample t-test of num - r·den = 0 is not rejected at 1 - confidence:
+    (a - r·b)² ≤ t²·(v_aa - 2r·v_ab + r²·v_bb), with a, b the means and v the (co)variances of the means. It is a
+    bounded interval only when mean(den) itself differs from 0 at that level (b² > t²·v_bb); otherwise the set is
+    unbounded and no interval is given (`reason`). Returns {estimate, ci, n, confidence, reason}.
+    """
+    num, den = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+    n = len(num)
+    out = {"estimate": None, "ci": None, "n": n, "confidence": confidence, "reason": None}
+    if n < 2:
+        return {**out, "reason": f"needs >= 2 seeds (has {n})"}
+    a, b = float(num.mean()), float(den.mean())
+    out["estimate"] = a / b if b != 0 else None
+    (v_aa, v_ab), (_, v_bb) = np.cov(num, den, ddof=1) / n
+    q = stats.t.ppf((1 + confidence) / 2, n - 1) ** 2
+    quad, half, const = b * b - q * v_bb, a * b - q * v_ab, a * a - q * v_aa  # quad·r² - 2·half·r + const ≤ 0
+    if quad <= 0:
+        return {**out, "reason": f"the denominator's mean ({b:+.4g}) is not distinguishable from 0 at "
+                                 f"{confidence:.4g}: the ratio's confidence set is unbounded"}
+    root = math.sqrt(max(half * half - quad * const, 0.0))  # >= 0: the estimate a/b always lies inside
+    return {**out, "ci": [(half - root) / quad, (half + root) / quad]}
+
+
+def holm(results: list[dict], family: str) -> list[dict]:
+    """Holm's step-down adjustment (statsmodels multipletests) over one family of test results, in place:
+    `p_adjusted` (>= p_value; None where there is no p-value), `family`, `family_size` (tests with a p-value) and
+    `adjustment`. Holm controls the family-wise error rate at alpha under any dependence between the tests."""
+    tested = [r for r in results if r.get("p_value") is not None]
+    adjusted = multipletests([r["p_value"] for r in tested], method="holm")[1] if tested else []
+    for r in results:
+        r.update(p_adjusted=None, family=family, family_size=len(tested), adjustment="holm")
+    for r, p in zip(tested, adjusted):
+        r["p_adjusted"] = max(float(p), r["p_value"])
+    return results
+
+
+def sign_flip_test(diffs: dict[str, list[float]], n_resamples: int, seed: int) -> dict:
+    """Paired permutation test pooled over task x seed, stratified by task.
+
+    Args:
+        diffs (`dict`): task -> per-seed differences a - b on that task (the seeds may differ between tasks).
+        n_resamples (`int`), seed (`int`): Monte Carlo sign flips; exact when 2^n is not more than n_resamples.
+
+    Statistic: the GLUE-average difference, Σ_t mean_s(d_ts) / T (each difference weighted 1/(T·n_t), so every
+    task counts once whatever its seed count or spread). Under H0 (a and b exchangeable within every run pair)
+    each difference's sign flips independently (scipy.stats.permutation_test, one sample, permutation_type
+    'samples'). Two-sided. Returns {test, statistic, p_value, n, n_tasks, reason}.
+    """
+    tasks = [t for t, d in diffs.items() if len(d)]
+    values = np.concatenate([np.asarray(diffs[t], dtype=float) for t in tasks]) if tasks else np.array([])
+    weights = np.concatenate([np.full(len(diffs[t]), 1 / (len(tasks) * len(diffs[t]))) for t in tasks]) \
+        if tasks else np.array([])
+    out = {"test": "stratified sign-flip permutation test over task x seed (scipy.stats.permutation_test)",
+           "statistic": float(values @ weights) if tasks else None, "p_value": None, "n": len(values),
+           "n_tasks": len(tasks), "reason": None}
+    if not values.any():
+        return {**out, "reason": "no non-zero difference" if len(values) else "no paired runs"}
+    res = stats.permutation_test((values,), lambda d, axis=-1: np.sum(d * weights, axis=axis),
+                                 permutation_type="samples", vectorized=True, n_resamples=n_resamples,
+                                 alternative="two-sided", rng=np.random.default_rng(seed))
+    return {**out, "p_value": float(res.pvalue)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -731,32 +897,51 @@ def headline_pairs(roles: dict) -> list[tuple[str, str]]:
 
 
 def scipy_paired_test(name: str, fn, x: list, y: list, degenerate: str | None = None) -> dict:
-    """What scipy gives (its small-sample warnings silenced), or its reason for giving nothing; `degenerate` says
-    why a number it gives means little."""
+    """What scipy gives (its small-sample warnings silenced), or its reason for giving nothing. `degenerate` says why
+    what it would give is no test (t on equal differences is infinite and its p 0): then no p-value, so that it
+    neither reads as a difference nor takes a place in a Holm family."""
     result = {"test": name, "statistic": None, "p_value": None, "n": len(x), "reason": degenerate}
+    if degenerate:
+        return result
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             res = fn(x, y)
-        result.update(statistic=float(res.statistic), p_value=float(res.pvalue))
+        if math.isfinite(res.pvalue):
+            result.update(statistic=float(res.statistic), p_value=float(res.pvalue))
     except ValueError as e:
         result["reason"] = str(e)
     return result
 
 
-def minimum_detectable_effect(diff) -> dict:
-    """Power of the paired t-test at the seeds actually run (a one-sample t-test on the per-seed differences).
+def wilcoxon_test(x: list, y: list) -> dict:
+    """scipy.stats.wilcoxon (zero_method 'wilcox' drops zero differences), its n being the non-zero differences it
+    used, and the smallest two-sided p those allow (2 / 2^n, all signs alike): below alpha only from 6 on."""
+    diff = np.subtract(x, y)
+    nonzero = int(np.count_nonzero(diff))
+    out = scipy_paired_test("Wilcoxon signed-rank (scipy.stats.wilcoxon)", stats.wilcoxon, x, y,
+                            "all differences are zero" if not nonzero else None)
+    return {**out, "n": nonzero, "n_zero": len(diff) - nonzero,
+            "p_min_possible": min(1.0, 2 / 2 ** nonzero) if nonzero else None}
+
+
+def minimum_detectable_effect(diff, alpha: float, power: float, margin: float) -> dict:
+    """Power of the paired t-test at the seeds actually run (a one-sample t-test on the per-seed differences), and
+    the seeds it would need for the hypothesis' margin (prospective, from the observed spread).
 
     Args:
         diff (`array-like`): per-seed differences a - b (fractions, e.g. of glue_score).
+        alpha, power (`float`): two-sided level and power (config/hypotheses.yaml `statistics`).
+        margin (`float`): the difference the claim is about (H1's margin), same unit as `diff`.
 
-    Returns `mde` = d x sd(diff, ddof=1), with d the standardised effect that statsmodels' `TTestPower` detects at
-    `nobs` = n, `ALPHA`, `MDE_POWER`, two-sided; `seeds_needed_for_observed`: the smallest n with that power for the
-    observed |mean(diff)| / sd (null when the mean is 0). Null with a `reason` for n < 2 or zero spread.
+    Returns `mde` = `mde_d` × sd(diff, ddof=1), with `mde_d` the standardised effect statsmodels' `TTestPower`
+    detects at nobs = n; `seeds_needed_for_margin`: the smallest n at which a true difference of `margin` is
+    detected with that power, given sd(diff) (the sd of few seeds is itself rough). Null with a `reason` for n < 2
+    or zero spread.
     """
     diff = np.asarray(diff, dtype=float)
-    out = {"mde": None, "effect_size": None, "sd_difference": None, "n": len(diff), "alpha": ALPHA,
-           "power": MDE_POWER, "seeds_needed_for_observed": None, "seeds_needed_exact": None, "reason": None,
+    out = {"mde": None, "mde_d": None, "sd_difference": None, "n": len(diff), "alpha": alpha, "power": power,
+           "margin": margin, "seeds_needed_for_margin": None, "seeds_needed_for_margin_exact": None, "reason": None,
            "seeds_needed_reason": None, "method": "statsmodels TTestPower.solve_power (paired = one-sample t-test "
                                                   "on the per-seed differences)"}
     if len(diff) < 2:
@@ -766,66 +951,78 @@ def minimum_detectable_effect(diff) -> dict:
     if sd < 1e-12:  # equal differences up to float rounding
         return {**out, "sd_difference": sd, "reason": "the per-seed differences have no spread (sd = 0)",
                 "seeds_needed_reason": "no spread"}
-    power = TTestPower()
-    d = float(power.solve_power(effect_size=None, nobs=len(diff), alpha=ALPHA, power=MDE_POWER,
-                                alternative="two-sided"))
-    out.update(sd_difference=sd, effect_size=d, mde=d * sd)
-    return {**out, **seeds_needed(power, abs(float(np.mean(diff))) / sd)}
+    d = float(TTestPower().solve_power(effect_size=None, nobs=len(diff), alpha=alpha, power=power,
+                                       alternative="two-sided"))
+    out.update(sd_difference=sd, mde_d=d, mde=d * sd)
+    return {**out, **seeds_needed(abs(margin) / sd, alpha, power)}
 
 
-def seeds_needed(power: TTestPower, effect: float) -> dict:
-    """Smallest number of seeds with MDE_POWER for a standardised paired effect (2 when 2 already suffice)."""
-    if effect < 1e-9:  # 0 up to float rounding of the per-seed scores
-        return {"seeds_needed_reason": "the observed mean difference is 0"}
+def seeds_needed(effect: float, alpha: float, power: float) -> dict:
+    """Smallest number of seeds with `power` for a standardised paired effect (2 when 2 already suffice)."""
+    if effect < 1e-9:
+        return {"seeds_needed_reason": "the margin is 0"}
+    solver = TTestPower()
     # power rises with the effect: at least the effect 2 seeds detect needs 2 (the solver fails up there)
-    if effect >= power.solve_power(effect_size=None, nobs=2, alpha=ALPHA, power=MDE_POWER, alternative="two-sided"):
-        return {"seeds_needed_for_observed": 2, "seeds_needed_exact": 2.0}
+    if effect >= solver.solve_power(effect_size=None, nobs=2, alpha=alpha, power=power, alternative="two-sided"):
+        return {"seeds_needed_for_margin": 2, "seeds_needed_for_margin_exact": 2.0}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        nobs = float(power.solve_power(effect_size=effect, nobs=None, alpha=ALPHA, power=MDE_POWER,
-                                       alternative="two-sided"))
+        nobs = float(solver.solve_power(effect_size=effect, nobs=None, alpha=alpha, power=power,
+                                        alternative="two-sided"))
     if not math.isfinite(nobs):
         return {"seeds_needed_reason": "statsmodels' solver did not converge"}
-    return {"seeds_needed_for_observed": math.ceil(nobs), "seeds_needed_exact": nobs}
+    return {"seeds_needed_for_margin": math.ceil(nobs), "seeds_needed_for_margin_exact": nobs}
 
 
-def reading(p_value, mean_difference, mde: dict) -> str:
-    """One phrase from p and the MDE: a non-significant difference says little unless the test could see one."""
+def reading(entry: dict, margin: float, alpha: float) -> str:
+    """One phrase from the Holm-adjusted t-test and the interval against ±margin: a non-significant difference is
+    evidence of absence only when its interval excludes differences as large as the margin."""
+    mde, ci, t = entry["mde"], entry.get("ci"), entry["tests"][0]
     if mde.get("sd_difference") is not None and mde["mde"] is None:  # every seed gave the same difference
-        return "no difference on any seed" if abs(mean_difference) < 1e-12 else \
-            "the same difference on every seed (no spread: t undefined)"
-    if p_value is None or not math.isfinite(p_value):
+        return "no difference on any seed" if abs(entry["mean_difference"]) < 1e-12 else \
+            "the same difference on every seed (no spread: no interval)"
+    if t.get("p_value") is None:
         return "no test"
-    if p_value < ALPHA:
-        return f"difference (p < {ALPHA})"
-    if mde["mde"] is None:
-        return f"no difference shown (MDE: {mde['reason']})"
-    if mde["mde"] <= RELEVANT_DIFFERENCE:
-        return f"no effect larger than the MDE ({100 * mde['mde']:.2f} points)"
-    return "too few seeds to tell" if abs(mean_difference) < mde["mde"] else "no difference shown"
+    if t["p_adjusted"] < alpha:
+        return f"difference (Holm p < {alpha})"
+    if ci is None:
+        return "no difference shown (no interval)"
+    if -margin < ci[0] and ci[1] < margin:
+        return f"no difference beyond ±{100 * margin:.2f} points (interval inside, unadjusted)"
+    unadjusted = f"p < {alpha} before Holm only; " if t["p_value"] < alpha else ""
+    return f"{unadjusted}too few seeds to tell (interval reaches ±{100 * margin:.2f} points)"
 
 
-def seed_level_tests(rows: list[dict], task: str, a: str, b: str) -> dict:
-    """glue_score paired by seed: scipy.stats.ttest_rel and wilcoxon when both methods have >= 2 shared seeds,
-    with the minimum detectable effect at those seeds and a reading of the two."""
-    score = {m: {r["seed"]: r["glue_score"] for r in rows if r["task"] == task and r["method_name"] == m
-                 and r["glue_score"] is not None} for m in (a, b)}
-    seeds = sorted(set(score[a]) & set(score[b]), key=seed_key)
-    x, y = [score[a][s] for s in seeds], [score[b][s] for s in seeds]
+def seed_level_tests(rows: list[dict], task: str, a: str, b: str, confidence: float, mde: dict) -> dict:
+    """glue_score paired by seed: the mean difference with its t-interval, scipy.stats.ttest_rel and wilcoxon when
+    both methods have >= 2 shared seeds, and the power at those seeds (`mde`: alpha, power, margin). p_adjusted and
+    the reading come later, from the family (finish_seed_level)."""
+    runs = {m: [r for r in rows if r["task"] == task and r["method_name"] == m] for m in (a, b)}
+    pairs = paired_values(runs, [a, b], "glue_score")
+    seeds = list(pairs)
+    x, y = [p[0] for p in pairs.values()], [p[1] for p in pairs.values()]
     diff = np.subtract(x, y)
+    iv = mean_interval(diff, confidence)
     entry = {"task": task, "method_a": a, "method_b": b, "metric": "glue_score", "seeds": seeds, "n": len(seeds),
-             "mean_difference": float(np.mean(diff)) if seeds else None, "mde": minimum_detectable_effect(diff)}
+             "mean_difference": iv["estimate"], "ci": iv["ci"], "confidence": confidence, "ci_reason": iv["reason"],
+             "mde": minimum_detectable_effect(diff, **mde)}
     if len(seeds) < 2:
         entry["tests"] = [{"test": "paired t-test / Wilcoxon", "statistic": None, "p_value": None, "n": len(seeds),
                            "reason": "needs >= 2 seeds run by both methods"}]
     else:
         equal = "the differences are all equal: t is undefined or infinite" if np.ptp(diff) == 0 else None
-        entry["tests"] = [
-            scipy_paired_test("paired t-test (scipy.stats.ttest_rel)", stats.ttest_rel, x, y, equal),
-            scipy_paired_test("Wilcoxon signed-rank (scipy.stats.wilcoxon)", stats.wilcoxon, x, y,
-                              "all differences are zero" if not diff.any() else None)]
-    entry["reading"] = reading(entry["tests"][0]["p_value"], entry["mean_difference"], entry["mde"])
+        entry["tests"] = [scipy_paired_test("paired t-test (scipy.stats.ttest_rel)", stats.ttest_rel, x, y, equal),
+                          wilcoxon_test(x, y)]
     return entry
+
+
+def finish_seed_level(entries: list[dict], family: str, margin: float, alpha: float) -> None:
+    """Holm over one family of seed-level comparisons, t-tests and Wilcoxon tests apart (two tests of the same
+    hypotheses, not more hypotheses), then each entry's reading."""
+    for k, kind in enumerate(("paired t-test", "Wilcoxon")):
+        holm([e["tests"][k] for e in entries if len(e["tests"]) > k], f"{family}: {kind}")
+    for e in entries:
+        e["reading"] = reading(e, margin, alpha)
 
 
 def correctness(pred_a: pd.DataFrame, pred_b: pd.DataFrame, split: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -890,13 +1087,15 @@ def example_level_tests(records: list[RunRecord], task: str, a: str, b: str) -> 
     return out
 
 
-def example_summary(entries: list[dict]) -> dict:
-    """The per-seed example-level tests of one pair in a few numbers: how many McNemar p < ALPHA, the range of the
-    bootstrap CIs and of the differences."""
+def example_summary(entries: list[dict], alpha: float) -> dict:
+    """The per-seed example-level tests of one pair in a few numbers: how many McNemar p < alpha, raw and after Holm
+    over the pair's seeds and splits; the lowest and highest per-seed bootstrap CI bound (a span of intervals, not an
+    interval of anything) and of the differences."""
     tested = [e for e in entries if "mcnemar" in e]
     cis = [e["bootstrap"] for e in tested if e["bootstrap"]["ci_low"] is not None]
     p = [e["mcnemar"]["p_value"] for e in tested]
-    return {"n_tests": len(tested), "alpha": ALPHA, "n_mcnemar_significant": sum(v < ALPHA for v in p),
+    return {"n_tests": len(tested), "alpha": alpha, "n_mcnemar_significant": sum(v < alpha for v in p),
+            "n_mcnemar_significant_adjusted": sum(e["mcnemar"]["p_adjusted"] < alpha for e in tested),
             "mcnemar_p_min": min(p, default=None), "mcnemar_p_max": max(p, default=None),
             "difference_min": min((e["bootstrap"]["difference"] for e in tested), default=None),
             "difference_max": max((e["bootstrap"]["difference"] for e in tested), default=None),
@@ -904,6 +1103,31 @@ def example_summary(entries: list[dict]) -> dict:
             "ci_high_max": max((c["ci_high"] for c in cis), default=None),
             "paired_by": sorted({e["paired_by"] for e in tested}),
             "reason": None if tested else next((e.get("reason") for e in entries if e.get("reason")), "no test")}
+
+
+def pooled_tests(rows: list[dict], derived: dict, confidence: float, n_resamples: int, seed: int) -> list[dict]:
+    """The headline pairs (by role) pooled over the tasks that have both: the per-seed GLUE-average difference with
+    its interval (seeds run on every one of those tasks), and the sign-flip test over task x seed; Holm over the
+    pairs. Only with >= 2 such tasks."""
+    entries = []
+    for role_a, role_b in (("reference", "adalora"), ("reference", "baseline"), ("adalora", "baseline")):
+        names = {t: (d["roles"][role_a], d["roles"][role_b]) for t, d in derived.items()
+                 if d["roles"][role_a] and d["roles"][role_b]}
+        if len(names) < 2:
+            continue
+        pairs = {t: paired_values({n: [r for r in rows if r["task"] == t and r["method_name"] == n] for n in ab},
+                                  list(ab), "glue_score") for t, ab in names.items()}
+        diffs = {t: [a - b for a, b in p.values()] for t, p in pairs.items()}
+        seeds = [s for s in next(iter(pairs.values())) if all(s in p for p in pairs.values())]
+        per_seed = [float(np.mean([pairs[t][s][0] - pairs[t][s][1] for t in pairs])) for s in seeds]
+        iv = mean_interval(per_seed, confidence)
+        entries.append({"method_a": ROLE_LABELS[role_a], "method_b": ROLE_LABELS[role_b], "roles": [role_a, role_b],
+                        "tasks": list(names), "groups": names, "metric": "glue_score",
+                        "per_seed": {"seeds": seeds, "values": per_seed, "mean_difference": iv["estimate"],
+                                     "ci": iv["ci"], "confidence": confidence, "n": iv["n"], "reason": iv["reason"]},
+                        "test": sign_flip_test(diffs, n_resamples, seed)})
+    holm([e["test"] for e in entries], "pooled headline pairs (GLUE average): sign-flip test")
+    return entries
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -949,7 +1173,7 @@ def missing_target(by_method: dict, name: str, role: str) -> str:
     return f"several tuned {label} groups: none chosen" if several else f"no tuned {label} group on this task"
 
 
-def ablation(groups: dict, derived: dict, pair_tests) -> list[dict]:
+def ablation(groups: dict, derived: dict, pair_tests, alpha: float) -> list[dict]:
     """Per task, every group other than the baseline and the reference, against its comparison_targets (seed-level tests
     with their MDE, per-seed example-level tests and their summary). `pair_tests(task, a, b)` -> (seed, example)."""
     entries = []
@@ -964,38 +1188,286 @@ def ablation(groups: dict, derived: dict, pair_tests) -> list[dict]:
                     continue
                 seed_level, example_level = pair_tests(task, name, other)
                 comparisons.append({"role": role, "against": other, "seed_level": seed_level,
-                                    "example_level": example_level, "example_summary": example_summary(example_level)})
+                                    "example_level": example_level,
+                                    "example_summary": example_summary(example_level, alpha)})
             entries.append({"task": task, "method_name": name, "method": by_method[name]["method"],
                             "variant": by_method[name]["variant"],
                             "budget": group_budget(by_method, name, derived[task]), "comparisons": comparisons})
     return entries
 
 
-def aggregate(records: list[RunRecord]) -> dict:
-    """Everything in comparison/aggregated_metrics.json."""
+def ablation_families(entries: list[dict], headline: list[dict], margin: float, alpha: float) -> None:
+    """Holm over each task's ablation table (family "ablation, {task}"). A comparison that is a headline pair (AdaLoRA
+    against LoRA or GLoRA) keeps the headline family's adjustment: one hypothesis, one family."""
+    done = {(e["task"], frozenset((e["method_a"], e["method_b"]))): e for e in headline}
+    for task in dict.fromkeys(e["task"] for e in entries):
+        family = []
+        for c in (c for e in entries if e["task"] == task for c in e["comparisons"] if c["against"] is not None):
+            twin = done.get((task, frozenset((c["seed_level"]["method_a"], c["seed_level"]["method_b"]))))
+            if twin is None:
+                family.append(c["seed_level"])
+            elif twin is not c["seed_level"]:  # the same pair the other way round: the same two-sided p-values
+                for mine, theirs in zip(c["seed_level"]["tests"], twin["tests"]):
+                    mine.update({k: theirs.get(k) for k in ("p_adjusted", "family", "family_size", "adjustment")})
+                c["seed_level"]["reading"] = reading(c["seed_level"], margin, alpha)
+        finish_seed_level(list({id(e): e for e in family}.values()), f"ablation, {TASKS.get(task, task)}", margin,
+                          alpha)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hypotheses: a verdict per claim, per task and on the GLUE average (hypotheses.yaml holds the claims and margins).
+
+VERDICT_RULE = (
+    "Each verdict reads a two-sided interval against the claim's margin; each end of a (1 - α) interval is a one-sided "
+    "test at α/2. A claim of at least a margin (H1: GLoRA − LoRA ≥ margin; H2: share ≥ margin) is *supported* when "
+    "the interval's lower end is at or above the margin (the data exclude every smaller effect), *contradicted* when "
+    "its upper end is below the margin (they exclude the claimed one), *undecided* otherwise. A claim of "
+    "equivalence (H3a: GLoRA / LoRA step time within 1 ± margin; H4: adapter parameters) is supported when the "
+    "interval lies inside the bounds (for H3a this is TOST), contradicted when it lies wholly outside, undecided "
+    "otherwise. H3b (GLoRA faster than AdaLoRA) is supported when the ratio's upper end is below 1, contradicted when "
+    "its lower end is at or above 1. *Not testable* says why (too few seeds, no spread, runs missing, times not "
+    "comparable, AdaLoRA's gain not above zero). Intervals: H1 a paired t-interval over seeds; H2 Fieller's interval "
+    "of the ratio of mean gains (bounded only when AdaLoRA's gain differs from 0 at that level, else withheld); H3 a "
+    "t-interval of the per-seed log step-time ratio (comparable runs only), exponentiated; H4 exact counts: the range "
+    "of the per-seed ratios, no test. The GLUE average (the mean over the tasks that have the groups, per seed: seeds "
+    "are the units) is the primary verdict, at 1 − α; per-task verdicts form one family per hypothesis and use "
+    "Bonferroni intervals at 1 − α/k over its k tasks, so a task's verdict holds at α for the family; the one-sided "
+    "p-values shown beside them carry the same adjustment. H1–H4 are separate claims that must all hold for the "
+    "question's claim (an intersection-union test): no adjustment across them.")
+HYPOTHESIS_ROLES = {"H1": ("reference", "baseline"), "H2": ("reference", "adalora", "baseline"),
+                    "H3a": ("reference", "baseline"), "H3b": ("reference", "adalora"), "H4": ("reference", "adalora")}
+HYPOTHESIS_KEY = {"H1": "glue_score", "H2": "glue_score", "H3a": "step_time_median_s", "H3b": "step_time_median_s",
+                  "H4": "adapter_params_reported"}
+CLAIMS = {"H1": "GLoRA − LoRA ≥ margin (glue_score)", "H2": "(GLoRA − LoRA) / (AdaLoRA − LoRA) ≥ margin",
+          "H3a": "GLoRA / LoRA step time within 1 ± margin", "H3b": "GLoRA / AdaLoRA step time < 1",
+          "H4": "GLoRA / AdaLoRA adapter parameters within 1 ± margin, same rank budget"}
+
+
+def status_at_least(ci: list, margin: float) -> str:
+    return "supported" if ci[0] >= margin else "contradicted" if ci[1] < margin else "undecided"
+
+
+def status_within(ci: list, low: float, high: float) -> str:
+    return "supported" if low <= ci[0] and ci[1] <= high else \
+        "contradicted" if ci[1] < low or ci[0] > high else "undecided"
+
+
+def one_sided(res, name: str, alternative: str) -> dict:
+    """A scipy/statsmodels one-sided result as a test entry (p_adjusted and family are set by the family)."""
+    return {"test": name, "alternative": alternative, "statistic": float(res.statistic), "p_value": float(res.pvalue)}
+
+
+def judge_h1(values: dict, margin: float, confidence: float) -> dict:
+    """GLoRA - LoRA (glue_score, paired by seed): its t-interval against the margin; one-sided t-test of
+    H0: difference <= margin."""
+    diff = np.array([g - lo for g, lo in values.values()])
+    iv = mean_interval(diff, confidence)
+    out = {"estimate": iv["estimate"], "ci": iv["ci"], "n": iv["n"], "reason": iv["reason"],
+           "interval": "paired t-interval over seeds", "bounds": [margin, None]}
+    if iv["ci"] is None:
+        return out
+    shown = "GLoRA above LoRA shown" if iv["ci"][0] > 0 else "GLoRA below LoRA shown" if iv["ci"][1] < 0 else None
+    return {**out, "status": status_at_least(iv["ci"], margin), "detail": shown,
+            "test": one_sided(stats.ttest_1samp(diff, margin, alternative="greater"),
+                              "one-sided paired t-test, H0: GLoRA − LoRA ≤ margin", "greater")}
+
+
+def judge_h2(values: dict, margin: float, confidence: float) -> dict:
+    """(GLoRA - LoRA) / (AdaLoRA - LoRA) by Fieller, withheld unless AdaLoRA's gain is above 0 and distinguishable
+    from it; one-sided t-test of H0: (GLoRA - LoRA) - margin·(AdaLoRA - LoRA) <= 0 (the test Fieller inverts)."""
+    num = np.array([g - lo for g, _, lo in values.values()])
+    den = np.array([a - lo for _, a, lo in values.values()])
+    f = fieller_interval(num, den, confidence)
+    out = {"estimate": f["estimate"], "ci": f["ci"], "n": f["n"], "reason": f["reason"],
+           "interval": "Fieller interval of the ratio of mean gains, paired by seed", "bounds": [margin, None],
+           "adalora_gain": float(den.mean()) if len(den) else None}
+    if len(den) and den.mean() <= 0:
+        return {**out, "estimate": None, "ci": None,
+                "reason": f"AdaLoRA's gain over LoRA is {100 * den.mean():+.2f} points, not above 0: no gain to share"}
+    if f["ci"] is None:
+        reason = f["reason"] if f["n"] < 2 else (
+            f"AdaLoRA's gain over LoRA ({100 * den.mean():+.2f} points) is not distinguishable from 0 at "
+            f"{100 * confidence:.4g}%: the share's interval is unbounded (Fieller), so withheld")
+        return {**out, "reason": reason}
+    return {**out, "status": status_at_least(f["ci"], margin),
+            "test": one_sided(stats.ttest_1samp(num - margin * den, 0.0, alternative="greater"),
+                              "one-sided t-test of (GLoRA − LoRA) − margin·(AdaLoRA − LoRA) ≤ 0", "greater")}
+
+
+def judge_h3(values: dict, margin: float | None, confidence: float) -> dict:
+    """Step-time ratio a / b by seed (values: log step times): the geometric mean and its t-interval. With a margin
+    (H3a): equivalence within 1 ± margin, TOST (statsmodels ttost_paired); without (H3b): a < b, one-sided t-test."""
+    log_a, log_b = np.array([v[0] for v in values.values()]), np.array([v[1] for v in values.values()])
+    iv = log_ratio_interval(np.exp(log_a), np.exp(log_b), confidence)
+    bounds = [1 - margin, 1 + margin] if margin is not None else [None, 1.0]
+    out = {"estimate": iv["estimate"], "ci": iv["ci"], "n": iv["n"], "reason": iv["reason"], "bounds": bounds,
+           "interval": "t-interval of the per-seed log step-time ratio, exponentiated (geometric mean ratio)"}
+    if iv["ci"] is None:
+        return out
+    if margin is None:
+        status = "supported" if iv["ci"][1] < 1 else "contradicted" if iv["ci"][0] >= 1 else "undecided"
+        return {**out, "status": status, "test": one_sided(stats.ttest_1samp(log_a - log_b, 0.0, alternative="less"),
+                                                           "one-sided paired t-test on log step time, H0: "
+                                                           "GLoRA ≥ AdaLoRA", "less")}
+    p, _, _ = ttost_paired(log_a, log_b, math.log(bounds[0]), math.log(bounds[1]))
+    return {**out, "status": status_within(iv["ci"], *bounds),
+            "test": {"test": "TOST on the paired log step-time ratio (statsmodels ttost_paired)",
+                     "alternative": "equivalence", "statistic": None, "p_value": float(p)}}
+
+
+def judge_h4(values: dict, margin: float) -> dict:
+    """Adapter parameters GLoRA / AdaLoRA: exact counts, so the range of the per-seed ratios against 1 ± margin."""
+    ratios = [a / b for a, b in values.values() if b]
+    out = {"estimate": float(np.mean([a for a, _ in values.values()]) / np.mean([b for _, b in values.values()]))
+           if ratios else None, "ci": [min(ratios), max(ratios)] if ratios else None, "n": len(ratios),
+           "reason": None if ratios else "no seed run by both", "bounds": [1 - margin, 1 + margin],
+           "interval": "range of the per-seed ratios (exact counts, no test)"}
+    return {**out, "status": status_within(out["ci"], 1 - margin, 1 + margin)} if ratios else out
+
+
+def hypothesis_evidence(hid: str, task: str, roles: dict, by_method: dict,
+                        rows: list[dict]) -> tuple[dict, str | None]:
+    """seed -> the hypothesis' values on one task (log step times for H3), or why there are none."""
+    names = [roles[r] for r in HYPOTHESIS_ROLES[hid]]
+    missing = [ROLE_LABELS[r] for r, n in zip(HYPOTHESIS_ROLES[hid], names) if n is None]
+    if missing:
+        return {}, f"no {' or '.join(missing)} run on this task"
+    runs = {n: [r for r in rows if r["task"] == task and r["method_name"] == n] for n in names}
+    if hid in ("H3a", "H3b"):
+        comparable, why = comparability(runs[names[1]], runs[names[0]])
+        if not comparable:
+            return {}, f"step times not comparable: {why}"
+    if hid == "H4":
+        budgets = [_mean(by_method[n], "rank_budget_total") for n in names]
+        units = [by_method[n].get("budget_unit") for n in names]
+        if None in budgets or abs(budgets[0] - budgets[1]) > 0.5 or "params" in units:
+            return {}, f"not the same rank budget: {names[0]} {budgets[0]} ({units[0]}), {names[1]} {budgets[1]}"
+    values = paired_values(runs, names, HYPOTHESIS_KEY[hid])
+    return ({s: tuple(np.log(v)) for s, v in values.items()} if hid in ("H3a", "H3b") else values), None
+
+
+def judge(hid: str, values: dict, margin: float, confidence: float) -> dict:
+    if hid == "H1":
+        return judge_h1(values, margin, confidence)
+    if hid == "H2":
+        return judge_h2(values, margin, confidence)
+    if hid in ("H3a", "H3b"):
+        return judge_h3(values, margin if hid == "H3a" else None, confidence)
+    return judge_h4(values, margin)
+
+
+def hypotheses(groups: dict, derived: dict, rows: list[dict], settings: dict) -> list[dict]:
+    """The `hypotheses` list: per hypothesis, one entry per task and, when >= 2 tasks have its groups, one on the GLUE
+    average (the primary verdict; else the one task that has them is); see VERDICT_RULE."""
+    alpha, out = settings["statistics"]["alpha"], []
+    for hid in HYPOTHESIS_ROLES:
+        margin = 0.0 if hid == "H3b" else settings["hypotheses"][hid[:2]]["margin"]  # H3b: faster at all
+        tasks = [t for t in groups if all(derived[t]["roles"][r] for r in HYPOTHESIS_ROLES[hid])]
+        k = max(1, len(tasks))  # the family: the tasks that can be tested (the others say why not)
+        family = f"{hid} per task ({k} task{'s' * (k > 1)})"
+        evidence = {t: hypothesis_evidence(hid, t, derived[t]["roles"], groups[t], rows) for t in groups}
+        for task, (values, why) in evidence.items():
+            out.append({**verdict_entry(hid, task, values, why, margin, 1 - alpha / k, family, derived[task]["roles"]),
+                        "primary": len(tasks) == 1 and task in tasks, "family_size": k,
+                        "adjustment": f"Bonferroni over {k} tasks" if k > 1 else "none"})
+        if len(tasks) >= 2:
+            out.append({**pooled_verdict(hid, {t: evidence[t] for t in tasks}, margin, 1 - alpha),
+                        "primary": True, "family_size": 1, "adjustment": "none"})
+    for e in out:
+        if e["test"]:  # Bonferroni: the p-value that matches the interval the status is read from
+            e["test"].update(p_adjusted=min(1.0, e["test"]["p_value"] * e["family_size"]), family=e["family"],
+                             family_size=e["family_size"], adjustment="bonferroni" if e["family_size"] > 1 else "none")
+    return out
+
+
+def pooled_verdict(hid: str, evidence: dict, margin: float, confidence: float) -> dict:
+    """The GLUE-average verdict: per seed run on every task, the hypothesis' values averaged over the tasks."""
+    blocked = next(((t, why) for t, (_, why) in evidence.items() if why), None)
+    per_task = [v for v, _ in evidence.values()]
+    seeds = [s for s in per_task[0] if all(s in v for v in per_task)] if not blocked else []
+    values = {s: tuple(float(x) for x in np.mean([v[s] for v in per_task], axis=0)) for s in seeds}
+    why = f"{TASKS.get(blocked[0], blocked[0])}: {blocked[1]}" if blocked else None
+    entry = verdict_entry(hid, "GLUE average", values, why, margin, confidence, f"{hid} on the GLUE average", {})
+    return {**entry, "tasks": list(evidence), "n_tasks": len(evidence)}
+
+
+def verdict_entry(hid: str, task: str, values: dict, why: str | None, margin: float, confidence: float, family: str,
+                  roles: dict) -> dict:
+    """One `hypotheses` entry: {id, task, claim, status, reason, estimate, ci, margin, bounds, n, ...}."""
+    judged = judge(hid, values, margin, confidence) if why is None else {"reason": why}
+    status = judged.get("status", "not testable")
+    return {"id": hid, "task": task, "claim": CLAIMS[hid], "status": status,
+            "reason": judged.get("reason") if status == "not testable" else None,
+            "estimate": judged.get("estimate"), "ci": judged.get("ci"), "margin": margin,
+            "bounds": judged.get("bounds"), "confidence": None if hid == "H4" else confidence,
+            "n": judged.get("n", len(values)), "seeds": list(values), "interval": judged.get("interval"),
+            "unit": {"H1": "glue_score difference (fraction; x100 = points)", "H2": "share of AdaLoRA's gain",
+                     "H4": "ratio of adapter parameters"}.get(hid, "ratio of step times"),
+            "family": family, "detail": judged.get("detail"),
+            "groups": {ROLE_LABELS[r]: roles.get(r) for r in HYPOTHESIS_ROLES[hid]} if roles else {},
+            "test": judged.get("test")}
+
+
+def aggregate(records: list[RunRecord], settings: dict | None = None) -> dict:
+    """Everything in comparison/aggregated_metrics.json; `settings`: load_settings() (hypotheses.yaml) by default."""
+    settings = settings or load_settings()
+    st, margin = settings["statistics"], settings["hypotheses"]["H1"]["margin"]
+    alpha, confidence = st["alpha"], 1 - st["alpha"]
+    mde = {"alpha": alpha, "power": st["power"], "margin": margin}
     rows = [run_row(r) for r in records]
     groups = group_stats(rows)
-    derived = derived_metrics(groups, rows)
+    derived = derived_metrics(groups, rows, confidence)
     cache = {}
 
     def pair_tests(task: str, a: str, b: str) -> tuple[dict, list[dict]]:  # each pair once (AdaLoRA is in both)
         if (task, a, b) not in cache:
-            cache[(task, a, b)] = seed_level_tests(rows, task, a, b), example_level_tests(records, task, a, b)
+            examples = example_level_tests(records, task, a, b)
+            holm([e["mcnemar"] for e in examples if "mcnemar" in e],
+                 f"McNemar per seed and split, {TASKS.get(task, task)}: {a} − {b}")
+            cache[(task, a, b)] = seed_level_tests(rows, task, a, b, confidence, mde), examples
         return cache[(task, a, b)]
 
     seed_level, example_level = [], []
     for task in groups:
-        for a, b in headline_pairs(derived[task]["roles"]):
-            seed, examples = pair_tests(task, a, b)
-            seed_level.append(seed)
-            example_level += examples
-    return {"checkpoint_rule": CHECKPOINT_RULE, "runs": rows, "groups": groups, "derived": derived,
-            "glue_average": glue_average(groups),
-            "significance": {"seed_level": seed_level, "example_level": example_level},
-            "ablation": ablation(groups, derived, pair_tests),
-            "thresholds": {"alpha": ALPHA, "mde_power": MDE_POWER, "relevant_difference": RELEVANT_DIFFERENCE,
+        pairs = [pair_tests(task, a, b) for a, b in headline_pairs(derived[task]["roles"])]
+        finish_seed_level([seed for seed, _ in pairs], f"headline pairs, {TASKS.get(task, task)}", margin, alpha)
+        seed_level += [seed for seed, _ in pairs]
+        example_level += [e for _, examples in pairs for e in examples]
+    ablated = ablation(groups, derived, pair_tests, alpha)
+    ablation_families(ablated, seed_level, margin, alpha)
+    pooled = pooled_tests(rows, derived, confidence, st["n_resamples"], st["permutation_seed"])
+    return {"settings": settings, "verdict_rule": VERDICT_RULE,
+            "hypotheses": hypotheses(groups, derived, rows, settings), "scope": scope_notes(rows, groups),
+            "checkpoint_rule": CHECKPOINT_RULE, "runs": rows, "groups": groups, "derived": derived,
+            "glue_average": glue_average(groups, rows, confidence),
+            "significance": {"seed_level": seed_level, "example_level": example_level, "pooled": pooled},
+            "ablation": ablated,
+            "thresholds": {"alpha": alpha, "mde_power": st["power"], "margin": margin,
                            "step_spread_max": STEP_SPREAD_MAX, "seed_spread_max": SEED_SPREAD_MAX,
                            "cpu_util_min": CPU_UTIL_MIN, "env_keys": ENV_KEYS}}
+
+
+def scope_notes(rows: list[dict], groups: dict) -> list[str]:
+    """What no verdict here can say, from the runs themselves: backbone, tasks, seeds, schedule, tuning."""
+    notes = []
+    backbones = sorted({str(r.get("backbone") or "?") for r in rows})
+    if not any("deberta-v3-base" in b.lower() for b in backbones):
+        names = ", ".join("/".join(Path(b).parts[-2:]) for b in backbones)  # a local folder: its package/model
+        notes.append(f"Demo scale, not DeBERTa-v3-base: backbone {names}. The verdicts describe this backbone, "
+                     f"schedule and data, not the question's setting or the published numbers.")
+    missing = [TASKS[t] for t in ADALORA_TASKS if t not in groups]
+    if missing:
+        notes.append(f"Tasks: {', '.join(TASKS.get(t, t) for t in groups)}; the AdaLoRA paper's GLUE average also has "
+                     f"{', '.join(missing)}. A \"GLUE average\" here is the mean over the tasks evaluated.")
+    steps = sorted({r["total_steps"] for r in rows if r.get("total_steps")})
+    if steps:
+        notes.append(f"Schedule: {', '.join(map(str, steps))} optimizer steps per run.")
+    n = sorted({g["n"] for by_method in groups.values() for g in by_method.values()})
+    notes.append(f"Seeds per group: {', '.join(map(str, n))}. Seeds are the units of every interval; the sd of "
+                 f"few seeds is itself rough.")
+    if any(r.get("variant") == "tuned" for r in rows):
+        notes.append("Tuned groups are present: their roles and gains are among tuned groups only.")
+    return notes
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1371,32 +1843,41 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
                                                                              for r in rows]
 
 
+def fmt_ci(ci: list | None, scale: float = 100.0, signed: bool = True, digits: int = 2) -> str:
+    """`[low, high]` scaled (points by default); `–` when there is no interval."""
+    if not ci:
+        return "–"
+    spec = f"{'+' if signed else ''}.{digits}f"
+    return f"[{ci[0] * scale:{spec}}, {ci[1] * scale:{spec}}]"
+
+
 def main_table(agg: dict) -> list[str]:
-    """Rows groups; columns tasks, GLUE average, train time, rank total, adapter and trainable params."""
+    """The AdaLoRA paper's layout: a row per group (its adapter parameters beside the name), tasks as columns with
+    mean ± sd (n) over seeds, the GLUE average last with the interval of its per-seed values."""
     groups, tasks = agg["groups"], list(agg["groups"])
     rows = []
     for m in sort_methods(r["method_name"] for r in agg["runs"]):
-        avg = agg["glue_average"][m]
-        overall = {k: describe([r[k] for r in agg["runs"] if r["method_name"] == m])
-                   for k in ("train_time_s", "rank_budget_total", "adapter_params_reported", "trainable_params")}
-        rows.append([m] + [fmt_stat((groups[t].get(m) or {}).get("glue_score"), 100) for t in tasks]
-                    + [fmt_stat({"mean": avg["value"], "std": None, "n": avg["n_tasks"]}, 100)
-                       + f" [{', '.join(TASKS.get(t, t) for t in avg['tasks'])}]",
-                       fmt_stat(overall["train_time_s"], digits=1)]
-                    + [fmt_stat(overall[k], digits=0) for k in ("rank_budget_total", "adapter_params_reported",
-                                                                "trainable_params")])
-    return table(["Method"] + [task_label(t, " ") for t in tasks]
-                 + ["GLUE avg. (n tasks) [tasks]", "Train time (s)", "Rank total", "Adapter params",
-                    "Trainable params"], rows)
+        avg, params = agg["glue_average"][m], describe([r["adapter_params_reported"] for r in agg["runs"]
+                                                        if r["method_name"] == m])["mean"]
+        per_seed = avg["per_seed"]
+        conf = f"{100 * per_seed['confidence']:.4g}%"
+        cell = fmt_stat({"mean": avg["value"], "std": None, "n": avg["n_tasks"]}, 100).replace(
+            f"({avg['n_tasks']})", f"({avg['n_tasks']} task{'s' * (avg['n_tasks'] > 1)})")
+        cell += f"; {conf} CI {fmt_ci(per_seed['ci'], signed=False)} over {per_seed['n']} seeds" if per_seed["ci"] \
+            else f"; no CI: {per_seed['reason']}"
+        rows.append([f"{m} ({'–' if params is None else f'{params:,.0f}'})"]
+                    + [fmt_stat((groups[t].get(m) or {}).get("glue_score"), 100) for t in tasks] + [cell])
+    return table(["Method (adapter params)"] + [task_label(t, " ") for t in tasks] + ["Avg."], rows)
 
 
 def fmt_time_ratio(ratio: dict | None, notes: list[str]) -> str:
-    """`×1.23`; `×1.23†` on the train_time/steps basis; `×2.65 (not comparable, note k)`, the reason in notes."""
+    """`×1.23 [1.20, 1.26]` (the paired interval of the geometric mean, when there is one); `×1.23†` on the
+    train_time/steps basis; `×2.65 (not comparable, note k)`, the reason in notes."""
     if not ratio or ratio.get("value") is None:
         return "–"
     text = f"×{ratio['value']:.2f}" + ("†" if ratio["basis"] == "train_time_per_step" else "")
     if ratio["comparable"]:
-        return text
+        return text + (f" {fmt_ci(ratio['ci'], 1.0, False, 3)}" if ratio.get("ci") else "")
     if ratio["reason"] not in notes:
         notes.append(ratio["reason"])
     return f"{text} (not comparable, note {notes.index(ratio['reason']) + 1})"
@@ -1461,75 +1942,109 @@ def cost_table(agg: dict) -> list[str]:
             share = block.get("glora_share_of_adalora_gain", {}).get("glue_score")
             if share:
                 lines.append(f"\n{TASKS.get(t, t)}{label}: share of AdaLoRA's gain over LoRA that GLoRA recovers = "
-                             f"{fmt_num(share['value'])}" + (f" ({share['reason']})" if share["reason"] else ""))
+                             f"{fmt_num(share['value'])} (ratio of means; its interval: H2 in the Verdict)"
+                             + (f" ({share['reason']})" if share["reason"] else ""))
     return lines
 
 
-SCORES_NOTE = ("Scores in %, mean ± std over seeds (n runs): MNLI mean of m/mm accuracy, QQP mean of accuracy and "
-               "F1, CoLA MCC, STS-B Pearson, the others accuracy. GLUE average: mean over the tasks listed (AdaLoRA "
-               "paper's convention). Train time, rank total (Σ final ranks), adapter params (at the final ranks where "
-               "recorded) and trainable parameters: over all of the method's runs (per task below).")
-SEED_TESTS_NOTE = ("Across seeds (glue_score paired by seed; a two-sided Wilcoxon test cannot reach p < 0.05 with "
-                   "fewer than 6 seeds):")
-MDE_NOTE = (f"MDE: the smallest mean difference a paired t-test detects with power {MDE_POWER} at α = {ALPHA} with "
-            f"the seeds run (d from statsmodels TTestPower.solve_power × sd of the per-seed differences); seeds "
-            f"needed: for the observed difference at that power. Reading: p < {ALPHA}: a difference; p ≥ {ALPHA} and "
-            f"MDE ≤ {100 * RELEVANT_DIFFERENCE:.2f} points (AdaLoRA's published gain over LoRA, GLUE average): no "
-            f"effect larger than the MDE; p ≥ {ALPHA} and |diff| < MDE otherwise: too few seeds to tell.")
-EXAMPLE_TESTS_NOTE = (f"Per example on the shared dev set (McNemar exact test; paired bootstrap 95% CI of the accuracy "
-                      f"difference, {N_RESAMPLES} resamples, seed {BOOT_SEED}):")
+SCORES_NOTE = ("Scores in %, mean ± sd over seeds (n runs): MNLI mean of m/mm accuracy, QQP mean of accuracy and "
+               "F1, CoLA MCC, STS-B Pearson, the others accuracy. Avg.: the mean over the group's tasks (the AdaLoRA "
+               "paper's convention), and the interval of the mean of its per-seed averages (each seed's tasks averaged "
+               "first; only seeds run on every task). Adapter params: mean over the group's runs, at the final ranks "
+               "where recorded. Cost per task below.")
+EXAMPLE_TESTS_NOTE = (f"Per example on the shared dev set (McNemar exact test, Holm over a pair's seeds and splits; "
+                      f"paired bootstrap 95% CI of the accuracy difference, {N_RESAMPLES} resamples, "
+                      f"seed {BOOT_SEED}):")
 PUBLISHED_NOTE = ("Zhang et al., *Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning* (AdaLoRA), ICLR "
                   "2023, Table 1. Copied for reference only: a different backbone, budget or seed count makes them not "
                   "directly comparable with ours.")
 
 
+def seed_tests_note(agg: dict) -> str:
+    st, m = agg["settings"]["statistics"], agg["thresholds"]["margin"]
+    return (f"Across seeds (glue_score paired by seed). Mean diff. with its {100 * (1 - st['alpha']):.4g}% t-interval "
+            f"over seeds. p: raw, then Holm-adjusted within the family (each task's headline pairs; each task's "
+            f"ablation table; t-tests and Wilcoxon tests apart). Wilcoxon's n counts the non-zero differences (scipy "
+            f"drops zeros); with n of them its two-sided p cannot go below 2/2^n, so below {st['alpha']} only from 6. "
+            f"MDE: the smallest difference a paired t-test detects with power {st['power']} at α = {st['alpha']} with "
+            f"the seeds run (statsmodels TTestPower × sd of the differences). Seeds needed: prospective, for a true "
+            f"difference of the margin (H1, {100 * m:.2f} points) at that power, from the observed sd. Reading: Holm "
+            f"p < α: a difference; else, the interval inside ±margin: no difference that large; else too few seeds "
+            f"to tell.")
+
+
 def fmt_test(t: dict) -> str:
-    return "–" if t.get("p_value") is None else f"{fmt_num(t['statistic'], 3)} (p = {fmt_num(t['p_value'], 3)})"
+    """`stat (p = raw; Holm adj.)`."""
+    if t.get("p_value") is None:
+        return "–"
+    adjusted = "" if t.get("p_adjusted") is None else f"; Holm {fmt_num(t['p_adjusted'], 3)}"
+    return f"{fmt_num(t['statistic'], 3)} (p = {fmt_num(t['p_value'], 3)}{adjusted})"
 
 
 def seed_cells(e: dict) -> list[str]:
-    """Mean diff., t-test, Wilcoxon, n, MDE, seeds needed, reading: one seed-level comparison."""
+    """Mean diff., interval, t-test, Wilcoxon, n, MDE, seeds needed, reading: one seed-level comparison."""
     tests, mde = e["tests"] + [{}] * (2 - len(e["tests"])), e["mde"]
-    needed = mde["seeds_needed_for_observed"]
-    return [fmt_points(e["mean_difference"]), fmt_test(tests[0]), fmt_test(tests[1]), str(e["n"]),
-            "–" if mde["mde"] is None else f"{100 * mde['mde']:.2f}",
-            "–" if needed is None else str(needed), e["reading"]]
+    needed = mde["seeds_needed_for_margin"]
+    wilcoxon = fmt_test(tests[1]) + (f", n≠0 = {tests[1]['n']}" if tests[1].get("p_value") is not None else "")
+    return [fmt_points(e["mean_difference"]), fmt_ci(e.get("ci")), fmt_test(tests[0]), wilcoxon, str(e["n"]),
+            "–" if mde["mde"] is None else f"{100 * mde['mde']:.2f}", "–" if needed is None else str(needed),
+            e["reading"]]
 
 
 def seed_note(e: dict) -> str:
-    """Why a seed-level test or the MDE is missing or means little."""
-    return "; ".join(dict.fromkeys(x for x in [t["reason"] for t in e["tests"]] + [e["mde"]["reason"]] if x))
+    """Why a seed-level test, interval or the MDE is missing or means little."""
+    return "; ".join(dict.fromkeys(x for x in [t["reason"] for t in e["tests"]] + [e.get("ci_reason"),
+                                                                                   e["mde"]["reason"]] if x))
 
 
-SEED_HEADER = ["Mean diff. (points)", "t-test: t (p)", "Wilcoxon: W (p)", "n", "MDE (points)", "Seeds needed",
-               "Reading"]
+SEED_HEADER = ["Mean diff. (points)", "CI (points)", "t-test: t (p; Holm)", "Wilcoxon: W (p; Holm)", "n",
+               "MDE (points)", "Seeds needed for the margin", "Reading"]
+
+
+def pooled_table(agg: dict) -> list[str]:
+    """The headline pairs pooled over tasks: per-seed GLUE-average difference and the sign-flip test."""
+    pooled = agg["significance"]["pooled"]
+    if not pooled:
+        return ["Pooled over tasks: needs >= 2 tasks with both groups of a pair."]
+    rows = [[f"{e['method_a']} − {e['method_b']}", ", ".join(TASKS.get(t, t) for t in e["tasks"]),
+             fmt_points(e["per_seed"]["mean_difference"]), fmt_ci(e["per_seed"]["ci"]), str(e["per_seed"]["n"]),
+             fmt_points(e["test"]["statistic"]), str(e["test"]["n"]),
+             "–" if e["test"]["p_value"] is None else f"{fmt_num(e['test']['p_value'], 3)}; Holm "
+                                                      f"{fmt_num(e['test']['p_adjusted'], 3)}",
+             "; ".join(filter(None, [e["per_seed"]["reason"], e["test"]["reason"]]))] for e in pooled]
+    return ["Pooled over tasks: the GLUE-average difference per seed (seeds run on every task; its t-interval), and "
+            "a stratified sign-flip permutation test over every task × seed difference (statistic: the mean over "
+            "tasks of each task's mean difference; no normality or equal spread across tasks assumed), Holm over the "
+            "pairs.", ""] + table(["Pair", "Tasks", "Per-seed avg. diff. (points)", "CI (points)", "Seeds",
+                                   "Pooled diff. (points)", "Task × seed n", "Sign-flip p; Holm", "Note"], rows)
 
 
 def significance_tables(agg: dict) -> list[str]:
     sig = agg["significance"]
     rows = [[TASKS.get(e["task"], e["task"]), f"{e['method_a']} − {e['method_b']}", *seed_cells(e), seed_note(e)]
             for e in sig["seed_level"]]
-    lines = [SEED_TESTS_NOTE, "", MDE_NOTE, ""]
-    lines += table(["Task", "Pair", *SEED_HEADER, "Note"], rows)
+    lines = [seed_tests_note(agg), ""] + table(["Task", "Pair", *SEED_HEADER, "Note"], rows)
+    lines += ["", *pooled_table(agg)]
     rows = []
     for e in sig["example_level"]:
         mc, bs = e.get("mcnemar") or {}, e.get("bootstrap") or {}
         ci = f"[{100 * bs['ci_low']:+.2f}, {100 * bs['ci_high']:+.2f}]" if bs.get("ci_low") is not None else "–"
         rows.append([TASKS.get(e["task"], e["task"]), f"{e['method_a']} − {e['method_b']}", e.get("paired_by", ""),
                      e.get("split", ""), str(e.get("n", "")), fmt_num(mc.get("statistic")), fmt_num(mc.get("p_value")),
-                     fmt_points(bs.get("difference")), ci, e.get("reason") or bs.get("reason") or ""])
+                     fmt_num(mc.get("p_adjusted")), fmt_points(bs.get("difference")), ci,
+                     e.get("reason") or bs.get("reason") or ""])
     lines += ["", EXAMPLE_TESTS_NOTE, ""]
-    return lines + table(["Task", "Pair", "Paired by", "Split", "n", "McNemar stat.", "McNemar p",
+    return lines + table(["Task", "Pair", "Paired by", "Split", "n", "McNemar stat.", "McNemar p", "Holm p",
                           "Acc. diff. (points)", "95% CI", "Note"], rows)
 
 
 ABLATION_NOTE = ("Every group other than LoRA and GLoRA (the main configs: method comparative-2 / proposed with no "
                  "variant) against each of them, and a variant of AdaLoRA also against AdaLoRA; a tuned group "
                  "(variant `tuned`) instead against its own untuned config and the tuned LoRA and GLoRA groups, never "
-                 "an untuned baseline; paired by seed. Example level: per shared seed, McNemar's exact test "
-                 "and the paired bootstrap 95% CI of the accuracy difference; the table counts the seeds (and MNLI "
-                 "splits) with McNemar p < α and gives the lowest CI bound and the highest (all of them in "
-                 "aggregated_metrics.json, key `ablation`).")
+                 "an untuned baseline; paired by seed. Holm over each task's table (a headline pair keeps its "
+                 "headline family). Example level: per shared seed, McNemar's exact test; the table counts the seeds "
+                 "(and MNLI splits) with McNemar p < α, raw and after Holm over the pair's seeds (each seed's "
+                 "bootstrap CI is in aggregated_metrics.json, key `ablation`).")
 
 
 def budget_table(agg: dict) -> list[str]:
@@ -1549,28 +2064,84 @@ def budget_table(agg: dict) -> list[str]:
 def ablation_tables(agg: dict) -> list[str]:
     if not agg["ablation"]:
         return ["No group other than LoRA and GLoRA (main configs) was evaluated."]
-    rows = []
+    alpha, rows = agg["settings"]["statistics"]["alpha"], []
     for entry in agg["ablation"]:
         for c in entry["comparisons"]:
             if c["against"] is None:
                 rows.append([TASKS.get(entry["task"], entry["task"]), entry["method_name"],
                              ROLE_LABELS.get(c["role"], c["role"].replace("_", " "))]
-                            + ["–"] * (len(SEED_HEADER) + 2) + [c["reason"]])
+                            + ["–"] * (len(SEED_HEADER) + 1) + [c["reason"]])
                 continue
             s = c["example_summary"]
-            ci = "–" if s["ci_low_min"] is None else f"[{100 * s['ci_low_min']:+.2f}, {100 * s['ci_high_max']:+.2f}]"
             rows.append([TASKS.get(entry["task"], entry["task"]), entry["method_name"], c["against"],
-                         *seed_cells(c["seed_level"]), f"{s['n_mcnemar_significant']}/{s['n_tests']}", ci,
+                         *seed_cells(c["seed_level"]),
+                         f"{s['n_mcnemar_significant']} / {s['n_mcnemar_significant_adjusted']} of {s['n_tests']}",
                          "; ".join(filter(None, [seed_note(c["seed_level"]), s["reason"]]))])
-    return [ABLATION_NOTE, "", *budget_table(agg), "", MDE_NOTE, ""] + table(
-        ["Task", "Group", "vs", *SEED_HEADER, f"McNemar p < {ALPHA}", "Bootstrap 95% CI range (points)", "Note"], rows)
+    return [ABLATION_NOTE, "", *budget_table(agg), "", seed_tests_note(agg), ""] + table(
+        ["Task", "Group", "vs", *SEED_HEADER, f"McNemar p < {alpha} (raw / Holm)", "Note"], rows)
+
+
+def fmt_estimate(hid: str, value, unit: bool = True) -> str:
+    """An estimate, interval end or margin in its hypothesis' unit: points (H1), a share (H2), a ratio (H3, H4)."""
+    if value is None:
+        return "–"
+    if hid == "H1":
+        return f"{100 * value:+.2f}" + (" points" if unit else "")
+    return f"{value:.2f}" if hid == "H2" else f"×{value:.3f}"
+
+
+def fmt_claim(e: dict) -> str:
+    if e["id"] in ("H1", "H2"):
+        return f"≥ {fmt_estimate(e['id'], e['margin'])}"
+    if e["id"] == "H3b":
+        return "< ×1.000"
+    return f"within ×[{1 - e['margin']:.3f}, {1 + e['margin']:.3f}]"
+
+
+def verdict_line(e: dict) -> str:
+    """`- H1 SST-2: estimate, interval, claim, n, p → status`; not testable with its reason."""
+    hid = e["id"]
+    level = "range over seeds" if hid == "H4" else f"{100 * e['confidence']:.4g}% CI"
+    ci = "–" if not e["ci"] else (f"[{fmt_estimate(hid, e['ci'][0], False)}, {fmt_estimate(hid, e['ci'][1], False)}]"
+                                  + (" points" if hid == "H1" else ""))
+    test = e.get("test") or {}
+    p = "" if test.get("p_value") is None else (
+        f", {'TOST' if test['alternative'] == 'equivalence' else 'one-sided'} p = {fmt_num(test['p_value'], 3)}"
+        + (f" (Bonferroni {fmt_num(test['p_adjusted'], 3)})" if test.get("adjustment") == "bonferroni" else ""))
+    n = f"n = {e['n']} seed{'s' * (e['n'] != 1)}" + (f" × {e['n_tasks']} tasks" if e.get("n_tasks") else "")
+    status = f"**{e['status']}**" + (f" ({e['reason']})" if e["reason"] else "") + (
+        f"; {e['detail']}" if e.get("detail") else "")
+    where = TASKS.get(e["task"], e["task"]) + (" (primary)" if e["primary"] else "")
+    return (f"- **{hid}** {where}: {fmt_estimate(hid, e['estimate'])}, {level} {ci}, claim {fmt_claim(e)}, {n}{p} "
+            f"→ {status}")
+
+
+def verdict_section(agg: dict) -> list[str]:
+    """The report's opening: one line per hypothesis per task and pooled, the families, what it cannot say."""
+    entries, alpha = agg["hypotheses"], agg["settings"]["statistics"]["alpha"]
+    lines = []
+    for hid in HYPOTHESIS_ROLES:
+        mine = [e for e in entries if e["id"] == hid]
+        source = "no margin" if hid == "H3b" else f"margin {mine[0]['margin']:g}, config/hypotheses.yaml " \
+                                                  f"`hypotheses.{hid[:2]}`"
+        lines += [f"{hid}: {CLAIMS[hid]} ({source})", ""]
+        lines += [verdict_line(e) for e in sorted(mine, key=lambda e: e["task"] != "GLUE average")] + [""]
+    sizes = {e["id"]: e["family_size"] for e in entries if e["task"] != "GLUE average"}
+    pooled = [hid for hid in sizes if any(e["id"] == hid and e["task"] == "GLUE average" for e in entries)]
+    lines += [f"Families and adjustment (α = {alpha}): the per-task verdicts of one hypothesis are one family, "
+              f"Bonferroni over its tasks ({', '.join(f'{h}: {k}' for h, k in sizes.items())}; 1: none)"
+              + (f"; the GLUE-average verdicts ({', '.join(pooled)}) are primary and unadjusted" if pooled else "")
+              + "; no adjustment across H1–H4 (all must hold).", ""]
+    lines += ["What these verdicts cannot say:", ""] + [f"- {note}" for note in agg["scope"]] + ["", VERDICT_RULE]
+    return lines
 
 
 def report_markdown(agg: dict) -> str:
     groups, tasks = agg["groups"], list(agg["groups"])
     best = [[m] + [fmt_stat((groups[t].get(m) or {}).get("best_validation_glue_score"), 100) for t in tasks]
             for m in sort_methods(r["method_name"] for r in agg["runs"])]
-    lines = ["# LoRA vs AdaLoRA vs GLoRA on GLUE (dev sets)", "", f"Checkpoint rule: {CHECKPOINT_RULE}", ""]
+    lines = ["# LoRA vs AdaLoRA vs GLoRA on GLUE (dev sets)", "", "## Verdict", "", *verdict_section(agg), ""]
+    lines += [f"Checkpoint rule: {CHECKPOINT_RULE}", ""]
     lines += ["## Main results (ours)", "", SCORES_NOTE, "", *main_table(agg), ""]
     lines += ["## Cost and gains per task (relative to LoRA on the same task)", "", *cost_table(agg), ""]
     lines += ["## Best-step dev scores (optimistic: the step is chosen on the dev set itself)", ""]
@@ -1599,10 +2170,10 @@ def evaluate_run(rec: RunRecord, results_dir: Path) -> None:
         plot_rank_allocation(rec, folder / f"{rec.name}_rank_allocation.pdf")
 
 
-def compare(records: list[RunRecord], results_dir: Path) -> dict:
+def compare(records: list[RunRecord], results_dir: Path, settings: dict | None = None) -> dict:
     """comparison/: aggregated_metrics.json, report.md and the comparison figures."""
     out = results_dir / "comparison"
-    agg = aggregate(records)
+    agg = aggregate(records, settings)
     write_json(out / "aggregated_metrics.json", agg)
     atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(report_markdown(agg)))
     plot_score_bars(agg, out / "comparison_accuracy_bar_chart.pdf")
@@ -1616,11 +2187,11 @@ def compare(records: list[RunRecord], results_dir: Path) -> dict:
 def main(argv: list[str] | None = None, wandb_api=None) -> int:
     """The CLI; `wandb_api` replaces `wandb.Api()` (tests). Returns the exit status."""
     try:
-        results_dir, run_ids, skip_bad = parse_args(sys.argv[1:] if argv is None else argv)
+        results_dir, run_ids, skip_bad, settings = parse_args(sys.argv[1:] if argv is None else argv)
         records = load_runs(results_dir, run_ids, skip_bad, WandbSource(wandb_api))
         for rec in records:
             evaluate_run(rec, results_dir)
-        compare(records, results_dir)
+        compare(records, results_dir, settings)
     except EvaluationError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2

