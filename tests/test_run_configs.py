@@ -72,7 +72,14 @@ def backbone_of(run_id: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Runs.
 
-@pytest.mark.parametrize("run_id", RUN_IDS)
+def _delta_on_another_task(run_id: str) -> bool:
+    """EVA's and the equal-params variant's configs are deltas on configs whose trials run here: CI keeps their
+    SST-2 trials (the delta itself) and leaves the other tasks' to -m slow."""
+    return run_id.startswith(("comparative-3-", "proposed-params-")) and not run_id.endswith("--GLUE-SST-2")
+
+
+@pytest.mark.parametrize("run_id", [pytest.param(r, marks=pytest.mark.slow) if _delta_on_another_task(r) else r
+                                    for r in RUN_IDS])
 def test_every_run_config_runs_in_trial_mode(run_id, backbones, glue_dir, tmp_path):
     cfg = compose_run(run_id, "mode=trial", f"model.backbone={backbones[backbone_of(run_id)]}",
                       f"dataset.data_dir={glue_dir}", f"results_dir={tmp_path}")
