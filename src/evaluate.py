@@ -1992,7 +1992,9 @@ def seed_cells(e: dict) -> list[str]:
 
 
 def seed_note(e: dict) -> str:
-    """Why a seed-level test, interval or the MDE is missing or means little."""
+    """Why a seed-level test, interval or the MDE is missing or means little (too few seeds: said once)."""
+    if e["n"] < 2:
+        return e["tests"][0]["reason"]
     return "; ".join(dict.fromkeys(x for x in [t["reason"] for t in e["tests"]] + [e.get("ci_reason"),
                                                                                    e["mde"]["reason"]] if x))
 
@@ -2128,8 +2130,10 @@ def verdict_section(agg: dict) -> list[str]:
         lines += [verdict_line(e) for e in sorted(mine, key=lambda e: e["task"] != "GLUE average")] + [""]
     sizes = {e["id"]: e["family_size"] for e in entries if e["task"] != "GLUE average"}
     pooled = [hid for hid in sizes if any(e["id"] == hid and e["task"] == "GLUE average" for e in entries)]
+    per_task = "one task each, so no adjustment" if set(sizes.values()) == {1} else \
+        f"Bonferroni over its tasks ({', '.join(f'{h}: {k}' for h, k in sizes.items())}; 1: none)"
     lines += [f"Families and adjustment (α = {alpha}): the per-task verdicts of one hypothesis are one family, "
-              f"Bonferroni over its tasks ({', '.join(f'{h}: {k}' for h, k in sizes.items())}; 1: none)"
+              f"{per_task}"
               + (f"; the GLUE-average verdicts ({', '.join(pooled)}) are primary and unadjusted" if pooled else "")
               + "; no adjustment across H1–H4 (all must hold).", ""]
     lines += ["What these verdicts cannot say:", ""] + [f"- {note}" for note in agg["scope"]] + ["", VERDICT_RULE]
