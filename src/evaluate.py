@@ -66,7 +66,7 @@ HATCHES = {"LoRA": "", "AdaLoRA": "//", "EVA": "xx", "GLoRA": ".."}  # bars stay
 # Other groups, in sorted order: the rest of Okabe-Ito, then tab20 without its greys (grey marks "not comparable")
 OTHER_COLORS = ["#56B4E9", "#D55E00", "#F0E442"] + [
     mpl.colors.to_hex(c) for c in mpl.colormaps["tab20"].colors if len(set(np.round(c, 3))) > 1]
-OTHER_HATCHES = ["\\\\", "--", "++", "oo", "||", "**", "OO"]
+OTHER_HATCHES = ["\\\\", "--", "++", "oo", "||", "**", "OO", "o-"]  # 8: with 21 colours every pair apart
 RANK_PANELS_PER_ROW = 4  # rank heatmaps per figure row: many variants wrap instead of widening the page
 TASKS = {"mnli": "MNLI", "sst2": "SST-2", "cola": "CoLA", "qqp": "QQP", "qnli": "QNLI", "rte": "RTE", "mrpc": "MRPC",
          "stsb": "STS-B", "wnli": "WNLI"}
