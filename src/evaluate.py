@@ -43,19 +43,30 @@ from statsmodels.stats.weightstats import ttost_paired
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "config.yaml"
 HYPOTHESES_CONFIG = REPO_CONFIG.parent / "hypotheses.yaml"  # evaluate-only: training never reads it
-METHOD_NAMES = {"comparative-1": "AdaLoRA", "comparative-2": "LoRA", "proposed": "GLoRA"}
-METHOD_ORDER = ["LoRA", "AdaLoRA", "GLoRA"]  # then every other group (variants, controls) sorted by name
-ADAPTIVE_METHODS = {"comparative-1", "proposed"}  # AdaLoRA, and GLoRA with all its variants
-# A task's roles: the main config (variant null) of these methods. baseline = LoRA, reference = the method under test.
-ROLE_OF_METHOD = {"comparative-2": "baseline", "comparative-1": "adalora", "proposed": "reference"}
-ROLE_LABELS = {"baseline": "LoRA", "adalora": "AdaLoRA", "reference": "GLoRA"}  # for records without `method`
+METHOD_NAMES = {"comparative-1": "AdaLoRA", "comparative-2": "LoRA", "proposed": "GLoRA", "comparative-3": "EVA"}
+METHOD_ORDER = ["LoRA", "AdaLoRA", "EVA", "GLoRA"]  # then every other group (variants, controls) sorted by name
+# AdaLoRA, EVA (data-driven ranks, 0 allowed) and GLoRA with all its variants: heterogeneous ranks
+ADAPTIVE_METHODS = {"comparative-1", "comparative-3", "proposed"}
+# A task's roles: the main config (variant null) of these methods. baseline = LoRA, reference = the method under test;
+# adalora and eva: comparison methods (EVA: PEFT's explained-variance allocator). A role that is absent is None.
+ROLE_OF_METHOD = {"comparative-2": "baseline", "comparative-1": "adalora", "comparative-3": "eva",
+                  "proposed": "reference"}
+ROLE_LABELS = {"baseline": "LoRA", "adalora": "AdaLoRA", "eva": "EVA", "reference": "GLoRA"}  # records without `method`
 METHOD_OF_ROLE = {role: method for method, role in ROLE_OF_METHOD.items()}
-COLORS = {"LoRA": "#0072B2", "AdaLoRA": "#E69F00", "GLoRA": "#009E73"}  # Okabe-Ito: colour-blind safe
-HATCHES = {"LoRA": "", "AdaLoRA": "//", "GLoRA": ".."}  # bars stay apart when printed in grey
+# The roles GLoRA's share of AdaLoRA's gain needs (recovered_share): never EVA, whose absence must not block it
+SHARE_ROLES = ("baseline", "adalora", "reference")
+# The headline pairs by role, the newer method first: each task's seed-level tests (one Holm family per task) and the
+# pooled tests (one Holm family) read this; a pair is tested only where both roles are held. EVA's pairs join the
+# same families when EVA was run (so they make the other pairs' Holm adjustment stricter, never looser); without EVA
+# the families are the three pairs they always were.
+HEADLINE_ROLE_PAIRS = (("reference", "adalora"), ("reference", "baseline"), ("adalora", "baseline"),
+                       ("reference", "eva"), ("eva", "baseline"))
+COLORS = {"LoRA": "#0072B2", "AdaLoRA": "#E69F00", "EVA": "#CC79A7", "GLoRA": "#009E73"}  # Okabe-Ito: colour-blind
+HATCHES = {"LoRA": "", "AdaLoRA": "//", "EVA": "xx", "GLoRA": ".."}  # bars stay apart when printed in grey
 # Other groups, in sorted order: the rest of Okabe-Ito, then tab20 without its greys (grey marks "not comparable")
-OTHER_COLORS = ["#56B4E9", "#D55E00", "#CC79A7", "#F0E442"] + [
+OTHER_COLORS = ["#56B4E9", "#D55E00", "#F0E442"] + [
     mpl.colors.to_hex(c) for c in mpl.colormaps["tab20"].colors if len(set(np.round(c, 3))) > 1]
-OTHER_HATCHES = ["\\\\", "xx", "--", "++", "oo", "||", "**", "OO"]
+OTHER_HATCHES = ["\\\\", "--", "++", "oo", "||", "**", "OO", "o-"]  # 8: with 21 colours every pair apart
 RANK_PANELS_PER_ROW = 4  # rank heatmaps per figure row: many variants wrap instead of widening the page
 TASKS = {"mnli": "MNLI", "sst2": "SST-2", "cola": "CoLA", "qqp": "QQP", "qnli": "QNLI", "rte": "RTE", "mrpc": "MRPC",
          "stsb": "STS-B", "wnli": "WNLI"}
@@ -69,11 +80,12 @@ METRICS = ["accuracy", "mcc", "f1", "pearson", "spearman", "accuracy_mm", "mcc_m
 COST_KEYS = ["train_time_s", "eval_time_s", "total_steps", "trainable_params", "adapter_params",
              "adapter_params_effective", "head_params", "rank_budget_total", "budget_unit", "realloc_step",
              "realloc_seconds", "rebuild_pause_s", "trainable_params_initial", "step_time_s", "cpu_time_s",
-             "environment"]
+             "environment", "eva_init_s", "eva_forward_passes"]
 GROUP_KEYS = ["accuracy", "mcc", "glue_score", "f1", "pearson", "train_time_s", "trainable_params",
               "rank_budget_total", "adapter_params", "adapter_params_effective", "adapter_params_reported",
               "head_params", "step_time_median_s", "train_time_per_step_s", "cpu_time_s", "cpu_utilisation",
-              "rebuild_pause_s", "best_validation_accuracy", "best_validation_glue_score"]
+              "rebuild_pause_s", "best_validation_accuracy", "best_validation_glue_score",
+              "eva_init_s", "eva_init_share", "eva_init_per_step_s", "eva_forward_passes"]
 # W&B's summary also holds the last value of every logged history key; these are not part of summary.json
 HISTORY_ONLY = {"train_loss", "lr", "epoch", "scores", "old_ranks", "new_ranks", "trainable_params_before",
                 "trainable_params_after"}
@@ -390,7 +402,8 @@ def method_of(rec: RunRecord) -> str:
 
 
 def method_key_of(rec: RunRecord) -> str | None:
-    """comparative-2 (LoRA), comparative-1 (AdaLoRA), proposed (GLoRA family); from the display name for old records."""
+    """comparative-2 (LoRA), comparative-1 (AdaLoRA), comparative-3 (EVA), proposed (GLoRA family); from the display
+    name for old records."""
     method = rec.summary.get("method") or rec.config.get("method")
     return method or {name: key for key, name in METHOD_NAMES.items()}.get(method_of(rec))
 
@@ -402,6 +415,13 @@ def variant_of(rec: RunRecord) -> str | None:
 
 def is_adaptive(rec: RunRecord) -> bool:
     return method_key_of(rec) in ADAPTIVE_METHODS or len(set((rec.summary.get("final_ranks") or {}).values())) > 1
+
+
+def ranks_of(summary: dict) -> dict:
+    """final_ranks, plus EVA's matrices that got rank 0 (eva_ranks; they hold no adapter, so final_ranks may lack them):
+    a 0 in the rank table and its means over seeds, not a blank."""
+    ranks = dict(summary.get("final_ranks") or {})
+    return {**{k: 0 for k, r in (summary.get("eva_ranks") or {}).items() if r == 0 and k not in ranks}, **ranks}
 
 
 def rank_table(final_ranks: dict) -> pd.DataFrame:
@@ -451,7 +471,7 @@ def run_metrics(rec: RunRecord) -> dict:
         "cost": {k: s[k] for k in COST_KEYS if s.get(k) is not None},
         "adaptive": is_adaptive(rec),
         "ranks_by_layer": {str(i): row.dropna().astype(int).to_dict()
-                           for i, row in rank_table(s.get("final_ranks")).iterrows()},
+                           for i, row in rank_table(ranks_of(s)).iterrows()},
         "history": {"train_rows": len(train_losses), "eval_rows": sum(any(k.startswith("validation_") for k in r)
                                                                       for r in rec.history),
                     "final_train_loss": train_losses[-1] if train_losses else None},
@@ -504,7 +524,10 @@ def run_row(rec: RunRecord) -> dict:
             # it as unexplained_jitter); older records: unexplained_iqr, then the raw iqr/median
             **step_time_spread(step),
             "train_time_per_step_s": _ratio(s.get("train_time_s"), s.get("total_steps") or s.get("final_step")),
-            "cpu_utilisation": cpu_utilisation(s)}
+            "cpu_utilisation": cpu_utilisation(s),
+            # EVA's data pass (before the first step; inside train_time_s): its share, and amortised per step
+            "eva_init_share": _ratio(s.get("eva_init_s"), s.get("train_time_s")),
+            "eva_init_per_step_s": _ratio(s.get("eva_init_s"), s.get("total_steps") or s.get("final_step"))}
 
 
 def step_time_spread(step: dict) -> dict:
@@ -552,7 +575,7 @@ def group_stats(rows: list[dict]) -> dict:
 
 
 def role_of(method: str | None, variant: str | None, name: str) -> str | None:
-    """baseline (LoRA), adalora or reference (GLoRA): a method's main config; a variant has no role."""
+    """baseline (LoRA), adalora, eva or reference (GLoRA): a method's main config; a variant has no role."""
     if variant is not None:
         return None
     return ROLE_OF_METHOD.get(method or {v: k for k, v in METHOD_NAMES.items()}.get(name))
@@ -613,11 +636,11 @@ def relative_to_baseline(group: dict, base: dict, runs: list[dict], base_runs: l
 
 def recovered_share(by_method: dict, key: str, roles: dict | None = None, absent: str = "") -> dict:
     """(GLoRA - LoRA) / (AdaLoRA - LoRA): the share of AdaLoRA's gain over LoRA that GLoRA recovers; the three
-    groups are the roles (main configs, or the tuned groups), not display names. `absent`: how a missing role's
-    group is named (" (tuned)")."""
+    groups are the roles (main configs, or the tuned groups), not display names; only these three (SHARE_ROLES:
+    EVA, present or not, plays no part). `absent`: how a missing role's group is named (" (tuned)")."""
     roles = roles or task_roles(by_method)
-    name = {role: roles[role] or f"{label}{absent}" for role, label in ROLE_LABELS.items()}
-    missing = [name[r] for r in ROLE_LABELS if _mean(by_method.get(roles[r]) if roles[r] else None, key) is None]
+    name = {role: roles[role] or f"{ROLE_LABELS[role]}{absent}" for role in SHARE_ROLES}
+    missing = [name[r] for r in SHARE_ROLES if _mean(by_method.get(roles[r]) if roles[r] else None, key) is None]
     if missing:
         return {"value": None, "metric": key, "reason": f"no {key} for {', '.join(missing)}"}
     lora = _mean(by_method[name["baseline"]], key)
@@ -891,9 +914,9 @@ def sign_flip_test(diffs: dict[str, list[float]], n_resamples: int, seed: int) -
 # Significance and power: seed level (paired by seed) and example level (paired by example).
 
 def headline_pairs(roles: dict) -> list[tuple[str, str]]:
-    """(GLoRA, AdaLoRA), (GLoRA, LoRA), (AdaLoRA, LoRA) by role, those present: the newer method first."""
-    ref, ada, base = roles["reference"], roles["adalora"], roles["baseline"]
-    return [(a, b) for a, b in ((ref, ada), (ref, base), (ada, base)) if a and b]
+    """(GLoRA, AdaLoRA), (GLoRA, LoRA), (AdaLoRA, LoRA), then (GLoRA, EVA), (EVA, LoRA): HEADLINE_ROLE_PAIRS as group
+    names, those whose two roles are held on the task; the newer method first."""
+    return [(roles.get(a), roles.get(b)) for a, b in HEADLINE_ROLE_PAIRS if roles.get(a) and roles.get(b)]
 
 
 def scipy_paired_test(name: str, fn, x: list, y: list, degenerate: str | None = None) -> dict:
@@ -1108,11 +1131,11 @@ def example_summary(entries: list[dict], alpha: float) -> dict:
 def pooled_tests(rows: list[dict], derived: dict, confidence: float, n_resamples: int, seed: int) -> list[dict]:
     """The headline pairs (by role) pooled over the tasks that have both: the per-seed GLUE-average difference with
     its interval (seeds run on every one of those tasks), and the sign-flip test over task x seed; Holm over the
-    pairs. Only with >= 2 such tasks."""
+    pairs (HEADLINE_ROLE_PAIRS, those held). Only with >= 2 such tasks."""
     entries = []
-    for role_a, role_b in (("reference", "adalora"), ("reference", "baseline"), ("adalora", "baseline")):
+    for role_a, role_b in HEADLINE_ROLE_PAIRS:
         names = {t: (d["roles"][role_a], d["roles"][role_b]) for t, d in derived.items()
-                 if d["roles"][role_a] and d["roles"][role_b]}
+                 if d["roles"].get(role_a) and d["roles"].get(role_b)}
         if len(names) < 2:
             continue
         pairs = {t: paired_values({n: [r for r in rows if r["task"] == t and r["method_name"] == n] for n in ab},
@@ -1599,7 +1622,7 @@ def draw_ranks(ax, table: pd.DataFrame, vmax=None):
 
 
 def plot_rank_allocation(rec: RunRecord, path: Path) -> None:
-    table = rank_table(rec.summary.get("final_ranks"))
+    table = rank_table(ranks_of(rec.summary))
     fig, ax = new_figure(figsize=(4.8, 1.2 + 0.32 * max(len(table), 2)))
     if table.empty:
         ax.text(0.5, 0.5, "no final_ranks with layer/matrix names", ha="center", va="center")
@@ -1736,7 +1759,8 @@ def not_comparable(agg: dict) -> dict[tuple[str, str], str]:
 
 def plot_train_time(agg: dict, path: Path) -> None:
     """Per-step time (the ratio that survives a shared machine) and total training time, ratio to LoRA above each
-    bar; non-comparable ratios are faded bars marked n/c, with the reasons below the figure."""
+    bar; non-comparable ratios are faded bars marked n/c, with the reasons below the figure. EVA's data pass (part of
+    its training time) is drawn apart: the cross-hatched, outlined base of its total bar."""
     marked = not_comparable(agg)
     n_tasks, n = len(agg["groups"]), n_methods(agg)
     width, height = bars_figsize(n_tasks, n, 3.6)
@@ -1748,6 +1772,16 @@ def plot_train_time(agg: dict, path: Path) -> None:
         if key == "step_time_median_s" and not any(r[key] for r in agg["runs"]):
             key, ylabel = "train_time_per_step_s", "train time / steps (s)\n(no step times recorded)"
         xs = grouped_bars(ax, agg, key, marked=set(marked), legend=ax is axes[-1])
+        if key == "train_time_s":  # EVA's data pass, inside its total: its own outlined, hatched base
+            drawn = False
+            for (task, method), x in xs.items():
+                seconds = _mean(agg["groups"][task].get(method), "eva_init_s")
+                if seconds:
+                    ax.bar(x, seconds, 0.8 / n, fill=False, hatch="////", edgecolor="black", lw=1.2,
+                           label=None if drawn else "EVA data pass (in the total)")
+                    drawn = True
+            if drawn:
+                ax.legend(title="method", loc="upper left", bbox_to_anchor=(1.0, 1.0), ncols=legend_columns(n + 1))
         for (task, method), x in xs.items():
             label = time_ratio_label(agg["derived"][task].get("methods", {}).get(method, {}).get(ratio_key))
             stat = agg["groups"][task][method][key] if method in agg["groups"][task] else {}
@@ -1769,7 +1803,7 @@ def mean_rank_tables(records: list[RunRecord]) -> dict:
     out = {}
     for task in sort_tasks(task_of(r) for r in records):
         for method in sort_methods(method_of(r) for r in records):
-            tables = [rank_table(r.summary.get("final_ranks")) for r in records
+            tables = [rank_table(ranks_of(r.summary)) for r in records
                       if task_of(r) == task and method_of(r) == method and is_adaptive(r)]
             tables = [t for t in tables if not t.empty]
             if tables:
@@ -1788,7 +1822,7 @@ def rank_panels(tables: dict) -> list[list[tuple[str, str]]]:
 
 
 def plot_rank_comparison(records: list[RunRecord], path: Path) -> None:
-    """The adaptive groups (AdaLoRA, GLoRA and its variants) side by side per task, on one colour scale."""
+    """The adaptive groups (AdaLoRA, EVA, GLoRA and its variants) side by side per task, on one colour scale."""
     tables = mean_rank_tables(records)
     rows = rank_panels(tables) or [[("none", "none")]]
     ncols = max(len(r) for r in rows)
@@ -1802,7 +1836,7 @@ def plot_rank_comparison(records: list[RunRecord], path: Path) -> None:
         for ax, (task, method) in zip(ax_row, panels):
             if (task, method) not in tables:
                 ax.axis("off")
-                ax.text(0.5, 0.5, "no adaptive-rank run (AdaLoRA/GLoRA) was evaluated", ha="center", va="center")
+                ax.text(0.5, 0.5, "no adaptive-rank run (AdaLoRA/EVA/GLoRA) was evaluated", ha="center", va="center")
                 continue
             table, n = tables[(task, method)]
             im = draw_ranks(ax, table, vmax)
@@ -1883,6 +1917,16 @@ def fmt_time_ratio(ratio: dict | None, notes: list[str]) -> str:
     return f"{text} (not comparable, note {notes.index(ratio['reason']) + 1})"
 
 
+def fmt_data_pass(g: dict) -> str:
+    """EVA's data pass apart: seconds (mean ± sd (n)), its mean share of the run's train time, and the seconds it adds
+    per step amortised over the run; `–` for a group without one."""
+    if _mean(g, "eva_init_s") is None:
+        return "–"
+    share, per_step = _mean(g, "eva_init_share"), _mean(g, "eva_init_per_step_s")
+    return (f"{fmt_stat(g['eva_init_s'], digits=1)}; {'–' if share is None else f'{100 * share:.1f}%'}; "
+            f"{'–' if per_step is None else f'+{per_step:.4f}'}")
+
+
 def fmt_params(g: dict) -> str:
     """Adapter params at the final ranks; `‡` when only the trained count (adapter_params) was recorded."""
     return fmt_stat(g["adapter_params_reported"], digits=0) + (
@@ -1901,6 +1945,12 @@ COST_NOTE = ("Step time: per run the median over training optimizer steps (step_
              f"a CPU run used less than {CPU_UTIL_MIN} of its threads (cpu_time_s / (train_time_s × cpu_threads)), or "
              "this was not recorded. Score gains are over LoRA; a tuned group's over tuned LoRA (never over an "
              "untuned baseline).")
+EVA_PASS_HEADER = "EVA data pass (s; share of train time; s/step)"
+EVA_COST_NOTE = (" EVA data pass: EVA's forward passes and incremental SVD over training batches before its first "
+                 "step (eva_init_s), mean ± sd over seeds, its mean share of the train time, and the seconds it adds "
+                 "per optimizer step amortised over the run (eva_init_s / total_steps). It is included in EVA's train "
+                 "time, its train-time ratio and the † basis (train_time_s / total_steps), not in the median step "
+                 "time (it is no optimizer step).")
 
 
 def environment_lines(agg: dict) -> list[str]:
@@ -1916,7 +1966,9 @@ def environment_lines(agg: dict) -> list[str]:
 
 
 def cost_table(agg: dict) -> list[str]:
+    """Cost and gains per group; a column for EVA's data pass, apart, when any group has one."""
     rows, notes = [], []
+    eva = any(_mean(g, "eva_init_s") is not None for by_method in agg["groups"].values() for g in by_method.values())
     for t, by_method in agg["groups"].items():
         for m, g in by_method.items():
             d = agg["derived"][t].get("methods", {}).get(m, {})
@@ -1924,15 +1976,17 @@ def cost_table(agg: dict) -> list[str]:
                 "train_time_per_step_s"]
             rows.append([TASKS.get(t, t), m, fmt_stat(step, digits=4) + ("" if step is g["step_time_median_s"]
                                                                           else "†"),
-                         fmt_stat(g["train_time_s"], digits=1), fmt_stat(g["rank_budget_total"], digits=0),
+                         fmt_stat(g["train_time_s"], digits=1), *[fmt_data_pass(g)] * eva,
+                         fmt_stat(g["rank_budget_total"], digits=0),
                          fmt_params(g), fmt_stat(g["trainable_params"], digits=0),
                          fmt_points(d.get("glue_score_gain_abs")), fmt_points(d.get("glue_score_gain_rel"), "%"),
                          fmt_time_ratio(d.get("step_time_ratio"), notes),
                          fmt_time_ratio(d.get("train_time_s_ratio"), notes)]
                         + [fmt_ratio(d.get(k)) for k in ("rank_budget_total_ratio", "adapter_params_ratio",
                                                          "trainable_params_ratio")])
-    lines = [COST_NOTE, ""] + table(
-        ["Task", "Method", "Step time (s)", "Train time (s)", "Rank total", "Adapter params", "Trainable params",
+    lines = [COST_NOTE + EVA_COST_NOTE * eva, ""] + table(
+        ["Task", "Method", "Step time (s)", "Train time (s)", *[EVA_PASS_HEADER] * eva, "Rank total",
+         "Adapter params", "Trainable params",
          "Score gain (points)", "Score gain (relative)", "Step-time ratio", "Train-time ratio", "Rank ratio",
          "Adapter-param ratio", "Trainable-param ratio"], rows)
     lines += [""] + [f"Note {k}: not comparable: {reason}." for k, reason in enumerate(notes, 1)] * bool(notes)
@@ -1963,7 +2017,8 @@ PUBLISHED_NOTE = ("Zhang et al., *Adaptive Budget Allocation for Parameter-Effic
 def seed_tests_note(agg: dict) -> str:
     st, m = agg["settings"]["statistics"], agg["thresholds"]["margin"]
     return (f"Across seeds (glue_score paired by seed). Mean diff. with its {100 * (1 - st['alpha']):.4g}% t-interval "
-            f"over seeds. p: raw, then Holm-adjusted within the family (each task's headline pairs; each task's "
+            f"over seeds. p: raw, then Holm-adjusted within the family (each task's headline pairs, EVA's two pairs "
+            f"included where EVA was run; each task's "
             f"ablation table; t-tests and Wilcoxon tests apart). Wilcoxon's n counts the non-zero differences (scipy "
             f"drops zeros); with n of them its two-sided p cannot go below 2/2^n, so below {st['alpha']} only from 6. "
             f"MDE: the smallest difference a paired t-test detects with power {st['power']} at α = {st['alpha']} with "
@@ -2118,6 +2173,34 @@ def verdict_line(e: dict) -> str:
             f"→ {status}")
 
 
+def comparison_lines(agg: dict) -> list[str]:
+    """GLoRA − EVA beside the hypotheses: no claim in config/hypotheses.yaml, so no verdict, only the headline tests
+    (per task: the seed-level entry, Holm within that task's headline pairs; pooled: the sign-flip entry, Holm over
+    the pooled pairs). Nothing when no task has both."""
+    pair = (ROLE_LABELS["reference"], ROLE_LABELS["eva"])
+    roles = {t: d["roles"] for t, d in agg["derived"].items()}
+    seed = [e for e in agg["significance"]["seed_level"] if roles[e["task"]].get("eva")
+            and (e["method_a"], e["method_b"]) == (roles[e["task"]]["reference"], roles[e["task"]]["eva"])]
+    pooled = [e for e in agg["significance"]["pooled"] if e.get("roles") == ["reference", "eva"]]
+    if not seed:
+        return []
+    lines = [f"{pair[0]} − {pair[1]} (informational: no claim, no verdict; glue_score paired by seed; EVA is a "
+             f"comparison method, never GLoRA's role):", ""]
+    for e in seed:
+        t = e["tests"][0]
+        p = "" if t.get("p_value") is None else f", t-test p = {fmt_num(t['p_value'], 3)} (Holm " \
+                                                 f"{fmt_num(t['p_adjusted'], 3)}, {t['family']})"
+        lines.append(f"- {TASKS.get(e['task'], e['task'])}: {fmt_points(e['mean_difference'], ' points')}, "
+                     f"{100 * e['confidence']:.4g}% CI {fmt_ci(e.get('ci'))}, n = {e['n']}{p}: {e['reading']}")
+    for e in pooled:
+        ps, t = e["per_seed"], e["test"]
+        p = "" if t.get("p_value") is None else f", sign-flip p = {fmt_num(t['p_value'], 3)} (Holm " \
+                                                 f"{fmt_num(t['p_adjusted'], 3)})"
+        lines.append(f"- GLUE average over {len(e['tasks'])} tasks: {fmt_points(ps['mean_difference'], ' points')}, "
+                     f"{100 * ps['confidence']:.4g}% CI {fmt_ci(ps['ci'])}, n = {ps['n']} seeds{p}")
+    return lines + [""]
+
+
 def verdict_section(agg: dict) -> list[str]:
     """The report's opening: one line per hypothesis per task and pooled, the families, what it cannot say."""
     entries, alpha = agg["hypotheses"], agg["settings"]["statistics"]["alpha"]
@@ -2132,6 +2215,7 @@ def verdict_section(agg: dict) -> list[str]:
     pooled = [hid for hid in sizes if any(e["id"] == hid and e["task"] == "GLUE average" for e in entries)]
     per_task = "one task each, so no adjustment" if set(sizes.values()) == {1} else \
         f"Bonferroni over its tasks ({', '.join(f'{h}: {k}' for h, k in sizes.items())}; 1: none)"
+    lines += comparison_lines(agg)
     lines += [f"Families and adjustment (α = {alpha}): the per-task verdicts of one hypothesis are one family, "
               f"{per_task}"
               + (f"; the GLUE-average verdicts ({', '.join(pooled)}) are primary and unadjusted" if pooled else "")
@@ -2144,7 +2228,9 @@ def report_markdown(agg: dict) -> str:
     groups, tasks = agg["groups"], list(agg["groups"])
     best = [[m] + [fmt_stat((groups[t].get(m) or {}).get("best_validation_glue_score"), 100) for t in tasks]
             for m in sort_methods(r["method_name"] for r in agg["runs"])]
-    lines = ["# LoRA vs AdaLoRA vs GLoRA on GLUE (dev sets)", "", "## Verdict", "", *verdict_section(agg), ""]
+    eva = any(d["roles"].get("eva") for d in agg["derived"].values())
+    lines = [f"# LoRA vs AdaLoRA vs {'EVA vs ' * eva}GLoRA on GLUE (dev sets)", "", "## Verdict", "",
+             *verdict_section(agg), ""]
     lines += [f"Checkpoint rule: {CHECKPOINT_RULE}", ""]
     lines += ["## Main results (ours)", "", SCORES_NOTE, "", *main_table(agg), ""]
     lines += ["## Cost and gains per task (relative to LoRA on the same task)", "", *cost_table(agg), ""]

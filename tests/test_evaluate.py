@@ -329,10 +329,11 @@ def test_any_number_of_groups_every_figure_roles_and_order(evaluated_variants):
             "comparison_rank_allocation.pdf"} <= comparison
     assert list(agg["groups"]["sst2"]) == ["LoRA", "AdaLoRA", "GLoRA", "GLoRA (params)", "GLoRA (shuffled)",
                                            "LoRA (tuned)"]
-    assert agg["derived"]["sst2"]["roles"] == {"baseline": "LoRA", "adalora": "AdaLoRA", "reference": "GLoRA"}
+    assert agg["derived"]["sst2"]["roles"] == {"baseline": "LoRA", "adalora": "AdaLoRA", "eva": None,
+                                               "reference": "GLoRA"}
     assert agg["groups"]["sst2"]["LoRA (tuned)"]["variant"] == "tuned"  # same method as LoRA, not the baseline
     tuned = agg["derived"]["sst2"]["tuned"]  # the tuned groups' own roles, beside the main configs'
-    assert tuned["roles"] == {"baseline": "LoRA (tuned)", "adalora": None, "reference": None}
+    assert tuned["roles"] == {"baseline": "LoRA (tuned)", "adalora": None, "eva": None, "reference": None}
     share = tuned["glora_share_of_adalora_gain"]["accuracy"]
     assert share["value"] is None and share["reason"] == "no accuracy for AdaLoRA (tuned), GLoRA (tuned)"
     methods = agg["derived"]["sst2"]["methods"]  # LoRA (tuned) is the tuned baseline: no gain over an untuned one
@@ -517,11 +518,11 @@ def test_time_ratio_comparability(glora_42, comparable, reason):
 
 
 def test_method_styles_for_unknown_groups():
-    names = ["LoRA", "AdaLoRA", "GLoRA"] + [f"GLoRA (v{k})" for k in range(30)]
+    names = list(E.COLORS) + [f"GLoRA (v{k})" for k in range(30)]  # LoRA, AdaLoRA, EVA, GLoRA, then others
     styles = E.method_styles(reversed(names))
     assert styles == E.method_styles(names)  # deterministic
     assert {m: styles[m]["color"] for m in E.COLORS} == E.COLORS
-    others = [styles[m]["color"] for m in E.sort_methods(names)[3:]]  # palette order = display order
+    others = [styles[m]["color"] for m in E.sort_methods(names)[len(E.COLORS):]]  # palette order = display order
     assert len(set(others[:len(E.OTHER_COLORS)])) == len(E.OTHER_COLORS) and not set(others) & set(E.COLORS.values())
     assert all(len(set(mpl_colors.to_rgb(c))) > 1 for c in others)  # no grey: grey marks "not comparable"
     assert len({(styles[m]["color"], styles[m]["hatch"]) for m in names}) == len(names)
@@ -718,12 +719,12 @@ def test_roles_prefer_the_main_config_else_a_methods_only_group():
     tuned = {"LoRA (tuned)": {"method": "comparative-2", "variant": "tuned"},
              "AdaLoRA (tuned)": {"method": "comparative-1", "variant": "tuned"},
              "GLoRA (tuned)": {"method": "proposed", "variant": "tuned"}}
-    assert E.task_roles(tuned) == {"baseline": "LoRA (tuned)", "adalora": "AdaLoRA (tuned)",
+    assert E.task_roles(tuned) == {"baseline": "LoRA (tuned)", "adalora": "AdaLoRA (tuned)", "eva": None,
                                    "reference": "GLoRA (tuned)"}
     mixed = {**tuned, "LoRA": {"method": "comparative-2", "variant": None},
              "GLoRA (shuffled)": {"method": "proposed", "variant": "shuffled"}}
     roles = E.task_roles(mixed)
-    assert roles == {"baseline": "LoRA", "adalora": None, "reference": None}  # tuned and untuned never mix
+    assert roles == {"baseline": "LoRA", "adalora": None, "eva": None, "reference": None}  # never mixed
     assert E.task_roles({**tuned, "GLoRA (tuned, 2)": {"method": "proposed", "variant": "tuned"}})["reference"] \
         is None  # two tuned GLoRA groups: no method under test to pick
 
@@ -735,7 +736,7 @@ def test_tuned_groups_beside_the_main_configs_meet_their_untuned_self_and_each_o
     tuned = {f"{n} (tuned)": {**g, "variant": "tuned"} for n, g in main.items()}
     groups = {**main, **tuned, "AdaLoRA (no pruning)": {"method": "comparative-1", "variant": "noprune"}}
     roles = E.task_roles(groups)
-    assert roles == {"baseline": "LoRA", "adalora": "AdaLoRA", "reference": "GLoRA"}
+    assert roles == {"baseline": "LoRA", "adalora": "AdaLoRA", "eva": None, "reference": "GLoRA"}
     targets = {n: E.comparison_targets(groups, n, roles) for n in groups if n not in ("LoRA", "GLoRA")}
     assert targets == {
         "AdaLoRA": [("baseline", "LoRA"), ("reference", "GLoRA")],
@@ -790,11 +791,15 @@ def unit_noise(n: int, shuffle: int = 1) -> np.ndarray:
     return np.random.default_rng(shuffle).permutation(z / np.std(z, ddof=1))
 
 
+EVA = {"EVA": "comparative-3"}  # the fourth method, a comparison method (never GLoRA's role)
+
+
 def score_record(method: str, task: str, seed: int, score: float, step: float | None = None,
                  params: float | None = None, budget: int = 288, **env) -> E.RunRecord:
     """A finished run as evaluate sees it: glue_score, and optionally a median step time (timed alike unless `env`
     says otherwise), adapter params at the final ranks and the rank budget."""
-    summary = {"task": task, "method": METHODS[method], "method_name": method, "seed": seed, "glue_score": score,
+    summary = {"task": task, "method": {**METHODS, **EVA}[method], "method_name": method, "seed": seed,
+               "glue_score": score,
                "accuracy": score, "train_time_s": 100 * (step or 1.0), "total_steps": 100, "backbone": "tiny",
                "rank_budget_total": budget, "budget_unit": "rank", "adapter_params_effective": params}
     if step is not None:
@@ -1082,3 +1087,159 @@ def test_demo_scale_and_missing_tasks_are_said():
     assert "MNLI" in notes[1] and "250 optimizer steps" in notes[2]
     full = E.scope_notes([{"backbone": "microsoft/deberta-v3-base"}], {t: {} for t in E.ADALORA_TASKS})
     assert not full[0].startswith("Demo scale")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# EVA (comparative-3): a comparison method with its own role, its data pass shown apart; without it nothing changes.
+
+EVA_TYPES = ["attention.self.query", "attention.self.value"]
+
+
+def eva_pass(seed: int) -> float:
+    return 5.0 + 0.5 * seed  # seconds of EVA's data pass, inside train_time_s
+
+
+def eva_records(tasks=("sst2", "cola"), n: int = 5, eva_gain: float = 0.004, sd: float = 0.004) -> list[E.RunRecord]:
+    """EVA beside study()'s LoRA on the same seeds: EVA - LoRA = eva_gain + sd·z per seed; its summary as training
+    writes it (data pass in train_time_s, eva_ranks with a 0 that final_ranks lacks)."""
+    records = []
+    for k, task in enumerate(tasks):
+        lora = 0.80 + 0.01 * unit_noise(n, 10 + k)
+        eva = lora + eva_gain + sd * unit_noise(n, 40 + k)
+        for s in range(n):
+            rec = score_record("EVA", task, s, eva[s])
+            ranks = {f"bert.encoder.layer.{i}.{t}": r for i, t, r in ((0, EVA_TYPES[0], 12), (0, EVA_TYPES[1], 4),
+                                                                      (1, EVA_TYPES[0], 0), (1, EVA_TYPES[1], 16))}
+            rec.summary.update(train_time_s=100.0 + eva_pass(s), eva_init_s=eva_pass(s), eva_forward_passes=3 + s,
+                               eva_ranks=ranks, final_ranks={k: r for k, r in ranks.items() if r},
+                               rank_budget_total=32)
+            records.append(rec)
+    return records
+
+
+def four_methods(n: int = 5, tasks=("sst2", "cola")) -> tuple[list[E.RunRecord], list[E.RunRecord]]:
+    """(LoRA, AdaLoRA, GLoRA) and the same records with EVA added, on `tasks` x n seeds."""
+    base = [r for k, t in enumerate(tasks) for r in study(0.006 + 0.002 * k, 0.004, n=n, tasks=(t,))]
+    return base, base + eva_records(tasks, n)
+
+
+def assert_holm_family(entries: list[dict], pairs: int) -> None:
+    """The t-tests of `entries` (one task's headline pairs) are one Holm family: p_adjusted is Holm over those with a
+    p-value (a pair whose differences are all equal has none), the family's size counts only them."""
+    tested = [e["tests"][0] for e in entries if e["tests"][0]["p_value"] is not None]
+    assert len(entries) == pairs and tested
+    assert [t["p_adjusted"] for t in tested] == pytest.approx(
+        multipletests([t["p_value"] for t in tested], method="holm")[1])
+    assert {e["tests"][0]["family_size"] for e in entries} == {len(tested)}
+
+
+def test_eva_has_its_own_role_headline_pairs_pooled_tests_and_report():
+    _, records = four_methods()
+    agg = E.aggregate(records)
+    assert list(agg["groups"]["sst2"]) == ["LoRA", "AdaLoRA", "EVA", "GLoRA"]
+    for task in ("sst2", "cola"):
+        assert agg["derived"][task]["roles"] == {"baseline": "LoRA", "adalora": "AdaLoRA", "eva": "EVA",
+                                                 "reference": "GLoRA"}
+        entries = [e for e in agg["significance"]["seed_level"] if e["task"] == task]
+        assert [(e["method_a"], e["method_b"]) for e in entries] == [
+            ("GLoRA", "AdaLoRA"), ("GLoRA", "LoRA"), ("AdaLoRA", "LoRA"), ("GLoRA", "EVA"), ("EVA", "LoRA")]
+        assert_holm_family(entries, 5)  # one Holm family: the task's five headline pairs
+    glora = {r.summary["seed"]: r.summary["glue_score"] for r in records
+             if r.summary["method_name"] == "GLoRA" and r.summary["task"] == "sst2"}
+    eva = {r.summary["seed"]: r.summary["glue_score"] for r in records
+           if r.summary["method_name"] == "EVA" and r.summary["task"] == "sst2"}
+    entry = next(e for e in agg["significance"]["seed_level"] if (e["task"], e["method_a"], e["method_b"]) ==
+                 ("sst2", "GLoRA", "EVA"))
+    x, y = [glora[s] for s in sorted(glora)], [eva[s] for s in sorted(eva)]
+    assert entry["mean_difference"] == pytest.approx(np.mean(np.subtract(x, y)))
+    assert entry["tests"][0]["p_value"] == pytest.approx(stats.ttest_rel(x, y).pvalue)
+    pooled = {tuple(e["roles"]): e for e in agg["significance"]["pooled"]}
+    assert list(pooled) == [tuple(p) for p in E.HEADLINE_ROLE_PAIRS]  # the one constant, in its order
+    assert pooled[("reference", "eva")]["test"]["family_size"] == 5
+    assert pooled[("reference", "eva")]["tasks"] == ["sst2", "cola"]
+    ablated = next(e for e in agg["ablation"] if e["task"] == "sst2" and e["method_name"] == "EVA")
+    assert [(c["role"], c["against"]) for c in ablated["comparisons"]] == [("baseline", "LoRA"),
+                                                                        ("reference", "GLoRA")]
+    for c in ablated["comparisons"]:  # both are headline pairs: they keep the headline family's adjustment
+        assert c["seed_level"]["tests"][0]["family"] == "headline pairs, SST-2: paired t-test"
+    for h in agg["hypotheses"]:  # H1-H4 stay GLoRA against LoRA / AdaLoRA
+        assert "EVA" not in h["groups"] and "EVA" not in (h["reason"] or "")
+    report = E.report_markdown(agg)
+    assert report.startswith("# LoRA vs AdaLoRA vs EVA vs GLoRA on GLUE")
+    assert "GLoRA − EVA (informational: no claim, no verdict" in report
+    assert "| SST-2 | GLoRA − EVA |" in report and "| SST-2 | EVA − LoRA |" in report
+    assert "| EVA (" in report  # the paper table's row
+    assert "| GLoRA − EVA | SST-2, CoLA |" in report  # pooled over tasks
+
+
+def test_without_eva_the_hypotheses_and_headline_numbers_are_unchanged():
+    """Regression guard: EVA, absent or present, changes no hypothesis, no share of AdaLoRA's gain, no GLUE average
+    of the other methods and no raw headline test; absent, the headline families are the three pairs they were."""
+    base, with_eva = four_methods()
+    old, new = E.aggregate(base), E.aggregate(with_eva)
+    assert json.dumps(E._finite(old["hypotheses"])) == json.dumps(E._finite(new["hypotheses"]))
+    assert {h["status"] for h in old["hypotheses"]} != {"not testable"}
+    for task in ("sst2", "cola"):
+        assert old["derived"][task]["roles"]["eva"] is None
+        share = old["derived"][task]["glora_share_of_adalora_gain"]["glue_score"]
+        assert share["value"] is not None and share["reason"] is None
+        assert share == new["derived"][task]["glora_share_of_adalora_gain"]["glue_score"]
+        assert old["derived"][task]["methods"]["GLoRA"] == new["derived"][task]["methods"]["GLoRA"]
+    for m in ("LoRA", "AdaLoRA", "GLoRA"):
+        assert old["glue_average"][m]["value"] == new["glue_average"][m]["value"]
+        assert old["glue_average"][m]["per_seed"] == new["glue_average"][m]["per_seed"]
+    three = [("GLoRA", "AdaLoRA"), ("GLoRA", "LoRA"), ("AdaLoRA", "LoRA")]
+    for task in ("sst2", "cola"):
+        before = [e for e in old["significance"]["seed_level"] if e["task"] == task]
+        after = {(e["method_a"], e["method_b"]): e for e in new["significance"]["seed_level"] if e["task"] == task}
+        assert [(e["method_a"], e["method_b"]) for e in before] == three
+        assert_holm_family(before, 3)
+        for e in before:  # the same raw numbers; with EVA only the Holm family grows (3 -> 5 pairs)
+            twin = after[(e["method_a"], e["method_b"])]
+            for k in ("mean_difference", "ci", "n", "seeds", "mde"):
+                assert e[k] == twin[k]
+            assert e["tests"][0]["p_value"] == twin["tests"][0]["p_value"]
+            if e["tests"][0]["p_value"] is not None:  # a larger family: Holm never looser
+                assert twin["tests"][0]["p_adjusted"] >= e["tests"][0]["p_adjusted"]
+    assert [tuple(e["roles"]) for e in old["significance"]["pooled"]] == list(E.HEADLINE_ROLE_PAIRS[:3])
+    assert {e["test"]["family_size"] for e in old["significance"]["pooled"]} == {3}
+    report = E.report_markdown(old)
+    assert report.startswith("# LoRA vs AdaLoRA vs GLoRA on GLUE") and "EVA" not in report.split("## Significance")[0]
+    tuned = {"LoRA (tuned)": {"method": "comparative-2", "variant": "tuned", "glue_score": {"mean": 0.80}},
+             "AdaLoRA (tuned)": {"method": "comparative-1", "variant": "tuned", "glue_score": {"mean": 0.82}},
+             "GLoRA (tuned)": {"method": "proposed", "variant": "tuned", "glue_score": {"mean": 0.81}}}
+    assert E.recovered_share(tuned, "glue_score", E.tuned_roles(tuned), " (tuned)")["value"] == pytest.approx(0.5)
+
+
+def test_eva_data_pass_shown_apart_and_its_ranks_as_adaptive(tmp_path):
+    base, records = four_methods(n=3, tasks=("sst2",))
+    agg = E.aggregate(records)
+    g = agg["groups"]["sst2"]["EVA"]
+    assert g["eva_init_s"]["mean"] == pytest.approx(np.mean([eva_pass(s) for s in range(3)]))
+    assert g["eva_init_share"]["mean"] == pytest.approx(np.mean([eva_pass(s) / (100 + eva_pass(s)) for s in range(3)]))
+    assert g["eva_init_per_step_s"]["mean"] == pytest.approx(np.mean([eva_pass(s) / 100 for s in range(3)]))
+    assert g["train_time_s"]["mean"] == pytest.approx(100 + np.mean([eva_pass(s) for s in range(3)]))  # included
+    assert agg["groups"]["sst2"]["LoRA"]["eva_init_s"]["mean"] is None
+    cost = "\n".join(E.cost_table(agg))
+    assert E.EVA_PASS_HEADER in cost and "EVA data pass: EVA's forward passes" in cost
+    row = next(line for line in cost.splitlines() if line.startswith("| SST-2 | EVA |"))
+    share = 100 * np.mean([eva_pass(s) / (100 + eva_pass(s)) for s in range(3)])
+    assert f"| 100.0 ± 0.0 (3) | 5.5 ± 0.5 (3); {share:.1f}%; +0.0550 |" not in row  # train time includes the pass
+    assert f"| 105.5 ± 0.5 (3) | 5.5 ± 0.5 (3); {share:.1f}%; +0.0550 |" in row
+    assert next(line for line in cost.splitlines() if line.startswith("| SST-2 | LoRA |")).count("| – |") >= 1
+    assert E.EVA_PASS_HEADER not in "\n".join(E.cost_table(E.aggregate(base)))  # no EVA: the table as it was
+    rec = records[-1]
+    assert E.is_adaptive(rec) and "comparative-3" in E.ADAPTIVE_METHODS
+    metrics = E.run_metrics(rec)
+    assert metrics["cost"]["eva_init_s"] == eva_pass(2) and metrics["cost"]["eva_forward_passes"] == 5
+    assert metrics["ranks_by_layer"] == {"0": {"Wq": 12, "Wv": 4}, "1": {"Wq": 0, "Wv": 16}}  # the 0 is a 0
+    tables = E.mean_rank_tables(records)
+    assert ("sst2", "EVA") in tables and tables[("sst2", "EVA")][0].loc[1, "Wq"] == 0
+    E.compare(records, tmp_path)
+    names = {p.name for p in (tmp_path / "comparison").iterdir()}
+    assert {"comparison_train_time.pdf", "comparison_rank_allocation.pdf", "comparison_accuracy_bar_chart.pdf",
+            "report.md", "aggregated_metrics.json"} <= names
+    E.plot_rank_allocation(rec, tmp_path / f"{rec.name}_rank_allocation.pdf")
+    assert (tmp_path / f"{rec.name}_rank_allocation.pdf").stat().st_size > 0
+    assert E.method_styles(["LoRA", "AdaLoRA", "EVA", "GLoRA", "GLoRA (v0)"])["EVA"] == {
+        "color": E.COLORS["EVA"], "hatch": E.HATCHES["EVA"]}
