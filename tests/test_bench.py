@@ -147,6 +147,7 @@ def _study(tmp_path, tiny_model, glue_dir, *extra: str):
         cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "TQDM_DISABLE": "1"})
 
 
+@pytest.mark.slow  # 5 CLI runs and 2 evaluations (about 40 s idle); -m slow
 def test_study_plans_skips_resumes_and_writes_the_per_run_csv(tiny_model, glue_dir, tmp_path):
     rid = "comparative-2-MiniLM-L6-22M--GLUE-CoLA"
     plan = _study(tmp_path, tiny_model, glue_dir, "--plan")

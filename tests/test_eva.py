@@ -20,9 +20,8 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: spinning OpenMP threads on
 
 
 def test_eva_run_keeps_lora_budget_counts_its_pass_and_reloads_in_stock_peft(tiny_deberta12, glue_dir, tmp_path):
-    proc = run_cli(f"run={RUN}", "mode=full", "wandb.mode=disabled", "training.max_train_batches=3",
-                   "training.eval_every_steps=null", f"model.backbone={tiny_deberta12}", f"dataset.data_dir={glue_dir}",
-                   "dataset.batch_size=8", "eva.batch_size=96", f"results_dir={tmp_path}", env_extra=ONE_THREAD)
+    proc = run_cli(f"run={RUN}", "mode=trial", f"model.backbone={tiny_deberta12}", f"dataset.data_dir={glue_dir}",
+                   f"results_dir={tmp_path}", env_extra=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / RUN
     s = json.loads((run / "summary.json").read_text())
@@ -83,6 +82,6 @@ def test_eva_pass_draws_its_own_batches_and_no_global_rng(tiny_deberta12):
 
 
 def test_an_unconverged_eva_pass_stops_with_a_clear_error(tiny_deberta12, glue_dir, tmp_path):
-    proc = run_cli(f"run={RUN}", "mode=trial", "eva.max_passes=3", f"model.backbone={tiny_deberta12}",
+    proc = run_cli(f"run={RUN}", "mode=trial", "eva.batch_size=32", "eva.max_passes=3", f"model.backbone={tiny_deberta12}",
                    f"dataset.data_dir={glue_dir}", f"results_dir={tmp_path}", env_extra=ONE_THREAD)
     assert proc.returncode == 2 and "did not converge within eva.max_passes=3" in proc.stderr, proc.stderr[-2000:]

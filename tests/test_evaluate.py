@@ -849,6 +849,7 @@ def test_h1_verdict_from_the_interval_and_the_margin(gain, sd, status):
     assert seed_level["ci"] == pytest.approx(h1["ci"], abs=1e-12)  # one alpha: the same interval everywhere
 
 
+@pytest.mark.slow  # two evaluate subprocesses (about 18 s); -m slow
 def test_h1_margin_from_the_command_line(tmp_path):
     """hypotheses.H1.margin=0.011 on the command line moves the verdict of +0.95 points from supported to
     contradicted (its interval [+0.85, +1.05] points lies below +1.10)."""

@@ -412,7 +412,7 @@ def table(out: str) -> dict[tuple[str, str], list[str]]:
     return rows
 
 
-@pytest.mark.parametrize("stored", ["float32", "float16"])
+@pytest.mark.parametrize("stored", [pytest.param("float32", marks=pytest.mark.slow), "float16"])
 def test_gpu_check_runs_every_method_on_the_cpu(stored, tiny_model, tiny_fp16, capsys):
     backbone = tiny_model if stored == "float32" else tiny_fp16
     code = load_gpu_check().main_(["--device", "cpu", "--backbone", str(backbone), "--steps", "3",

@@ -50,7 +50,7 @@ def args(run_id, extra, tiny_model, glue_dir, results):
             f"results_dir={results}"]
 
 
-@pytest.mark.parametrize("method", [pytest.param("LoRA", marks=pytest.mark.slow), "AdaLoRA", "GLoRA"])
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) for m in ("LoRA", "AdaLoRA")] + ["GLoRA"])
 def test_two_processes_match_one(no_dropout_model, glue_dir, tmp_path, method):
     run_id, extra = RUNS[method]
     tiny_model = no_dropout_model

@@ -166,6 +166,7 @@ def test_killed_study_resumes_where_it_stopped(tiny_model, glue_dir, tmp_path):
     assert summary["n_trials_complete"] + summary["n_trials_pruned"] == 4 and "best_params" in summary
 
 
+@pytest.mark.slow  # two concurrent workers; -m slow
 def test_two_workers_share_one_study(tiny_model, glue_dir, tmp_path):
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     env = {"HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin"}
