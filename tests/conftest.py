@@ -135,6 +135,21 @@ def write_glue(root: Path, files: dict[str, list[tuple[str, int]]] = GLUE_FILES)
     return root
 
 
+@pytest.fixture(scope="module")
+def one_thread_no_bars():
+    """Tiny models run in-process: one torch thread (OpenMP threads spin against a busy machine's other jobs and
+    make each tiny op milliseconds) and no progress bars, as the subprocess tests do."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TQDM_DISABLE", "1")
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_backbone(tmp_path_factory.mktemp("tiny-deberta"))

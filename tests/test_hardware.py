@@ -25,15 +25,7 @@ RUNS = {"LoRA": ("comparative-2-DeBERTa-v3-base-86M--GLUE-SST-2", []),
         "GLoRA": ("proposed-DeBERTa-v3-base-86M--GLUE-SST-2", ["glo_ra.total_rank_budget=60"])}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_no_bars():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TQDM_DISABLE", "1")
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_no_bars")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -44,19 +44,7 @@ def task_of(run_id: str) -> str:
     return run_id.split("--GLUE-")[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_no_bars():
-    """Tiny models run in-process: one torch thread (OpenMP threads spin against a busy machine's other jobs and
-    make each tiny op milliseconds) and no progress bars, as the subprocess tests do."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TQDM_DISABLE", "1")
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_no_bars")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
