@@ -14,7 +14,7 @@ before anything trains, naming it. Runs go seed-major (every task and method of 
 study cut short still has whole seeds. Re-running the same command skips finished runs and resumes an interrupted run
 from its checkpoint (the CLI does that); `--plan` lists the runs and forecasts the rest from one trial run per config
 (`mode=trial` into `{results_dir}/.plan/`, kept for the next `--plan`); `--no-train` evaluates what has finished.
-`--set adalora.*` reaches the AdaLoRA-type runs only and `--set glo_ra.*` the GLoRA-type runs only, decided from
+`--set adalora.*` reaches the AdaLoRA-type runs only, `--set glo_ra.*` the GLoRA-type runs only, `eva.*` EVA's, decided from
 each run config (model.peft.type and its sections), not from the prefix. With several GPUs visible and runs not on
 the CPU, one run goes to each GPU at a time (CUDA_VISIBLE_DEVICES per run, logs in `{results_dir}/.logs/`); on the
 CPU, one run at a time. At the end: `src.evaluate`, the per-run CSV (`--csv`, default `{results_dir}/study-
@@ -98,16 +98,19 @@ def run_config(method: str, run_dir: Path = RUN_DIR, suffix: str = DEMO):
 
 
 def adapter_kind(cfg) -> str:
-    """'lora', 'adalora' or 'glora', by the rule training uses: GLoRA is a LoRA whose run config has a glo_ra
-    section."""
+    """'lora', 'adalora', 'glora' or 'eva', by the rule training uses (src.model.adapter_kind): GLoRA is a LoRA
+    whose run config has a glo_ra section, EVA one with an eva section."""
     kind = OmegaConf.select(cfg, "model.peft.type", default="lora")
-    return "glora" if kind == "lora" and "glo_ra" in cfg else kind
+    if kind == "lora" and "glo_ra" in cfg:
+        return "glora"
+    return "eva" if kind == "lora" and "eva" in cfg else kind
 
 
 def applies(override: str, kind: str) -> bool:
-    """`--set adalora.x=...` reaches the AdaLoRA-type runs only, `glo_ra.x=...` the GLoRA-type runs only."""
+    """`--set adalora.x=...` reaches the AdaLoRA-type runs only, `glo_ra.x=...` the GLoRA-type runs only,
+    `eva.x=...` the EVA runs only."""
     section = override.split(".")[0]
-    return {"adalora": kind == "adalora", "glo_ra": kind == "glora"}.get(section, True)
+    return {"adalora": kind == "adalora", "glo_ra": kind == "glora", "eva": kind == "eva"}.get(section, True)
 
 
 def check_matrix(methods: list[str], tasks: list[str], backbone: str, run_dir: Path = RUN_DIR) -> dict:

@@ -2,8 +2,9 @@
 split (held out from train, never the dev set), then the tuned demo configs written from the best values, then the
 untuned and tuned configs trained on the same seeds and evaluated together; prints them side by side.
 
-    uv sync --group demo && uv run python bench/tuning.py       # 3 studies x 8 trials, then 18 seed runs (~2 h)
+    uv sync --group demo && uv run python bench/tuning.py       # 4 studies x 8 trials, then 24 seed runs
     uv run python bench/tuning.py --trials 16 --seeds 42 43 44 45 46 --set training.eval_every_steps=null
+    uv run python bench/tuning.py --seeds-dir results/study     # the untuned seeds a study already trained are reused
 
 1. Study: `src.main run={method}-MiniLM-L6-22M--GLUE-SST-2 mode=full optuna.n_trials=N` (the contract CLI; its
    search space is the run config's `optuna.search_space`), under {results_dir}/study. A finished study is read,
@@ -11,16 +12,17 @@ untuned and tuned configs trained on the same seeds and evaluated together; prin
 2. `config/run/{method}-tuned-MiniLM-L6-22M--GLUE-SST-2.yaml`: the method's demo config (as `defaults`) with the
    study's best values at their config paths, `variant: tuned` and `optuna.n_trials: 0`. Written after every study
    has passed the check; a tuned config that exists with other values stops the script unless `--rewrite` is given.
-3. bench/study.py over {method} and {method}-tuned for every method and seed, under {results_dir}/seeds (a
-   tuned seed run trained with other values than the tuned config's stops the script); then src.evaluate over all
-   of them: each tuned group against its own untuned config and against the other tuned methods (report.md,
+3. bench/study.py over {method} and {method}-tuned for every method and seed, under `--seeds-dir` (default
+   {results_dir}/seeds; finished runs there are skipped, so a study's untuned seeds are reused; a tuned seed run
+   trained with other values than the tuned config's stops the script); then src.evaluate over all of them: each tuned group against its own untuned config and against the other tuned methods (report.md,
    "Ablation and controls").
 
 `--set` reaches the seed runs only: the studies run the demo configs as shipped (their pruning needs the
 evaluations during training). The trial budget is the same count for every method, over search spaces of different
-size (LoRA: the learning rate; AdaLoRA and GLoRA: the learning rate and their own knobs).
-Optuna's TPE sampler draws its first 10 trials at random, so up to 10 trials per method the protocol is a seeded
-random search.
+size (LoRA: the learning rate; AdaLoRA, GLoRA and EVA: the learning rate and their own knobs). Optuna's TPE sampler
+draws its first `optuna.sampler.n_startup_trials` (4) trials at random and models the finished ones after that, so
+8 trials are 4 random and 4 modelled draws (Optuna's default of 10 start-up trials would make the whole budget a
+random search). A best value within `optuna.edge_tolerance` of its range's end is printed as at the edge.
 """
 
 from __future__ import annotations
@@ -47,16 +49,19 @@ TUNED = "tuned"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results-dir", default="results/tuning")
-    p.add_argument("--methods", nargs="+", default=A.METHODS, metavar="PREFIX")
+    p.add_argument("--methods", nargs="+", default=[*A.METHODS, "comparative-3"], metavar="PREFIX")
     p.add_argument("--trials", type=int, default=8, help="Optuna trials per method (the same for every method)")
     p.add_argument("--seeds", nargs="+", type=int, default=[A.DEFAULT_SEED, A.DEFAULT_SEED + 1, A.DEFAULT_SEED + 2])
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra overrides for the seed runs (untuned and tuned alike), e.g. training.eval_every_steps=null")
+    p.add_argument("--seeds-dir", default=None,
+                   help="where the seed runs go (default {results_dir}/seeds); a study's folder reuses its runs")
     p.add_argument("--rewrite", action="store_true", help="replace existing tuned configs with this study's values")
     args = p.parse_args(argv)
     if args.trials < 1:
         p.error("--trials must be at least 1")
     args.results_dir = str(Path(args.results_dir).resolve())  # the runs start in the repository root
+    args.seeds_dir = str(Path(args.seeds_dir).resolve()) if args.seeds_dir else str(Path(args.results_dir) / "seeds")
     return args
 
 
@@ -103,7 +108,7 @@ def check_seed_runs(method: str, values: dict, args) -> None:
     """A tuned run already in {results_dir}/seeds was trained with the tuned config's values, or the script stops."""
     rid = f"{method}-{TUNED}-{A.DEMO}"
     for seed in args.seeds:
-        folder = A.run_folder(Path(args.results_dir) / "seeds", rid, seed)
+        folder = A.run_folder(args.seeds_dir, rid, seed)
         if (folder / "config.yaml").exists():
             cfg = OmegaConf.load(folder / "config.yaml")
             used = {p: OmegaConf.select(cfg, p) for p in values}
@@ -169,9 +174,9 @@ def main(argv=None) -> int:
             path.write_text(tuned_config(method, summary, values, args.trials))
         check_seed_runs(method, values, args)
     runs = [m for method in args.methods for m in (method, f"{method}-{TUNED}")]
-    A.main(["--results-dir", str(Path(args.results_dir) / "seeds"), "--methods", *runs,
+    A.main(["--results-dir", args.seeds_dir, "--methods", *runs,
             "--seeds", *map(str, args.seeds), *(["--set", *args.set] if args.set else [])])
-    agg = json.loads((Path(args.results_dir) / "seeds" / "comparison" / "aggregated_metrics.json").read_text())
+    agg = json.loads((Path(args.seeds_dir) / "comparison" / "aggregated_metrics.json").read_text())
     side_by_side(agg, args.methods, names)
     return 0
 

@@ -67,6 +67,8 @@ def test_accuracy_bench_reads_each_runs_kind_from_its_run_config(tmp_path):
     assert bench.applies("adalora.final_steps=0", "adalora") and not bench.applies("adalora.final_steps=0", "glora")
     assert bench.applies("glo_ra.warmup_steps=1", "glora") and not bench.applies("glo_ra.warmup_steps=1", "lora")
     assert bench.applies("training.max_train_batches=2", "lora")
+    assert bench.applies("eva.rho=1.5", "eva") and not bench.applies("eva.rho=1.5", "lora")
+    assert bench.check_methods(["comparative-3"]) == {"comparative-3": "eva"}
     with pytest.raises(SystemExit, match=r"no run config nope-.*--methods with configs for MiniLM-L6-22M: .*comparative-2.*proposed"):
         bench.check_methods(["nope"])
 
@@ -108,6 +110,37 @@ def test_tuning_bench_writes_the_studys_best_values_as_a_tuned_delta(tmp_path):
         tuning.check_seed_runs("proposed", values, tuning.parse_args(["--results-dir", str(tmp_path), "--seeds", "43"]))
     with pytest.raises(SystemExit, match="main configs only"):
         tuning.main(["--methods", "proposed-params"])
+    reuse = tmp_path / "elsewhere"  # --seeds-dir: a study's folder, whose finished untuned seeds are reused
+    (reuse / f"proposed-tuned-{demo}-seed43").mkdir(parents=True)
+    (reuse / f"proposed-tuned-{demo}-seed43" / "config.yaml").write_text((seeds / "config.yaml").read_text())
+    with pytest.raises(SystemExit, match=f"{reuse}.*was trained with"):
+        tuning.check_seed_runs("proposed", values, tuning.parse_args(
+            ["--results-dir", str(tmp_path / "other"), "--seeds-dir", str(reuse), "--seeds", "43"]))
+    assert "comparative-3" in tuning.parse_args([]).methods  # EVA is tuned with the rest by default
+
+
+def test_tuning_bench_tunes_eva_learning_rate_and_rho(tmp_path):
+    """EVA's demo config tunes the learning rate over LoRA's range and its own rho; the tuned delta composes."""
+    spec = importlib.util.spec_from_file_location("bench_tuning", REPO / "bench" / "tuning.py")
+    tuning = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tuning)
+    demo = tuning.A.DEMO
+    assert tuning.A.check_methods(["comparative-3"]) == {"comparative-3": "eva"}
+    eva, lora = tuning.A.run_config("comparative-3"), tuning.A.run_config("comparative-2")
+    assert eva.optuna.search_space.learning_rate == lora.optuna.search_space.learning_rate
+    assert (eva.optuna.search_space.rho.low, eva.optuna.search_space.rho.high) == (1.0, 3.0)
+    study = tmp_path / f"comparative-3-{demo}"
+    study.mkdir()
+    (study / "config.yaml").write_text("optuna:\n  best_params: {learning_rate: 0.003, rho: 1.5}\n")
+    values = tuning.best_values(study, "eva")
+    assert values == {"training.learning_rate": 0.003, "eva.rho": 1.5}
+    for name in (f"comparative-2-{demo}.yaml", f"comparative-3-{demo}.yaml"):
+        shutil.copy(REPO / "config" / "run" / name, tmp_path)
+    (tmp_path / f"comparative-3-tuned-{demo}.yaml").write_text(
+        tuning.tuned_config("comparative-3", {"best_trial_value": 0.86}, values, 8))
+    cfg = tuning.A.run_config("comparative-3-tuned", tmp_path)
+    assert cfg.method_name == "EVA (tuned)" and cfg.variant == "tuned" and cfg.method == "comparative-3"
+    assert cfg.training.learning_rate == 0.003 and cfg.eva.rho == 1.5 and cfg.eva.tau == 0.99
 
 
 def test_adalora_deficit_schedule_reads_the_tuned_configs_runs_and_pairs_gaps_by_seed(tmp_path, capsys):
