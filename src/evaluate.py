@@ -106,7 +106,9 @@ STEP_SPREAD_MAX = {     # a run's step-time spread above this, by what its recor
 SEED_SPREAD_MAX = 0.10  # (max - min)/median of one group's per-run median step times above this: seeds timed apart
 CPU_UTIL_MIN = 0.75     # CPU runs: cpu_time_s / (train_time_s x cpu_threads) below this: cores were shared
 # Runs differing in any of these are not timed alike (the hostname alone does not matter: twin machines)
-ENV_KEYS = ["device", "device_name", "cpu_threads", "gpu_model", "world_size", "torch", "transformers", "peft"]
+ENV_KEYS = ["device", "device_name", "cpu_threads", "gpu_model", "world_size", "precision", "torch", "transformers",
+            "peft"]
+ENV_DEFAULTS = {"precision": "fp32"}  # records older than the key computed in float32 (torch's default)
 CHECKPOINT_RULE = ("Headline numbers are the final evaluation after the last training step (no checkpoint picked on "
                    "the dev set). Best-step values (best_validation_*) pick the step by the dev metric itself and are "
                    "listed separately as optimistic.")
@@ -727,11 +729,16 @@ def _different_environment(groups: list[list[dict]]) -> str | None:
     runs = [r for g in groups for r in g]
     for key in ENV_KEYS:
         first = runs[0]
-        other = next((r for r in runs if r["environment"].get(key) != first["environment"].get(key)), None)
+        other = next((r for r in runs if env_value(r, key) != env_value(first, key)), None)
         if other is not None:
-            return (f"different environments: {key} {first['environment'].get(key)!r} ({first['run_name']}) vs "
-                    f"{other['environment'].get(key)!r} ({other['run_name']})")
+            return (f"different environments: {key} {env_value(first, key)!r} ({first['run_name']}) vs "
+                    f"{env_value(other, key)!r} ({other['run_name']})")
     return None
+
+
+def env_value(run: dict, key: str):
+    """A run's environment entry as compared for cost, with ENV_DEFAULTS for records older than the key."""
+    return run["environment"].get(key, ENV_DEFAULTS.get(key))
 
 
 def _loaded_run(groups: list[list[dict]]) -> str | None:

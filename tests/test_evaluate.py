@@ -493,6 +493,8 @@ def timed_record(method: str, seed: int, seconds: float, timed: bool = True, **k
     ({"device_name": "Other CPU"}, False,
      "different environments: device_name 'Test CPU 9000' (LoRA-42) vs 'Other CPU' (GLoRA-42)"),
     ({"torch": "2.6.0"}, False, "different environments: torch"),
+    ({"precision": "tf32"}, False, "different environments: precision 'fp32' (LoRA-42) vs 'tf32' (GLoRA-42)"),
+    ({"precision": "fp32"}, True, None),  # a record older than the key computed in fp32
     ({"iqr_share": 0.25}, False, "outside load: step-time spread (iqr/median) 0.250 > 0.2 in GLoRA-42"),
     # dynamic padding: a raw spread of 0.35 that the batch lengths explain is not load; unexplained spread is
     ({"iqr_share": 0.35, "unexplained": 0.08}, True, None),
