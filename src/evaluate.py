@@ -426,6 +426,40 @@ def ranks_of(summary: dict) -> dict:
     return {**{k: 0 for k, r in (summary.get("eva_ranks") or {}).items() if r == 0 and k not in ranks}, **ranks}
 
 
+def rank_histogram(runs: list[list[int]], r: int) -> dict:
+    """Final ranks of one group's runs (one list of per-matrix ranks per run) in bins around the uniform rank r:
+    0 (no adapter), 1..r/2, r/2+1..r-1, r, r+1..2r, above 2r. Counts are means over the runs (matrices per run);
+    bins that hold no integer at this r are left out."""
+    if r < 1:
+        raise ValueError(f"rank_histogram: r={r} must be at least 1")
+    half = r // 2
+    edges = [("0", 0, 0), (f"1–{half}", 1, half), (f"{half + 1}–{r - 1}", half + 1, r - 1), (str(r), r, r),
+             (f"{r + 1}–{2 * r}", r + 1, 2 * r), (f">{2 * r}", 2 * r + 1, None)]
+    edges = [(label.replace(f"{lo}–{hi}", str(lo)) if lo == hi else label, lo, hi) for label, lo, hi in edges
+             if hi is None or lo <= hi]
+    pooled = sorted(k for ranks in runs for k in ranks)
+    counts = {label: sum(lo <= k and (hi is None or k <= hi) for k in pooled) / len(runs) for label, lo, hi in edges}
+    return {"r": r, "bins": counts, "n_runs": len(runs), "matrices": len(pooled) / len(runs),
+            "min": pooled[0], "median": float(np.median(pooled)), "max": pooled[-1]}
+
+
+def rank_histograms(records: list[RunRecord]) -> dict:
+    """task -> method -> rank_histogram of its runs' final ranks, binned around the task's uniform rank (LoRA's
+    mean rank where LoRA ran, else the mean over every run of the task), so one task's rows share their bins."""
+    out = {}
+    for task in sort_tasks(task_of(r) for r in records):
+        runs = [r for r in records if task_of(r) == task and ranks_of(r.summary)]
+        if not runs:
+            continue
+        lora = [r for r in runs if method_key_of(r) == "comparative-2" and not variant_of(r)] or runs
+        ref = [k for r in lora for k in ranks_of(r.summary).values()]
+        r_uniform = max(1, round(sum(ref) / len(ref)))
+        out[task] = {m: rank_histogram([list(ranks_of(r.summary).values()) for r in runs if method_of(r) == m],
+                                       r_uniform)
+                     for m in sort_methods(method_of(r) for r in runs)}
+    return out
+
+
 def rank_table(final_ranks: dict) -> pd.DataFrame:
     """Final ranks as layer x matrix type (Wq Wk Wv Wo Wf1 Wf2); names that place in neither are left out."""
     rows = []
@@ -1469,7 +1503,7 @@ def aggregate(records: list[RunRecord], settings: dict | None = None) -> dict:
     return {"settings": settings, "verdict_rule": VERDICT_RULE,
             "hypotheses": hypotheses(groups, derived, rows, settings), "scope": scope_notes(rows, groups),
             "checkpoint_rule": CHECKPOINT_RULE, "runs": rows, "groups": groups, "derived": derived,
-            "glue_average": glue_average(groups, rows, confidence),
+            "glue_average": glue_average(groups, rows, confidence), "rank_histograms": rank_histograms(records),
             "significance": {"seed_level": seed_level, "example_level": example_level, "pooled": pooled},
             "ablation": ablated,
             "thresholds": {"alpha": alpha, "mde_power": st["power"], "margin": margin,
@@ -1972,6 +2006,24 @@ def environment_lines(agg: dict) -> list[str]:
                                     for key, names in envs.items()]
 
 
+def rank_histogram_tables(agg: dict) -> list[str]:
+    """Per task: how many adapted matrices end at each rank, binned around the uniform rank r (mean per run)."""
+    if not agg.get("rank_histograms"):
+        return ["No run recorded final ranks."]
+    lines = ["Adapted matrices per final-rank bin (mean per run over the group's seeds; r = the task's uniform rank, "
+             "LoRA's; 0 = no adapter on that matrix, which EVA allows). The per-matrix layout is in "
+             "comparison_rank_allocation.pdf.", ""]
+    for task, by_method in (agg.get("rank_histograms") or {}).items():
+        labels = list(next(iter(by_method.values()))["bins"])
+        rows = [[TASKS.get(task, task), m, str(h["n_runs"]), f"{h['matrices']:g}",
+                 *[f"{h['bins'][b]:.1f}".removesuffix(".0") for b in labels],
+                 f"{h['min']} / {h['median']:g} / {h['max']}"] for m, h in by_method.items()]
+        r = next(iter(by_method.values()))["r"]
+        lines += table(["Task", "Method", "Runs", "Matrices", *[f"rank {b}" for b in labels], "min / median / max"],
+                       rows) + ["", f"(r = {r})", ""]
+    return lines
+
+
 def cost_table(agg: dict) -> list[str]:
     """Cost and gains per group; a column for EVA's data pass, apart, when any group has one."""
     rows, notes = [], []
@@ -2241,6 +2293,7 @@ def report_markdown(agg: dict) -> str:
     lines += [f"Checkpoint rule: {CHECKPOINT_RULE}", ""]
     lines += ["## Main results (ours)", "", SCORES_NOTE, "", *main_table(agg), ""]
     lines += ["## Cost and gains per task (relative to LoRA on the same task)", "", *cost_table(agg), ""]
+    lines += ["## Final ranks", "", *rank_histogram_tables(agg), ""]
     lines += ["## Best-step dev scores (optimistic: the step is chosen on the dev set itself)", ""]
     lines += [*table(["Method"] + [task_label(t, " ") for t in tasks], best), ""]
     lines += ["## Significance", "", *significance_tables(agg), ""]

@@ -1246,3 +1246,29 @@ def test_eva_data_pass_shown_apart_and_its_ranks_as_adaptive(tmp_path):
     assert (tmp_path / f"{rec.name}_rank_allocation.pdf").stat().st_size > 0
     assert E.method_styles(["LoRA", "AdaLoRA", "EVA", "GLoRA", "GLoRA (v0)"])["EVA"] == {
         "color": E.COLORS["EVA"], "hatch": E.HATCHES["EVA"]}
+
+
+def test_rank_histogram_bins_around_the_uniform_rank():
+    """Two runs of 6 matrices each, r = 8: bins 0 | 1-4 | 5-7 | 8 | 9-16 | >16, counts per run."""
+    h = E.rank_histogram([[0, 3, 8, 8, 16, 17], [4, 5, 7, 8, 9, 20]], 8)
+    assert h["bins"] == {"0": 0.5, "1–4": 1.0, "5–7": 1.0, "8": 1.5, "9–16": 1.0, ">16": 1.0}
+    assert (h["n_runs"], h["matrices"], h["min"], h["median"], h["max"]) == (2, 6, 0, 8.0, 20)
+    assert sum(h["bins"].values()) == h["matrices"]
+    assert list(E.rank_histogram([[1, 1, 2]], 1)["bins"]) == ["0", "1", "2", ">2"]  # empty 1..r/2 bins dropped
+    assert list(E.rank_histogram([[2]], 2)["bins"]) == ["0", "1", "2", "3–4", ">4"]
+    with pytest.raises(ValueError):
+        E.rank_histogram([[0]], 0)
+
+
+def test_rank_histograms_use_loras_rank_for_every_group_of_a_task():
+    def rec(method, name, ranks, seed=42):
+        summary = {"task": "sst2", "method": method, "method_name": name, "seed": seed,
+                   "final_ranks": {f"layer.{i}.attention.self.query": k for i, k in enumerate(ranks)}}
+        return E.RunRecord(f"{name}-{seed}", {}, summary, [], None)
+    records = [rec("comparative-2", "LoRA", [8, 8, 8, 8]), rec("proposed", "GLoRA", [2, 6, 8, 16]),
+               rec("proposed", "GLoRA", [1, 7, 12, 12], 43)]
+    hist = E.rank_histograms(records)["sst2"]
+    assert hist["LoRA"]["bins"]["8"] == 4 and hist["LoRA"]["r"] == hist["GLoRA"]["r"] == 8
+    assert hist["GLoRA"]["bins"] == {"0": 0, "1–4": 1.0, "5–7": 1.0, "8": 0.5, "9–16": 1.5, ">16": 0}
+    text = "\n".join(E.rank_histogram_tables({"rank_histograms": {"sst2": hist}}))
+    assert "| SST-2 | GLoRA | 2 | 4 | 0 | 1 | 1 | 0.5 | 1.5 | 0 | 1 / 7.5 / 16 |" in text
