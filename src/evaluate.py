@@ -488,6 +488,24 @@ def confusion_matrices(rec: RunRecord) -> dict:
     return out
 
 
+ONE_CLASS_SHARE = 0.98  # a classifier that gives one label to this share of a split has collapsed to that class
+
+
+def one_class_checks(matrices: dict) -> list[str]:
+    """A split whose predictions are (nearly) all one label: the model learned the label prior, not the task (e.g.
+    CoLA at a learning rate too low for the method); its accuracy then equals that label's share."""
+    out = []
+    for split, m in matrices.items():
+        predicted = np.asarray(m["matrix"]).sum(axis=0)
+        top = int(predicted.argmax())
+        share = predicted[top] / m["n"]
+        if share >= ONE_CLASS_SHARE:
+            truth = np.asarray(m["matrix"]).sum(axis=1)[top] / m["n"]
+            out.append(f"{split}: predicts label {m['labels'][top]} for {100 * share:.1f}% of {m['n']} examples "
+                       f"(its share of the labels: {100 * truth:.1f}%): a one-class model")
+    return out
+
+
 def run_metrics(rec: RunRecord) -> dict:
     """metrics.json of one run: final (headline) and best-step metrics, cost, ranks, confusion matrices."""
     s = rec.summary
@@ -495,6 +513,7 @@ def run_metrics(rec: RunRecord) -> dict:
     recomputed = matrices.get("validation", {}).get("accuracy")
     checks = [] if recomputed is None or s.get("accuracy") is None or abs(recomputed - s["accuracy"]) < 1e-6 else [
         f"accuracy from predictions.csv ({recomputed:.6f}) differs from summary.json ({s['accuracy']:.6f})"]
+    checks += one_class_checks(matrices)
     train_losses = [r["train_loss"] for r in rec.history if "train_loss" in r]
     return {
         "run_name": rec.name, "run_id": s.get("run_id"), "method": s.get("method"), "method_name": method_of(rec),
@@ -563,7 +582,8 @@ def run_row(rec: RunRecord) -> dict:
             "cpu_utilisation": cpu_utilisation(s),
             # EVA's data pass (before the first step; inside train_time_s): its share, and amortised per step
             "eva_init_share": _ratio(s.get("eva_init_s"), s.get("train_time_s")),
-            "eva_init_per_step_s": _ratio(s.get("eva_init_s"), s.get("total_steps") or s.get("final_step"))}
+            "eva_init_per_step_s": _ratio(s.get("eva_init_s"), s.get("total_steps") or s.get("final_step")),
+            "one_class": one_class_checks({k: v for k, v in confusion_matrices(rec).items() if k == "validation"})}
 
 
 def step_time_spread(step: dict) -> dict:
@@ -802,6 +822,24 @@ def _low_cpu_use(groups: list[list[dict]]) -> str | None:
     return None
 
 
+RUN_TIMING_CHECKS = (_missing_timing, _loaded_run, _low_cpu_use)  # about one run's own timing
+
+
+def timed_runs(runs_a: list[dict], runs_b: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """The runs whose own timing can be trusted: a run with no timing recorded, outside load or shared cores is left
+    out, and so is its seed's run in the other group (the comparison stays paired). Load comes from the machine, not
+    the method, so the seeds left still compare the methods. Returns (kept_a, kept_b, excluded [{run, seed,
+    reason}])."""
+    excluded = []
+    for r in runs_a + runs_b:
+        why = next((w for w in (check([[r]]) for check in RUN_TIMING_CHECKS) if w), None)
+        if why:
+            excluded.append({"run": r["run_name"], "seed": r["seed"], "reason": why})
+    dropped = {e["seed"] for e in excluded}
+    return ([r for r in runs_a if r["seed"] not in dropped], [r for r in runs_b if r["seed"] not in dropped],
+            excluded)
+
+
 def comparability(runs_a: list[dict], runs_b: list[dict]) -> tuple[bool, str | None]:
     """Whether the step times of two groups' runs measure the methods rather than the machine; else the first
     failing check, with its numbers: data recorded, same environment, no outside load within a run, seeds timed
@@ -818,13 +856,22 @@ def time_ratios(runs: list[dict], base_runs: list[dict], confidence: float) -> d
     """step_time_ratio (per-step medians, mean over seeds; train_time_s / total_steps for records without step
     times) and train_time_s_ratio (total), each {value, comparable, reason, basis} plus, for comparable runs, the
     paired interval: the geometric mean of the per-seed ratios and its `confidence` interval (log_ratio_interval)."""
-    comparable, reason = comparability(base_runs, runs)  # LoRA's first run is the one the others are held to
+    kept, kept_base, excluded = timed_runs(runs, base_runs)
+    if (runs and not kept) or (base_runs and not kept_base):
+        comparable = False
+        reason = excluded[0]["reason"] + (f" (and {len(excluded) - 1} more run(s) excluded; no seed left with both "
+                                          f"groups timed cleanly)" if len(excluded) > 1 else "")
+    else:  # LoRA's first run is the one the others are held to
+        comparable, reason = comparability(kept_base, kept)
+        if comparable:
+            runs, base_runs = kept, kept_base
     step_basis = "step_time_median" if all(r["step_time_median_s"] for r in runs + base_runs) else \
         "train_time_per_step"
     key = {"step_time_median": "step_time_median_s", "train_time_per_step": "train_time_per_step_s"}[step_basis]
     mean = {side: describe([r[key] for r in rs])["mean"] for side, rs in (("a", runs), ("b", base_runs))}
     totals = {side: describe([r["train_time_s"] for r in rs])["mean"] for side, rs in (("a", runs), ("b", base_runs))}
-    common = {"comparable": comparable, "reason": reason}
+    common = {"comparable": comparable, "reason": reason, "excluded": excluded if comparable else [],
+              "n_runs": [len(runs), len(base_runs)]}
     return {"step_time_ratio": {"value": _ratio(mean["a"], mean["b"]), **common, "basis": step_basis,
                                 **paired_ratio(runs, base_runs, key, confidence, comparable)},
             "train_time_s_ratio": {"value": _ratio(totals["a"], totals["b"]), **common, "basis": "train_time_total",
@@ -1398,9 +1445,13 @@ def hypothesis_evidence(hid: str, task: str, roles: dict, by_method: dict,
         return {}, f"no {' or '.join(missing)} run on this task"
     runs = {n: [r for r in rows if r["task"] == task and r["method_name"] == n] for n in names}
     if hid in ("H3a", "H3b"):
-        comparable, why = comparability(runs[names[1]], runs[names[0]])
+        kept_a, kept_b, excluded = timed_runs(runs[names[1]], runs[names[0]])
+        if not kept_a or not kept_b:
+            return {}, f"step times not comparable: {excluded[0]['reason']} (no seed left with both timed cleanly)"
+        comparable, why = comparability(kept_a, kept_b)
         if not comparable:
             return {}, f"step times not comparable: {why}"
+        runs = {names[1]: kept_a, names[0]: kept_b}
     if hid == "H4":
         budgets = [_mean(by_method[n], "rank_budget_total") for n in names]
         units = [by_method[n].get("budget_unit") for n in names]
@@ -1952,10 +2003,17 @@ def fmt_time_ratio(ratio: dict | None, notes: list[str]) -> str:
         return "–"
     text = f"×{ratio['value']:.2f}" + ("†" if ratio["basis"] == "train_time_per_step" else "")
     if ratio["comparable"]:
-        return text + (f" {fmt_ci(ratio['ci'], 1.0, False, 3)}" if ratio.get("ci") else "")
-    if ratio["reason"] not in notes:
-        notes.append(ratio["reason"])
-    return f"{text} (not comparable, note {notes.index(ratio['reason']) + 1})"
+        text += f" {fmt_ci(ratio['ci'], 1.0, False, 3)}" if ratio.get("ci") else ""
+        if not ratio.get("excluded"):
+            return text
+        note = "timed on the other seeds: " + "; ".join(f"{e['run']} left out ({e['reason']})"
+                                                        for e in ratio["excluded"])
+        label = "note"
+    else:
+        note, label = f"not comparable: {ratio['reason']}", "not comparable, note"
+    if note not in notes:
+        notes.append(note)
+    return f"{text} ({label} {notes.index(note) + 1})"
 
 
 def fmt_data_pass(g: dict) -> str:
@@ -1978,13 +2036,15 @@ COST_NOTE = ("Step time: per run the median over training optimizer steps (step_
              "GLoRA's rebuild excluded), mean ± std over seeds; it is the primary time ratio because a shared machine "
              "shifts the total far more than the median. †: no step times recorded, train_time_s / total_steps "
              "instead. Adapter params: at the final ranks (adapter_params_effective); ‡: only adapter_params (every "
-             "trained lora_* parameter, AdaLoRA's masked ones included) was recorded. A time ratio is not comparable "
-             f"when the runs' environments differ ({', '.join(ENV_KEYS)}), a run's step-to-step time jitter that "
-             f"the batch lengths do not explain (unexplained_jitter) exceeds {STEP_SPREAD_MAX['unexplained_jitter']} "
-             f"of its median (older records: unexplained_iqr or iqr/median above {STEP_SPREAD_MAX['unexplained_iqr']}),"
-             f" the seeds' median step times spread by more than {SEED_SPREAD_MAX} of their median, "
-             f"a CPU run used less than {CPU_UTIL_MIN} of its threads (cpu_time_s / (train_time_s × cpu_threads)), or "
-             "this was not recorded. Score gains are over LoRA; a tuned group's over tuned LoRA (never over an "
+             "trained lora_* parameter, AdaLoRA's masked ones included) was recorded. A run is left out of a time "
+             "ratio, with its seed's run in the other group, when its step-to-step time jitter that the batch lengths "
+             f"do not explain (unexplained_jitter) exceeds {STEP_SPREAD_MAX['unexplained_jitter']} of its median "
+             f"(older records: unexplained_iqr or iqr/median above {STEP_SPREAD_MAX['unexplained_iqr']}), a CPU run "
+             f"used less than {CPU_UTIL_MIN} of its threads (cpu_time_s / (train_time_s × cpu_threads)), or its "
+             "timing was not recorded (outside load is the machine's, not the method's); the ratio is then taken "
+             "on the seeds left (a note names the runs left out). It is not comparable when no seed is left, when "
+             f"the runs' environments differ ({', '.join(ENV_KEYS)}), or when the seeds' median step times spread by "
+             f"more than {SEED_SPREAD_MAX} of their median. Score gains are over LoRA; a tuned group's over tuned LoRA (never over an "
              "untuned baseline).")
 EVA_PASS_HEADER = "EVA data pass (s; share of train time; s/step)"
 EVA_COST_NOTE = (" EVA data pass: EVA's forward passes and incremental SVD over training batches before its first "
@@ -2048,7 +2108,7 @@ def cost_table(agg: dict) -> list[str]:
          "Adapter params", "Trainable params",
          "Score gain (points)", "Score gain (relative)", "Step-time ratio", "Train-time ratio", "Rank ratio",
          "Adapter-param ratio", "Trainable-param ratio"], rows)
-    lines += [""] + [f"Note {k}: not comparable: {reason}." for k, reason in enumerate(notes, 1)] * bool(notes)
+    lines += [""] + [f"Note {k}: {note}." for k, note in enumerate(notes, 1)] * bool(notes)
     lines += [""] + environment_lines(agg)
     for t, d in agg["derived"].items():
         for label, block in (("", d), (" (tuned groups)", d.get("tuned") or {})):
@@ -2292,6 +2352,10 @@ def report_markdown(agg: dict) -> str:
              *verdict_section(agg), ""]
     lines += [f"Checkpoint rule: {CHECKPOINT_RULE}", ""]
     lines += ["## Main results (ours)", "", SCORES_NOTE, "", *main_table(agg), ""]
+    collapsed = [f"- {r['run_name']} ({r['method_name']}, {TASKS.get(r['task'], r['task'])}): {c}"
+                 for r in agg["runs"] for c in r.get("one_class") or []]
+    lines += ["Runs that collapsed to one class (their score is the label prior's, counted as it is):", "",
+              *collapsed, ""] * bool(collapsed)
     lines += ["## Cost and gains per task (relative to LoRA on the same task)", "", *cost_table(agg), ""]
     lines += ["## Final ranks", "", *rank_histogram_tables(agg), ""]
     lines += ["## Best-step dev scores (optimistic: the step is chosen on the dev set itself)", ""]

@@ -253,15 +253,22 @@ def test_delta_grad_is_the_norm_of_the_full_weight_gradient(tiny_model):
     assert hook._weights.sums == {}
 
 
-def test_delta_grad_with_one_micro_batch_holds_norms_not_weight_sized_sums(tiny_model):
-    """One micro-batch per step: the norm is taken in the backward hook, the same value as from a held sum."""
-    batch = _batch(seed=1)
+def _delta_grad_setup(tiny_model, batch):
+    """The full-weight gradient norms of `batch`, and a fresh adapted model with a delta_grad hook (one micro-batch
+    per step), in training mode and seeded."""
     expected = _full_weight_gradient_norms(_peft_model(tiny_model), [batch])
     model = _peft_model(tiny_model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     hook = M.GloraHook(model, optimizer, 48, warmup_steps=2, beta_ema=0.0, score="delta_grad")
     model.train()
     torch.manual_seed(0)
+    return expected, model, hook
+
+
+def test_delta_grad_with_one_micro_batch_holds_norms_not_weight_sized_sums(tiny_model):
+    """One micro-batch per step: the norm is taken in the backward hook, the same value as from a held sum."""
+    batch = _batch(seed=1)
+    expected, model, hook = _delta_grad_setup(tiny_model, batch)
     model(**batch).loss.backward()
     assert hook._weights.sums and all(t.shape == () for t in hook._weights.sums.values())
     hook.on_gradients(1)
@@ -274,12 +281,7 @@ def test_delta_grad_with_one_micro_batch_holds_norms_not_weight_sized_sums(tiny_
 def test_delta_grad_under_bf16_autocast_multiplies_in_bf16(tiny_model):
     """Under bf16 autocast the extra product runs in bfloat16 (float32 accumulation): norms within bf16 rounding."""
     batch = _batch(seed=1)
-    expected = _full_weight_gradient_norms(_peft_model(tiny_model), [batch])
-    model = _peft_model(tiny_model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    hook = M.GloraHook(model, optimizer, 48, warmup_steps=2, beta_ema=0.0, score="delta_grad")
-    model.train()
-    torch.manual_seed(0)
+    expected, model, hook = _delta_grad_setup(tiny_model, batch)
     seen = []
     real_matmul = torch.Tensor.__matmul__
 
