@@ -80,7 +80,7 @@ METRICS = ["accuracy", "mcc", "f1", "pearson", "spearman", "accuracy_mm", "mcc_m
 COST_KEYS = ["train_time_s", "eval_time_s", "total_steps", "trainable_params", "adapter_params",
              "adapter_params_effective", "head_params", "rank_budget_total", "budget_unit", "realloc_step",
              "realloc_seconds", "rebuild_pause_s", "trainable_params_initial", "step_time_s", "cpu_time_s",
-             "environment", "eva_init_s", "eva_forward_passes"]
+             "environment", "eva_init_s", "eva_forward_passes", "timed_from", "timed_to"]
 GROUP_KEYS = ["accuracy", "mcc", "glue_score", "f1", "pearson", "train_time_s", "trainable_params",
               "rank_budget_total", "adapter_params", "adapter_params_effective", "adapter_params_reported",
               "head_params", "step_time_median_s", "train_time_per_step_s", "cpu_time_s", "cpu_utilisation",
@@ -2062,8 +2062,20 @@ def environment_lines(agg: dict) -> list[str]:
         key = "not recorded" if not isinstance(env, dict) else ", ".join(
             f"{k}={env[k]}" for k in ENV_KEYS + ["hostname"] if env.get(k) is not None)
         envs.setdefault(key, []).append(r["method_name"])
-    return ["Environments:", ""] + [f"- {key}: {len(names)} run(s) of {', '.join(sort_methods(names))}"
-                                    for key, names in envs.items()]
+    lines = ["Environments:", ""] + [f"- {key}: {len(names)} run(s) of {', '.join(sort_methods(names))}"
+                                     for key, names in envs.items()]
+    windows = {}
+    for r in agg["runs"]:
+        if r.get("timed_from") and r.get("timed_to"):
+            w = windows.setdefault((r["task"], r["method_name"]), [r["timed_from"], r["timed_to"]])
+            w[:] = [min(w[0], r["timed_from"]), max(w[1], r["timed_to"])]
+    if windows:
+        lines += ["", "When each group was timed (UTC, first start to last end of its runs; a machine whose speed "
+                  "drifts puts the drift into the ratio of groups timed in different windows, so a study command "
+                  "runs each seed's methods back to back):", ""]
+        lines += [f"- {TASKS.get(t, t)}, {m}: {a} to {b}" for (t, m), (a, b) in sorted(
+            windows.items(), key=lambda kv: (sort_tasks([kv[0][0]]), kv[1][0]))]
+    return lines
 
 
 def rank_histogram_tables(agg: dict) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import datetime
 import csv
 import glob
 import json
@@ -1032,6 +1033,10 @@ def optimizer_step(model, optimizer, scheduler, hook, step: int, max_grad_norm: 
     return event
 
 
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 @dataclass
 class LoopState:
     """Everything the loop needs to continue exactly where a checkpoint left it."""
@@ -1053,6 +1058,7 @@ class LoopState:
     step_tokens: list = field(default_factory=list)  # padded tokens each step trained on (this process)
     evaluations: int = 0
     rebuild_pause: float | None = None
+    timed_from: str | None = None  # UTC time training first started (a resume keeps it): which runs were timed together
 
 
 class StepClock:
@@ -1179,6 +1185,7 @@ def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, sp
         if on_eval is not None:
             on_eval(st.last_metrics, st.step, hook.adaptation_done(st.step))
 
+    st.timed_from = st.timed_from or utc_now()
     clock.start()
     while st.epoch < t.epochs and st.step < total_steps:
         # each epoch's order comes from its own seed, so a resumed run replays it without saving loader state
@@ -1247,7 +1254,7 @@ def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, sp
     out.update({f"best_{k}": v for k, v in st.best_metrics.items()})
     out.update(train_time_s=st.train_time, eval_time_s=st.eval_time, cpu_time_s=st.cpu_time,
                step_time_s=step_time_stats(st.step_times, st.step_tokens), rebuild_pause_s=st.rebuild_pause, final_step=st.step,
-               evaluations=st.evaluations, resumes=st.resumes)
+               evaluations=st.evaluations, resumes=st.resumes, timed_from=st.timed_from, timed_to=utc_now())
     if cfg.evaluation.save_predictions and on_eval is None and dist.main:
         save_predictions(recorder.run_dir / "predictions.csv", last_predictions)
     return out

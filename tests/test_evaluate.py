@@ -1303,3 +1303,14 @@ def test_one_class_check_flags_a_collapsed_classifier_only():
                      "a one-class model")
     healthy = {"validation": {"labels": [0, 1], "matrix": [[100, 222], [60, 661]], "n": 1043, "accuracy": 0.73}}
     assert E.one_class_checks(healthy) == []
+
+
+def test_report_says_when_each_group_was_timed():
+    runs = [{"task": "sst2", "method_name": m, "environment": None, "timed_from": a, "timed_to": b}
+            for m, a, b in (("LoRA", "2026-12-01T18:31:00+00:00", "2026-12-01T18:33:10+00:00"),
+                            ("LoRA", "2026-12-01T18:54:00+00:00", "2026-12-01T18:56:00+00:00"),
+                            ("EVA", "2026-12-01T19:19:00+00:00", "2026-12-01T19:21:30+00:00"))]
+    lines = E.environment_lines({"runs": runs + [{"task": "sst2", "method_name": "GLoRA", "environment": None}]})
+    assert "- SST-2, LoRA: 2026-12-01T18:31:00+00:00 to 2026-12-01T18:56:00+00:00" in lines
+    assert lines[-1] == "- SST-2, EVA: 2026-12-01T19:19:00+00:00 to 2026-12-01T19:21:30+00:00"
+    assert not any("GLoRA:" in x for x in lines)  # records older than the keys: no window

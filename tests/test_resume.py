@@ -3,6 +3,7 @@ run (same final metrics, same adapter weights to 1e-6), for every method, also a
 
 from __future__ import annotations
 
+import datetime
 import json
 import signal
 import subprocess
@@ -68,6 +69,7 @@ def test_killed_run_resumes_to_the_same_result(tiny_model, glue_dir, tmp_path, c
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (run_dir / "summary.json").exists()
+    resume_started = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
     resumed = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout + resumed.stderr
@@ -78,6 +80,9 @@ def test_killed_run_resumes_to_the_same_result(tiny_model, glue_dir, tmp_path, c
                 "trainable_params", "realloc_step"):
         assert got.get(key) == pytest.approx(want.get(key), abs=1e-6), key
     assert got["resumes"] == 1 and want["resumes"] == 0
+    # timed_from is the first start, kept across the kill; timed_to the end of the resumed segment
+    start, end = (datetime.datetime.fromisoformat(got[k]) for k in ("timed_from", "timed_to"))
+    assert start <= resume_started <= end
     if "eva_ranks" in want:  # the killed run's own pass, read back: its time is counted once
         assert got["eva_ranks"] == want["eva_ranks"] and 0 < got["eva_init_s"] <= got["train_time_s"]
     w_ref = load_file(tmp_path / "ref" / run_id / "adapter" / "adapter_model.safetensors")
