@@ -840,6 +840,17 @@ def timed_runs(runs_a: list[dict], runs_b: list[dict]) -> tuple[list[dict], list
             excluded)
 
 
+def timed_comparability(runs_a: list[dict], runs_b: list[dict]) -> tuple[bool, str | None, list, list, list]:
+    """timed_runs, then comparability on the runs kept: (comparable, reason, kept_a, kept_b, excluded); not
+    comparable when a group has runs but none is left."""
+    kept_a, kept_b, excluded = timed_runs(runs_a, runs_b)
+    if (runs_a and not kept_a) or (runs_b and not kept_b):
+        more = f" (and {len(excluded) - 1} more run(s) excluded)" if len(excluded) > 1 else ""
+        return False, f"{excluded[0]['reason']}{more}; no seed left with both groups timed cleanly", kept_a, kept_b, \
+            excluded
+    return (*comparability(kept_a, kept_b), kept_a, kept_b, excluded)
+
+
 def comparability(runs_a: list[dict], runs_b: list[dict]) -> tuple[bool, str | None]:
     """Whether the step times of two groups' runs measure the methods rather than the machine; else the first
     failing check, with its numbers: data recorded, same environment, no outside load within a run, seeds timed
@@ -856,15 +867,10 @@ def time_ratios(runs: list[dict], base_runs: list[dict], confidence: float) -> d
     """step_time_ratio (per-step medians, mean over seeds; train_time_s / total_steps for records without step
     times) and train_time_s_ratio (total), each {value, comparable, reason, basis} plus, for comparable runs, the
     paired interval: the geometric mean of the per-seed ratios and its `confidence` interval (log_ratio_interval)."""
-    kept, kept_base, excluded = timed_runs(runs, base_runs)
-    if (runs and not kept) or (base_runs and not kept_base):
-        comparable = False
-        reason = excluded[0]["reason"] + (f" (and {len(excluded) - 1} more run(s) excluded; no seed left with both "
-                                          f"groups timed cleanly)" if len(excluded) > 1 else "")
-    else:  # LoRA's first run is the one the others are held to
-        comparable, reason = comparability(kept_base, kept)
-        if comparable:
-            runs, base_runs = kept, kept_base
+    # LoRA's first run is the one the others are held to
+    comparable, reason, kept_base, kept, excluded = timed_comparability(base_runs, runs)
+    if comparable:
+        runs, base_runs = kept, kept_base
     step_basis = "step_time_median" if all(r["step_time_median_s"] for r in runs + base_runs) else \
         "train_time_per_step"
     key = {"step_time_median": "step_time_median_s", "train_time_per_step": "train_time_per_step_s"}[step_basis]
@@ -1445,10 +1451,7 @@ def hypothesis_evidence(hid: str, task: str, roles: dict, by_method: dict,
         return {}, f"no {' or '.join(missing)} run on this task"
     runs = {n: [r for r in rows if r["task"] == task and r["method_name"] == n] for n in names}
     if hid in ("H3a", "H3b"):
-        kept_a, kept_b, excluded = timed_runs(runs[names[1]], runs[names[0]])
-        if not kept_a or not kept_b:
-            return {}, f"step times not comparable: {excluded[0]['reason']} (no seed left with both timed cleanly)"
-        comparable, why = comparability(kept_a, kept_b)
+        comparable, why, kept_a, kept_b, _ = timed_comparability(runs[names[1]], runs[names[0]])
         if not comparable:
             return {}, f"step times not comparable: {why}"
         runs = {names[1]: kept_a, names[0]: kept_b}
