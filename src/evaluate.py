@@ -25,6 +25,7 @@ import tempfile
 import textwrap
 import warnings
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import matplotlib as mpl
@@ -105,6 +106,11 @@ STEP_SPREAD_MAX = {     # a run's step-time spread above this, by what its recor
 }
 SEED_SPREAD_MAX = 0.10  # (max - min)/median of one group's per-run median step times above this: seeds timed apart
 CPU_UTIL_MIN = 0.75     # CPU runs: cpu_time_s / (train_time_s x cpu_threads) below this: cores were shared
+# A seed's two runs timed further apart than max(PAIR_GAP_MIN_S, PAIR_GAP_RUNS x the longer run's timing window)
+# measured the machine at two times: this VM's speed drifted 20% within an hour (BENCHMARKS.md), and a seed-major
+# study times a seed's methods back to back (within a few runs' length of each other).
+PAIR_GAP_MIN_S = 1800.0
+PAIR_GAP_RUNS = 4
 # Runs differing in any of these are not timed alike (the hostname alone does not matter: twin machines)
 ENV_KEYS = ["device", "device_name", "cpu_threads", "gpu_model", "world_size", "precision", "torch", "transformers",
             "peft"]
@@ -825,16 +831,41 @@ def _low_cpu_use(groups: list[list[dict]]) -> str | None:
 RUN_TIMING_CHECKS = (_missing_timing, _loaded_run, _low_cpu_use)  # about one run's own timing
 
 
+def timed_apart(a: dict, b: dict) -> str | None:
+    """Why two runs of one seed were not timed together, or None: the gap between their timing windows (timed_from
+    .. timed_to) above max(PAIR_GAP_MIN_S, PAIR_GAP_RUNS x the longer window). Records without the window (older
+    than timed_from) are not checked."""
+    try:
+        windows = sorted((datetime.fromisoformat(r["timed_from"]), datetime.fromisoformat(r["timed_to"]), r["run_name"])
+                         for r in (a, b))
+    except (KeyError, TypeError, ValueError):
+        return None
+    (_, end, first), (start, _, second) = windows
+    gap = (start - end).total_seconds()
+    limit = max(PAIR_GAP_MIN_S, PAIR_GAP_RUNS * max((w[1] - w[0]).total_seconds() for w in windows))
+    if gap <= limit:
+        return None
+    return (f"timed apart: {second} started {gap / 60:.0f} min after {first} ended (> {limit / 60:.0f} min: the "
+            f"machine's speed may have changed in between)")
+
+
 def timed_runs(runs_a: list[dict], runs_b: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
     """The runs whose own timing can be trusted: a run with no timing recorded, outside load or shared cores is left
-    out, and so is its seed's run in the other group (the comparison stays paired). Load comes from the machine, not
-    the method, so the seeds left still compare the methods. Returns (kept_a, kept_b, excluded [{run, seed,
-    reason}])."""
+    out, and so is its seed's run in the other group (the comparison stays paired); so is a seed whose two runs were
+    timed far apart (timed_apart). Load and drift come from the machine, not the method, so the seeds left still
+    compare the methods. Returns (kept_a, kept_b, excluded [{run, seed, reason}])."""
     excluded = []
     for r in runs_a + runs_b:
         why = next((w for w in (check([[r]]) for check in RUN_TIMING_CHECKS) if w), None)
         if why:
             excluded.append({"run": r["run_name"], "seed": r["seed"], "reason": why})
+    dropped = {e["seed"] for e in excluded}
+    by_seed = {r["seed"]: r for r in runs_b}
+    for a in runs_a:
+        b = by_seed.get(a["seed"])
+        why = timed_apart(a, b) if b is not None and a["seed"] not in dropped else None
+        if why:
+            excluded.append({"run": b["run_name"], "seed": b["seed"], "reason": why})
     dropped = {e["seed"] for e in excluded}
     return ([r for r in runs_a if r["seed"] not in dropped], [r for r in runs_b if r["seed"] not in dropped],
             excluded)
@@ -2044,7 +2075,9 @@ COST_NOTE = ("Step time: per run the median over training optimizer steps (step_
              f"do not explain (unexplained_jitter) exceeds {STEP_SPREAD_MAX['unexplained_jitter']} of its median "
              f"(older records: unexplained_iqr or iqr/median above {STEP_SPREAD_MAX['unexplained_iqr']}), a CPU run "
              f"used less than {CPU_UTIL_MIN} of its threads (cpu_time_s / (train_time_s × cpu_threads)), or its "
-             "timing was not recorded (outside load is the machine's, not the method's); the ratio is then taken "
+             "timing was not recorded (outside load is the machine's, not the method's), and a seed whose two runs "
+             f"were timed more than max({PAIR_GAP_MIN_S / 60:.0f} min, {PAIR_GAP_RUNS} × the longer run) apart "
+             "(timed_from/timed_to: the machine's speed drifts); the ratio is then taken "
              "on the seeds left (a note names the runs left out). It is not comparable when no seed is left, when "
              f"the runs' environments differ ({', '.join(ENV_KEYS)}), or when the seeds' median step times spread by "
              f"more than {SEED_SPREAD_MAX} of their median. Score gains are over LoRA; a tuned group's over tuned LoRA (never over an "

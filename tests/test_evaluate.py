@@ -530,6 +530,47 @@ def test_time_ratio_comparability(glora_42, comparable, reason):
     assert ratio["value"] == pytest.approx((kw["seconds"] + 111.0) / (100.0 + 101.0))
 
 
+@pytest.mark.parametrize("glora_42_start, left_out", [
+    ("2026-01-01T10:05:00+00:00", False),  # back to back: 3 min after LoRA's run ended
+    ("2026-01-01T10:31:00+00:00", False),  # 29 min after: within the 30-min floor
+    ("2026-01-01T10:33:00+00:00", True),   # 31 min after: the machine may have drifted
+    ("2026-01-01T08:00:00+00:00", True),   # long before LoRA's run (order does not matter)
+    (None, False),                         # a record older than timed_from: not checked
+])
+def test_a_seed_timed_far_apart_is_left_out(glora_42_start, left_out):
+    """Two runs of one seed timed far apart measure the machine's drift: the seed is left out of the time ratio
+    (ratio on seed 7 alone), named with the gap and the limit."""
+    records = [timed_record("LoRA", 42, 100.0), timed_record("LoRA", 7, 101.0), timed_record("GLoRA", 7, 111.0),
+               timed_record("GLoRA", 42, 120.0)]
+    windows = {"LoRA-42": ("2026-01-01T10:00:00+00:00", "2026-01-01T10:02:00+00:00"),
+               "LoRA-7": ("2026-01-01T11:00:00+00:00", "2026-01-01T11:02:00+00:00"),
+               "GLoRA-7": ("2026-01-01T11:03:00+00:00", "2026-01-01T11:05:00+00:00")}
+    if glora_42_start:
+        windows["GLoRA-42"] = (glora_42_start, glora_42_start[:11] + f"{int(glora_42_start[11:13]):02d}:"
+                               f"{int(glora_42_start[14:16]) + 2:02d}:00+00:00")
+    for r in records:
+        if r.name in windows:
+            r.summary["timed_from"], r.summary["timed_to"] = windows[r.name]
+    ratio = E.aggregate(records)["derived"]["sst2"]["methods"]["GLoRA"]["step_time_ratio"]
+    assert ratio["comparable"] and ratio["reason"] is None
+    if left_out:
+        [e] = ratio["excluded"]
+        assert e["seed"] == 42 and e["reason"].startswith("timed apart: ") and "(> 30 min" in e["reason"]
+        assert ratio["value"] == pytest.approx(111.0 / 101.0) and ratio["n_runs"] == [1, 1]
+    else:
+        assert ratio["excluded"] == [] and ratio["value"] == pytest.approx((120.0 + 111.0) / (100.0 + 101.0))
+
+
+def test_timed_apart_limit_grows_with_the_runs_length():
+    """Long runs (a GPU study of hour-long runs, back to back) are not flagged for the runs between them."""
+    row = lambda name, start, end: {"run_name": name, "timed_from": f"2026-01-01T{start}:00+00:00",
+                                    "timed_to": f"2026-01-01T{end}:00+00:00"}
+    assert E.timed_apart(row("LoRA", "00:00", "01:00"), row("GLoRA", "04:00", "05:00")) is None  # 3 h < 4 x 1 h
+    why = E.timed_apart(row("LoRA", "00:00", "01:00"), row("GLoRA", "05:30", "06:30"))
+    assert why == ("timed apart: GLoRA started 270 min after LoRA ended (> 240 min: the machine's speed may have "
+                   "changed in between)")
+
+
 def test_time_ratio_is_not_comparable_when_every_seed_has_a_loaded_run():
     records = [timed_record("LoRA", 42, 100.0), timed_record("LoRA", 7, 101.0),
                timed_record("GLoRA", 7, 111.0, cpu_use=0.5), timed_record("GLoRA", 42, 110.0, iqr_share=0.3)]
