@@ -250,3 +250,20 @@ def test_study_runs_one_run_per_gpu(tmp_path, monkeypatch):
     assert (tmp_path / ".logs").is_dir()
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6,7")
     assert bench.visible_gpus(2) == ["4", "6"]
+
+
+def test_committed_study_record_matches_its_run_records():
+    """The study's committed CSV (README, BENCHMARKS) is in the repository, has the issue's columns, and every row
+    is re-derivable from the run record committed beside it (summary.json: metric value, train time, params)."""
+    table = REPO / "bench" / "results" / "study-MiniLM-L6-22M.csv"
+    records = REPO / "bench" / "results" / "study-MiniLM-L6-22M"
+    rows = list(csv.DictReader(table.open()))
+    assert rows and list(rows[0])[:11] == ["task", "method", "method_name", "seed", "metric", "value", "train_time_s",
+                                           "step_time_median_s", "trainable_params", "adapter_params", "rank_total"]
+    for row in rows:
+        summary = json.loads((records / row["run"] / "summary.json").read_text())
+        assert (summary["method_name"], summary["seed"]) == (row["method_name"], int(row["seed"]))
+        assert float(row["value"]) == pytest.approx(summary[row["metric"]], abs=1e-12)
+        assert float(row["train_time_s"]) == pytest.approx(summary["train_time_s"])
+        assert int(row["trainable_params"]) == summary["trainable_params"]
+        assert (records / row["run"] / "predictions.csv").exists()
