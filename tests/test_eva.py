@@ -82,6 +82,8 @@ def test_eva_pass_draws_its_own_batches_and_no_global_rng(tiny_deberta12):
 
 
 def test_an_unconverged_eva_pass_stops_with_a_clear_error(tiny_deberta12, glue_dir, tmp_path):
-    proc = run_cli(f"run={RUN}", "mode=trial", "eva.batch_size=32", "eva.max_passes=3", f"model.backbone={tiny_deberta12}",
+    # PEFT compares each pass's components with the previous pass's, so one pass can never converge (3 passes did on
+    # some random tiny models: a flaky test)
+    proc = run_cli(f"run={RUN}", "mode=trial", "eva.batch_size=32", "eva.max_passes=1", f"model.backbone={tiny_deberta12}",
                    f"dataset.data_dir={glue_dir}", f"results_dir={tmp_path}", env_extra=ONE_THREAD)
-    assert proc.returncode == 2 and "did not converge within eva.max_passes=3" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2 and "did not converge within eva.max_passes=1" in proc.stderr, proc.stderr[-2000:]
