@@ -908,7 +908,9 @@ def time_ratios(runs: list[dict], base_runs: list[dict], confidence: float) -> d
     mean = {side: describe([r[key] for r in rs])["mean"] for side, rs in (("a", runs), ("b", base_runs))}
     totals = {side: describe([r["train_time_s"] for r in rs])["mean"] for side, rs in (("a", runs), ("b", base_runs))}
     common = {"comparable": comparable, "reason": reason, "excluded": excluded if comparable else [],
-              "n_runs": [len(runs), len(base_runs)]}
+              "n_runs": [len(runs), len(base_runs)],
+              # whether timed_apart could see every pair (records older than timed_from have no window)
+              "drift_checked": all(r.get("timed_from") and r.get("timed_to") for r in runs + base_runs)}
     return {"step_time_ratio": {"value": _ratio(mean["a"], mean["b"]), **common, "basis": step_basis,
                                 **paired_ratio(runs, base_runs, key, confidence, comparable)},
             "train_time_s_ratio": {"value": _ratio(totals["a"], totals["b"]), **common, "basis": "train_time_total",
@@ -2081,7 +2083,8 @@ COST_NOTE = ("Step time: per run the median over training optimizer steps (step_
              "on the seeds left (a note names the runs left out). It is not comparable when no seed is left, when "
              f"the runs' environments differ ({', '.join(ENV_KEYS)}), or when the seeds' median step times spread by "
              f"more than {SEED_SPREAD_MAX} of their median. Score gains are over LoRA; a tuned group's over tuned LoRA (never over an "
-             "untuned baseline).")
+             "untuned baseline); they are differences of the groups' means, shown without an interval: the paired "
+             "interval by seed is in the significance and ablation tables.")
 EVA_PASS_HEADER = "EVA data pass (s; share of train time; s/step)"
 EVA_COST_NOTE = (" EVA data pass: EVA's forward passes and incremental SVD over training batches before its first "
                  "step (eva_init_s), mean ± sd over seeds, its mean share of the train time, and the seconds it adds "
@@ -2105,12 +2108,19 @@ def environment_lines(agg: dict) -> list[str]:
         if r.get("timed_from") and r.get("timed_to"):
             w = windows.setdefault((r["task"], r["method_name"]), [r["timed_from"], r["timed_to"]])
             w[:] = [min(w[0], r["timed_from"]), max(w[1], r["timed_to"])]
-    if windows:
+    unwindowed = {}
+    for r in agg["runs"]:
+        if not (r.get("timed_from") and r.get("timed_to")):
+            unwindowed[(r["task"], r["method_name"])] = unwindowed.get((r["task"], r["method_name"]), 0) + 1
+    if windows or unwindowed:
         lines += ["", "When each group was timed (UTC, first start to last end of its runs; a machine whose speed "
                   "drifts puts the drift into the ratio of groups timed in different windows, so a study command "
                   "runs each seed's methods back to back):", ""]
         lines += [f"- {TASKS.get(t, t)}, {m}: {a} to {b}" for (t, m), (a, b) in sorted(
             windows.items(), key=lambda kv: (sort_tasks([kv[0][0]]), kv[1][0]))]
+        lines += [f"- {TASKS.get(t, t)}, {m}: no timing window on {n} run(s) (records older than timed_from): a time "
+                  f"ratio with them cannot be checked for drift between sessions (drift_checked false)"
+                  for (t, m), n in sorted(unwindowed.items(), key=lambda kv: (sort_tasks([kv[0][0]]), kv[0][1]))]
     return lines
 
 

@@ -553,6 +553,7 @@ def test_a_seed_timed_far_apart_is_left_out(glora_42_start, left_out):
             r.summary["timed_from"], r.summary["timed_to"] = windows[r.name]
     ratio = E.aggregate(records)["derived"]["sst2"]["methods"]["GLoRA"]["step_time_ratio"]
     assert ratio["comparable"] and ratio["reason"] is None
+    assert ratio["drift_checked"] is (glora_42_start is not None or left_out)
     if left_out:
         [e] = ratio["excluded"]
         assert e["seed"] == 42 and e["reason"].startswith("timed apart: ") and "(> 30 min" in e["reason"]
@@ -1353,5 +1354,7 @@ def test_report_says_when_each_group_was_timed():
                             ("EVA", "2026-12-01T19:19:00+00:00", "2026-12-01T19:21:30+00:00"))]
     lines = E.environment_lines({"runs": runs + [{"task": "sst2", "method_name": "GLoRA", "environment": None}]})
     assert "- SST-2, LoRA: 2026-12-01T18:31:00+00:00 to 2026-12-01T18:56:00+00:00" in lines
-    assert lines[-1] == "- SST-2, EVA: 2026-12-01T19:19:00+00:00 to 2026-12-01T19:21:30+00:00"
-    assert not any("GLoRA:" in x for x in lines)  # records older than the keys: no window
+    assert lines[-2] == "- SST-2, EVA: 2026-12-01T19:19:00+00:00 to 2026-12-01T19:21:30+00:00"
+    # records older than the keys: no window, and the report says drift cannot be checked against them
+    assert lines[-1] == ("- SST-2, GLoRA: no timing window on 1 run(s) (records older than timed_from): a time ratio "
+                         "with them cannot be checked for drift between sessions (drift_checked false)")
