@@ -2033,11 +2033,14 @@ def main_table(agg: dict) -> list[str]:
 
 
 def fmt_time_ratio(ratio: dict | None, notes: list[str]) -> str:
-    """`×1.23 [1.20, 1.26]` (the paired interval of the geometric mean, when there is one); `×1.23†` on the
-    train_time/steps basis; `×2.65 (not comparable, note k)`, the reason in notes."""
+    """`×1.23 [1.20, 1.26]`: with a paired interval, the geometric mean of the per-seed ratios (the interval's own
+    estimand); else the ratio of the groups' means; `×1.23†` on the train_time/steps basis; `×2.65 (not comparable,
+    note k)`, the reason in notes."""
     if not ratio or ratio.get("value") is None:
         return "–"
-    text = f"×{ratio['value']:.2f}" + ("†" if ratio["basis"] == "train_time_per_step" else "")
+    paired = ratio["comparable"] and ratio.get("ci") and ratio.get("geometric_mean") is not None
+    text = f"×{ratio['geometric_mean' if paired else 'value']:.2f}" + (
+        "†" if ratio["basis"] == "train_time_per_step" else "")
     if ratio["comparable"]:
         text += f" {fmt_ci(ratio['ci'], 1.0, False, 3)}" if ratio.get("ci") else ""
         if not ratio.get("excluded"):
@@ -2084,7 +2087,9 @@ COST_NOTE = ("Step time: per run the median over training optimizer steps (step_
              f"the runs' environments differ ({', '.join(ENV_KEYS)}), or when the seeds' median step times spread by "
              f"more than {SEED_SPREAD_MAX} of their median. Score gains are over LoRA; a tuned group's over tuned LoRA (never over an "
              "untuned baseline); they are differences of the groups' means, shown without an interval: the paired "
-             "interval by seed is in the significance and ablation tables.")
+             "interval by seed is in the significance and ablation tables. A time ratio with an interval is the "
+             "geometric mean of the per-seed ratios (what the interval is of); without one, the ratio of the groups' "
+             "means.")
 EVA_PASS_HEADER = "EVA data pass (s; share of train time; s/step)"
 EVA_COST_NOTE = (" EVA data pass: EVA's forward passes and incremental SVD over training batches before its first "
                  "step (eva_init_s), mean ± sd over seeds, its mean share of the train time, and the seconds it adds "

@@ -1358,3 +1358,14 @@ def test_report_says_when_each_group_was_timed():
     # records older than the keys: no window, and the report says drift cannot be checked against them
     assert lines[-1] == ("- SST-2, GLoRA: no timing window on 1 run(s) (records older than timed_from): a time ratio "
                          "with them cannot be checked for drift between sessions (drift_checked false)")
+
+
+def test_a_time_ratio_cell_shows_the_estimand_of_its_interval():
+    """With a paired interval the cell shows the geometric mean of the per-seed ratios, not the ratio of means."""
+    ratio = {"value": 1.10, "geometric_mean": 1.05, "ci": [1.01, 1.09], "comparable": True, "excluded": [],
+             "basis": "step_time_median"}
+    assert E.fmt_time_ratio(ratio, []) == "×1.05 [1.010, 1.090]"
+    assert E.fmt_time_ratio({**ratio, "ci": None}, []) == "×1.10"  # no interval: the ratio of the groups' means
+    notes = []
+    assert E.fmt_time_ratio({**ratio, "comparable": False, "reason": "different environments"}, notes) == \
+        "×1.10 (not comparable, note 1)" and notes == ["not comparable: different environments"]
