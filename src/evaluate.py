@@ -1196,16 +1196,16 @@ def _mean_difference(a, b, axis=-1):
     return np.mean(a, axis=axis) - np.mean(b, axis=axis)
 
 
-def paired_bootstrap(ca: np.ndarray, cb: np.ndarray) -> dict:
-    """95% CI of accuracy(a) - accuracy(b), resampling examples (paired). Percentile interval: BCa's jackknife
+def paired_bootstrap(ca: np.ndarray, cb: np.ndarray, confidence: float = 0.95) -> dict:
+    """`confidence` CI of accuracy(a) - accuracy(b), resampling examples (paired). Percentile interval: BCa's jackknife
     costs O(n^2) on MNLI/QQP-sized dev sets; batches bound the memory."""
     out = {"test": "paired bootstrap, percentile (scipy.stats.bootstrap)",
            "difference": float(_mean_difference(ca, cb)),
-           "ci_low": None, "ci_high": None, "confidence_level": 0.95, "n_resamples": N_RESAMPLES, "seed": BOOT_SEED,
+           "ci_low": None, "ci_high": None, "confidence_level": confidence, "n_resamples": N_RESAMPLES, "seed": BOOT_SEED,
            "n": len(ca), "reason": None}
     try:
         res = stats.bootstrap((ca.astype(float), cb.astype(float)), _mean_difference, paired=True, vectorized=True,
-                              n_resamples=N_RESAMPLES, confidence_level=0.95, method="percentile",
+                              n_resamples=N_RESAMPLES, confidence_level=confidence, method="percentile",
                               batch=max(1, 2_000_000 // len(ca)), rng=np.random.default_rng(BOOT_SEED))
         out.update(ci_low=float(res.confidence_interval.low), ci_high=float(res.confidence_interval.high))
     except ValueError as e:  # e.g. a single example
@@ -1213,7 +1213,7 @@ def paired_bootstrap(ca: np.ndarray, cb: np.ndarray) -> dict:
     return out
 
 
-def example_level_tests(records: list[RunRecord], task: str, a: str, b: str) -> list[dict]:
+def example_level_tests(records: list[RunRecord], task: str, a: str, b: str, confidence: float = 0.95) -> list[dict]:
     """Per-example tests on predictions.csv, runs paired by seed (or the first seed of each when none is shared)."""
     runs = {m: {r.summary.get("seed"): r for r in records if task_of(r) == task and method_of(r) == m
                 and r.predictions is not None} for m in (a, b)}
@@ -1233,7 +1233,7 @@ def example_level_tests(records: list[RunRecord], task: str, a: str, b: str) -> 
             out.append({**head, "split": split, "reason": "the two runs' eval sets differ (idx or labels)"} if pair
                        is None else {**head, "split": split, "n": len(pair[0]), "accuracy_a": float(pair[0].mean()),
                                      "accuracy_b": float(pair[1].mean()), "mcnemar": mcnemar_test(*pair),
-                                     "bootstrap": paired_bootstrap(*pair)})
+                                     "bootstrap": paired_bootstrap(*pair, confidence)})
     return out
 
 
@@ -1572,7 +1572,7 @@ def aggregate(records: list[RunRecord], settings: dict | None = None) -> dict:
 
     def pair_tests(task: str, a: str, b: str) -> tuple[dict, list[dict]]:  # each pair once (AdaLoRA is in both)
         if (task, a, b) not in cache:
-            examples = example_level_tests(records, task, a, b)
+            examples = example_level_tests(records, task, a, b, confidence)
             holm([e["mcnemar"] for e in examples if "mcnemar" in e],
                  f"McNemar per seed and split, {TASKS.get(task, task)}: {a} − {b}")
             cache[(task, a, b)] = seed_level_tests(rows, task, a, b, confidence, mde), examples
@@ -2189,7 +2189,8 @@ SCORES_NOTE = ("Scores in %, mean ± sd over seeds (n runs): MNLI mean of m/mm a
                "first; only seeds run on every task). Adapter params: mean over the group's runs, at the final ranks "
                "where recorded. Cost per task below.")
 EXAMPLE_TESTS_NOTE = (f"Per example on the shared dev set (McNemar exact test, Holm over a pair's seeds and splits; "
-                      f"paired bootstrap 95% CI of the accuracy difference, {N_RESAMPLES} resamples, "
+                      "paired bootstrap {level:g}% CI of the accuracy difference, "
+                      f"{N_RESAMPLES} resamples, "
                       f"seed {BOOT_SEED}):")
 PUBLISHED_NOTE = ("Zhang et al., *Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning* (AdaLoRA), ICLR "
                   "2023, Table 1. Copied for reference only: a different backbone, budget or seed count makes them not "
@@ -2265,6 +2266,7 @@ def significance_tables(agg: dict) -> list[str]:
     lines = [seed_tests_note(agg), ""] + table(["Task", "Pair", *SEED_HEADER, "Note"], rows)
     lines += ["", *pooled_table(agg)]
     rows = []
+    level = 100 * next((e["bootstrap"]["confidence_level"] for e in sig["example_level"] if e.get("bootstrap")), 0.95)
     for e in sig["example_level"]:
         mc, bs = e.get("mcnemar") or {}, e.get("bootstrap") or {}
         ci = f"[{100 * bs['ci_low']:+.2f}, {100 * bs['ci_high']:+.2f}]" if bs.get("ci_low") is not None else "–"
@@ -2272,9 +2274,9 @@ def significance_tables(agg: dict) -> list[str]:
                      e.get("split", ""), str(e.get("n", "")), fmt_num(mc.get("statistic")), fmt_num(mc.get("p_value")),
                      fmt_num(mc.get("p_adjusted")), fmt_points(bs.get("difference")), ci,
                      e.get("reason") or bs.get("reason") or ""])
-    lines += ["", EXAMPLE_TESTS_NOTE, ""]
+    lines += ["", EXAMPLE_TESTS_NOTE.format(level=level), ""]
     return lines + table(["Task", "Pair", "Paired by", "Split", "n", "McNemar stat.", "McNemar p", "Holm p",
-                          "Acc. diff. (points)", "95% CI", "Note"], rows)
+                          "Acc. diff. (points)", f"{level:g}% CI", "Note"], rows)
 
 
 ABLATION_NOTE = ("Every group other than LoRA and GLoRA (the main configs: method comparative-2 / proposed with no "

@@ -1369,3 +1369,16 @@ def test_a_time_ratio_cell_shows_the_estimand_of_its_interval():
     notes = []
     assert E.fmt_time_ratio({**ratio, "comparable": False, "reason": "different environments"}, notes) == \
         "×1.10 (not comparable, note 1)" and notes == ["not comparable: different environments"]
+
+
+def test_the_per_example_bootstrap_follows_statistics_alpha():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 200)
+    records = [E.RunRecord(f"{m}-42", {}, {"task": "sst2", "method_name": m, "seed": 42, "glue_score": 0.8}, [],
+                           pd.DataFrame({"split": "validation", "idx": range(200), "label": y,
+                                         "prediction": np.where(rng.random(200) < 0.8, y, 1 - y)}))
+               for m in ("LoRA", "GLoRA")]
+    wide, narrow = (E.aggregate(records, E.load_settings({"statistics": {"alpha": a}}))["significance"]
+                    ["example_level"][0]["bootstrap"] for a in (0.05, 0.2))
+    assert (wide["confidence_level"], narrow["confidence_level"]) == (0.95, 0.8)
+    assert wide["ci_low"] < narrow["ci_low"] < narrow["ci_high"] < wide["ci_high"]
