@@ -1249,8 +1249,8 @@ def example_summary(entries: list[dict], alpha: float) -> dict:
             "mcnemar_p_min": min(p, default=None), "mcnemar_p_max": max(p, default=None),
             "difference_min": min((e["bootstrap"]["difference"] for e in tested), default=None),
             "difference_max": max((e["bootstrap"]["difference"] for e in tested), default=None),
-            "ci_low_min": min((c["ci_low"] for c in cis), default=None),
-            "ci_high_max": max((c["ci_high"] for c in cis), default=None),
+            "per_seed_ci_lowest_end": min((c["ci_low"] for c in cis), default=None),
+            "per_seed_ci_highest_end": max((c["ci_high"] for c in cis), default=None),
             "paired_by": sorted({e["paired_by"] for e in tested}),
             "reason": None if tested else next((e.get("reason") for e in entries if e.get("reason")), "no test")}
 

@@ -391,7 +391,7 @@ def test_ablation_each_group_against_lora_and_glora_matches_scipy_and_statsmodel
             assert [e["mcnemar"]["p_value"] for e in c["example_level"]] == pytest.approx(p_values)
             summary = c["example_summary"]
             assert summary["n_tests"] == 2 and summary["n_mcnemar_significant"] == sum(p < 0.05 for p in p_values)
-            assert summary["ci_low_min"] == pytest.approx(min(e["bootstrap"]["ci_low"] for e in c["example_level"]))
+            assert summary["per_seed_ci_lowest_end"] == pytest.approx(min(e["bootstrap"]["ci_low"] for e in c["example_level"]))
     headline = next(e for e in agg["significance"]["seed_level"] if (e["method_a"], e["method_b"]) == ("GLoRA", "LoRA"))
     assert headline["mde"]["mde"] is not None and headline["reading"]
     report = (evaluated_variants[0] / "comparison" / "report.md").read_text()
