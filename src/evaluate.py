@@ -831,6 +831,11 @@ def _low_cpu_use(groups: list[list[dict]]) -> str | None:
 RUN_TIMING_CHECKS = (_missing_timing, _loaded_run, _low_cpu_use)  # about one run's own timing
 
 
+def has_timing_window(run: dict) -> bool:
+    """Whether the run recorded when it was timed (timed_from/timed_to; older records did not)."""
+    return bool(run.get("timed_from") and run.get("timed_to"))
+
+
 def timed_apart(a: dict, b: dict) -> str | None:
     """Why two runs of one seed were not timed together, or None: the gap between their timing windows (timed_from
     .. timed_to) above max(PAIR_GAP_MIN_S, PAIR_GAP_RUNS x the longer window). Records without the window (older
@@ -910,7 +915,7 @@ def time_ratios(runs: list[dict], base_runs: list[dict], confidence: float) -> d
     common = {"comparable": comparable, "reason": reason, "excluded": excluded if comparable else [],
               "n_runs": [len(runs), len(base_runs)],
               # whether timed_apart could see every pair (records older than timed_from have no window)
-              "drift_checked": all(r.get("timed_from") and r.get("timed_to") for r in runs + base_runs)}
+              "drift_checked": all(has_timing_window(r) for r in runs + base_runs)}
     return {"step_time_ratio": {"value": _ratio(mean["a"], mean["b"]), **common, "basis": step_basis,
                                 **paired_ratio(runs, base_runs, key, confidence, comparable)},
             "train_time_s_ratio": {"value": _ratio(totals["a"], totals["b"]), **common, "basis": "train_time_total",
@@ -2108,15 +2113,14 @@ def environment_lines(agg: dict) -> list[str]:
         envs.setdefault(key, []).append(r["method_name"])
     lines = ["Environments:", ""] + [f"- {key}: {len(names)} run(s) of {', '.join(sort_methods(names))}"
                                      for key, names in envs.items()]
-    windows = {}
+    windows, unwindowed = {}, {}
     for r in agg["runs"]:
-        if r.get("timed_from") and r.get("timed_to"):
-            w = windows.setdefault((r["task"], r["method_name"]), [r["timed_from"], r["timed_to"]])
+        group = (r["task"], r["method_name"])
+        if has_timing_window(r):
+            w = windows.setdefault(group, [r["timed_from"], r["timed_to"]])
             w[:] = [min(w[0], r["timed_from"]), max(w[1], r["timed_to"])]
-    unwindowed = {}
-    for r in agg["runs"]:
-        if not (r.get("timed_from") and r.get("timed_to")):
-            unwindowed[(r["task"], r["method_name"])] = unwindowed.get((r["task"], r["method_name"]), 0) + 1
+        else:
+            unwindowed[group] = unwindowed.get(group, 0) + 1
     if windows or unwindowed:
         lines += ["", "When each group was timed (UTC, first start to last end of its runs; a machine whose speed "
                   "drifts puts the drift into the ratio of groups timed in different windows, so a study command "
