@@ -40,9 +40,18 @@ def _tiny_tokenizer(folder: Path):
     return tok
 
 
+def _save_seeded(model_class, config, folder: Path) -> Path:
+    """The same random weights in every session: a test's outcome must not depend on the draw."""
+    import torch
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model_class(config).save_pretrained(folder)
+    return folder
+
+
 def build_tiny_backbone(folder: Path, hidden: int = 32, layers: int = 2) -> Path:
     """A randomly initialised DeBERTa-v2 (v3-style relative attention) and a WordPiece tokenizer trained on WORDS."""
-    import torch
     from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 
     tok = _tiny_tokenizer(folder)
@@ -51,27 +60,20 @@ def build_tiny_backbone(folder: Path, hidden: int = 32, layers: int = 2) -> Path
         intermediate_size=2 * hidden, max_position_embeddings=128, relative_attention=True, position_buckets=16,
         pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False,
         pooler_hidden_size=hidden, type_vocab_size=0, pad_token_id=0)
-    with torch.random.fork_rng():  # the same weights in every session: a test's outcome must not depend on the draw
-        torch.manual_seed(0)
-        DebertaV2ForSequenceClassification(config).save_pretrained(folder)
-    return folder
+    return _save_seeded(DebertaV2ForSequenceClassification, config, folder)
 
 
 def build_tiny_bert(folder: Path, hidden: int = 32, layers: int = 6) -> Path:
     """A randomly initialised BERT (the MiniLM configs' module names: query/key/value, attention.output.dense, ...)
     with the same WordPiece tokenizer; 6 layers as all-MiniLM-L6-v2, so its 36 adapted matrices and rank budgets
     are the real ones."""
-    import torch
     from transformers import BertConfig, BertForSequenceClassification
 
     tok = _tiny_tokenizer(folder)
     config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128,
                         type_vocab_size=2, pad_token_id=0)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        BertForSequenceClassification(config).save_pretrained(folder)
-    return folder
+    return _save_seeded(BertForSequenceClassification, config, folder)
 
 
 GLUE_FILES = {
