@@ -82,7 +82,7 @@ def test_tuning_bench_writes_the_studys_best_values_as_a_tuned_delta(tmp_path):
     study = tmp_path / "study" / f"proposed-{demo}"
     study.mkdir(parents=True)
     best = {"learning_rate": 0.0012345678901, "beta_ema": 0.91, "warmup_steps": "30%"}
-    (study / "config.yaml").write_text(f"optuna:\n  n_trials: 8\n  best_params: {best}\n")
+    (study / "config.yaml").write_text(f"optuna:\n  n_trials: 8\n  pruner:\n    type: median\n  best_params: {best}\n")
     (study / "summary.json").write_text('{"best_trial_value": 0.875}')
     values = tuning.best_values(study, "glora")
     assert values == {"training.learning_rate": 0.0012345678901, "glo_ra.beta_ema": 0.91, "glo_ra.warmup_steps": "30%"}
@@ -97,6 +97,9 @@ def test_tuning_bench_writes_the_studys_best_values_as_a_tuned_delta(tmp_path):
     assert cfg.glo_ra.score == "grad_norm" and cfg.optuna.search_space.beta_ema.high == 0.99  # the rest: the demo's
     (study / "summary.json").write_text('{"n_trials_complete": 3, "n_trials_pruned": 1}')
     args = tuning.parse_args(["--results-dir", str(tmp_path), "--trials", "8"])
+    with pytest.raises(SystemExit, match="pruner 'median', not --pruner none"):  # nor one protocol
+        tuning.study("proposed", args)
+    args = tuning.parse_args(["--results-dir", str(tmp_path), "--trials", "8", "--pruner", "median"])
     with pytest.raises(SystemExit, match="4 finished trials, not 8"):  # the methods must share one budget
         tuning.study("proposed", args)
     (study / "summary.json").write_text('{"n_trials_complete": 5, "n_trials_pruned": 3}')
