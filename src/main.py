@@ -397,6 +397,10 @@ def tune(cfg: DictConfig, run_dir: Path, name: str, pruner=None, sweep_job: int 
                               on_eval=on_eval, sweep_job=sweep_job)
         return summary[metric.removeprefix("validation_")]
 
+    if cfg.optuna.sampler.n_startup_trials >= cfg.optuna.n_trials:
+        log.warning("optuna: n_trials=%d is not above optuna.sampler.n_startup_trials=%d, so every trial is a "
+                    "random draw (TPE never models): lower the start-up trials or raise the trial budget",
+                    cfg.optuna.n_trials, cfg.optuna.sampler.n_startup_trials)
     done = sum(t.state in done_states for t in study.trials)
     if done < cfg.optuna.n_trials:
         log.info("optuna: %d of %d trials done in %s; running the rest", done, cfg.optuna.n_trials, study_dir)

@@ -88,7 +88,7 @@ def target_module_names(model: nn.Module, target_modules: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Adapter configs: one switch for the three methods.
+# Adapter configs: one switch for the four methods.
 
 def adapter_kind(cfg) -> str:
     """'lora', 'adalora', 'glora' or 'eva' (GLoRA is a LoRA whose run config has a glo_ra section, EVA one with an
@@ -158,6 +158,8 @@ def check_budget(cfg, base_model: nn.Module, total_steps: int) -> None:
             raise ModelError(f"AdaLoRA schedule leaves no budgeting phase: adaptation_start_step="
                              f"{a.adaptation_start_step} >= total optimizer steps ({total_steps}) - final_steps="
                              f"{a.final_steps}")
+    if kind == "eva":
+        check_eva(cfg.eva)
     if kind == "glora":
         g = cfg.glo_ra
         costs = rank_costs(base_model, names)
@@ -187,6 +189,28 @@ def check_budget(cfg, base_model: nn.Module, total_steps: int) -> None:
         if SCORES[g.score].adapter is None and (cfg.get("training") or {}).get("gradient_checkpointing"):
             raise ModelError(f"glo_ra.score={g.score} reads each layer's input and output gradient, which "
                              f"training.gradient_checkpointing=true recomputes: turn one of them off")
+
+
+def check_eva(e) -> None:
+    """EVA's keys, before its data pass: a one-line error, not EvaConfig's assertion or a crash mid-pass.
+    (Their defaults live in the EVA run configs, so main's type check does not see them.)"""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    if not number(e.rho) or e.rho < 1:
+        raise ModelError(f"eva.rho={e.rho!r}: a number >= 1 (a matrix gets at most rho x init_rank)")
+    if not number(e.tau) or not 0 <= e.tau <= 1:
+        raise ModelError(f"eva.tau={e.tau!r}: a number in [0, 1]")
+    for key in ("whiten", "adjust_scaling_factors"):
+        if not isinstance(e[key], bool):
+            raise ModelError(f"eva.{key}={e[key]!r}: expected true or false")
+    if e.batch_size is not None and not count(e.batch_size):
+        raise ModelError(f"eva.batch_size={e.batch_size!r}: an integer >= 1, or null for the training batch size")
+    if not count(e.max_passes):
+        raise ModelError(f"eva.max_passes={e.max_passes!r}: an integer >= 1")
 
 
 def _max_ranks(model: nn.Module, names: list[str], max_rank: int | None) -> dict[str, int]:
@@ -592,7 +616,7 @@ def rebuild_lora_layers(model: PeftModel, new_ranks: dict[str, int],
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Per-optimizer-step hooks: the one place where the three methods differ inside the training loop.
+# Per-optimizer-step hooks: the one place where the methods differ inside the training loop.
 
 def _score_grad_norm(params, grads):
     return torch.stack(torch._foreach_norm(grads))

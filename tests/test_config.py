@@ -101,8 +101,7 @@ def test_a_trial_runs_with_every_documented_override(method, tiny_deberta12, glu
     import json
 
     run_id = f"{method}-DeBERTa-v3-base-86M--GLUE-SST-2"
-    overrides = [o for o in DOCUMENTED_OVERRIDES[method] if not o.startswith(("glo_ra.warmup", "adalora.adaptation",
-                                                                             "adalora.final", "adalora.mask"))]
+    overrides = list(DOCUMENTED_OVERRIDES[method])
     if method == "comparative-1":
         overrides.append("model.peft.init_rank=6")  # AdaLoRA's init_r is LoRA's r: the two must agree
     cfg = compose_run(run_id, "mode=trial", *overrides, f"model.backbone={tiny_deberta12}",
@@ -110,10 +109,20 @@ def test_a_trial_runs_with_every_documented_override(method, tiny_deberta12, glu
     main.run(cfg)
     summary = json.loads((tmp_path / run_id / "summary.json").read_text())
     assert summary["status"] == "finished"
+    # each override landed: in the run's config, or, for the keys trial mode shrinks (its `trial` block), in the
+    # values the trial replaced (kept to forecast the full run)
+    ran = OmegaConf.load(tmp_path / run_id / "config.yaml")
+    for override in overrides:
+        path = override.split("=")[0]
+        want = OmegaConf.select(OmegaConf.from_dotlist([override]), path)  # typed as Hydra reads it
+        got = ran.trial_replaced[path] if path in ran.trial else OmegaConf.select(ran, path)
+        assert got == want, (path, got, want)
     if method == "proposed":
         assert summary["budget_unit"] == "params" and max(summary["final_ranks"].values()) <= 12
     if method == "comparative-1":
         assert summary["rank_budget_total"] == 100
+    if method == "comparative-3":  # rho = 1.5: no matrix above 1.5 x 8, the budget still LoRA's
+        assert max(summary["final_ranks"].values()) <= 12 and sum(summary["eva_ranks"].values()) == 72 * 8
 
 
 def test_mnli_configs_carry_the_issue_values():

@@ -47,9 +47,9 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
         if (run_dir / "checkpoint").exists() else []
 
 
-# -m slow; the suite keeps the cases with a rebuild (AdaLoRA's budgeting, GLoRA's reallocation); EVA's resume from its
-# saved pass is also checked in-process (tests/test_eva.py)
-SLOW_CASES = {"LoRA-epoch-end", "GLoRA-before-realloc", "LoRA", "EVA"}
+# -m slow; the suite keeps the cases with a rebuild (AdaLoRA's budgeting, GLoRA's reallocation, EVA's ranks from its
+# saved pass)
+SLOW_CASES = {"LoRA-epoch-end", "GLoRA-before-realloc", "LoRA"}
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c

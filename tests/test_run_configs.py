@@ -80,7 +80,7 @@ def test_every_run_config_runs_in_trial_mode(run_id, backbones, glue_dir, tmp_pa
 
 
 MNLI_RUNS = [(run_id, b) for run_id in RUN_IDS if run_id.endswith("DeBERTa-v3-base-86M--GLUE-MNLI")
-             and "optuna" in raw(run_id)  # a delta config (EVA) shares its base's schedule
+             and "defaults" not in raw(run_id)  # a delta config (EVA) shares its base's schedule
              for b in raw(run_id).optuna.search_space.batch_size.choices]
 
 
@@ -161,6 +161,17 @@ def test_schedule_is_feasible_at_real_sizes_for_every_searched_value(run_id, bas
 def test_every_task_and_method_ships_for_both_backbones():
     expected = {f"{m}-{b}--GLUE-{t}" for m in METHODS for b in BACKBONES for t in TASK_FOLDERS}
     assert expected <= set(RUN_IDS), sorted(expected - set(RUN_IDS))
+
+
+@pytest.mark.parametrize("run_id", sorted(r for r in RUN_IDS if r.startswith("comparative-3-") and "-tuned-" not in r))
+def test_every_eva_config_tunes_loras_space_and_its_own_rho(run_id):
+    """As AdaLoRA's and GLoRA's configs tune their own knobs, every EVA config searches rho beside LoRA's space."""
+    eva = compose_run(run_id, "mode=full")
+    lora = compose_run(run_id.replace("comparative-3-", "comparative-2-", 1), "mode=full")
+    space = OmegaConf.to_container(eva.optuna.search_space)
+    assert space.pop("rho") == {"type": "uniform", "low": 1.0, "high": 3.0}
+    assert space == OmegaConf.to_container(lora.optuna.search_space)
+    assert eva.training == lora.training and eva.dataset == lora.dataset
 
 
 GROUPS = sorted({(b, task_of(r)) for r in RUN_IDS for b in BACKBONES

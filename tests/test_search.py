@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -192,3 +193,16 @@ def test_a_best_value_at_the_end_of_its_range_is_reported():
     assert main.at_edge(space, {**best, "learning_rate": 2.1e-4, "warmup_steps": "20%"}, 0.05) == {
         "learning_rate": "low"}
     assert main.at_edge(space, {**best, "learning_rate": 1.3e-3, "warmup_steps": "20%"}, 0.05) == {}
+
+
+def test_a_study_records_and_warns_of_a_best_value_at_its_ranges_end(tiny_model, glue_dir, tmp_path, caplog):
+    """End to end: tune() returns best_params_at_edge (the final run's summary.json) and logs it; a budget that does
+    not exceed TPE's random start-up trials is warned of."""
+    cfg = tiny_full_cfg(LORA, tiny_model, glue_dir, tmp_path, "optuna.n_trials=1")
+    cfg.optuna.search_space = {"batch_size": {"type": "int", "low": 8, "high": 9}}  # either value ends the range
+    with caplog.at_level(logging.WARNING, logger="src.main"):
+        result = main.tune(cfg, tmp_path / "run", "study")
+    side = {8: "low", 9: "high"}[result["best_params"]["batch_size"]]
+    assert result["best_params_at_edge"] == {"batch_size": side}
+    assert f"is at the {side} end of its search range" in caplog.text
+    assert "every trial is a random draw" in caplog.text  # 1 trial, 4 random start-up trials
