@@ -129,6 +129,20 @@ def check_seed_runs(method: str, values: dict, args) -> None:
                          f"remove it (or use another --results-dir) to train it anew")
 
 
+def print_trials(name: str, folder: Path) -> None:
+    """Every trial of a study, in order: what was drawn (random start-up or modelled), its state and tuning-split
+    score, so that the search each method got can be compared, not only its best point."""
+    trials = json.loads((folder / "optuna" / "trials.json").read_text())
+    keys = sorted({k for t in trials for k in t["params"]})
+    print(f"\n{name}: {len(trials)} trials (tuning-split {OmegaConf.load(folder / 'config.yaml').optuna.metric})")
+    print(f"{'#':>3} {'state':<9} {'value':>7}  " + "  ".join(f"{k:>22}" for k in keys))
+    for t in trials:
+        cells = [t["params"].get(k) for k in keys]
+        print(f"{t['number']:>3} {t['state'].lower():<9} {'-' if t['value'] is None else format(t['value'], '.4f'):>7}  "
+              + "  ".join(f"{'-' if c is None else (format(c, '.3g') if isinstance(c, float) else str(c)):>22}"
+                          for c in cells))
+
+
 def side_by_side(agg: dict, methods: list[str], names: dict[str, str]) -> None:
     """Untuned and tuned per method, the paired difference, and the tuned methods against tuned LoRA."""
     task = next(iter(agg["groups"]))
@@ -168,6 +182,8 @@ def main(argv=None) -> int:
         sys.exit(f"bench/tuning.py: --methods takes main configs only (no variant); {' '.join(variants)} are variants")
     names = {m: A.run_config(m).method_name for m in args.methods}
     studies = {m: study(m, args) for m in args.methods}  # every study, checked, before any config is written
+    for method, (folder, summary) in studies.items():
+        print_trials(names[method], folder)
     for method, (folder, summary) in studies.items():
         values = best_values(folder, kinds[method])
         path = A.RUN_DIR / f"{method}-{TUNED}-{A.DEMO}.yaml"
