@@ -196,8 +196,19 @@ def remaining_share(run: Run, forecast_s: float | None, step: int | None, args) 
         return 1.0
     shape = json.loads((Path(args.results_dir) / ".plan" / run.rid / "summary.json").read_text()).get(
         "forecast_full_run_shape", {}) if forecast_s else {}
-    total = shape.get("steps")
+    total = shape.get("total_steps")
     return max(0.0, 1 - step / total) if total else 1.0
+
+
+def overrun(runs: list[Run], forecasts: dict[str, float | None]) -> dict[str, list[float]]:
+    """Per task, finished runs' measured time (train + evaluation, from summary.json) over their forecast."""
+    ratios: dict[str, list[float]] = {}
+    for r in runs:
+        if forecasts.get(r.rid) and r.state()[0] == "done":
+            s = json.loads((r.folder / "summary.json").read_text())
+            if s.get("train_time_s") is not None:
+                ratios.setdefault(r.task, []).append((s["train_time_s"] + s.get("eval_time_s", 0.0)) / forecasts[r.rid])
+    return ratios
 
 
 def hms(seconds: float) -> str:
@@ -207,7 +218,9 @@ def hms(seconds: float) -> str:
 def plan(runs: list[Run], args) -> float:
     """Print every run with its state and the forecast of what is left; returns the seconds left (forecast)."""
     forecasts = {r.rid: forecast(r, args) for r in {r.rid: r for r in runs}.values()}
-    left, unknown = 0.0, []
+    left, scaled, unknown = 0.0, 0.0, []
+    ratios = overrun(runs, forecasts)
+    every = [x for xs in ratios.values() for x in xs]
     print(f"\n{'run':<58} {'seed':>5} {'state':<14} {'forecast':>10}")
     for r in runs:
         state, step = r.state()
@@ -218,12 +231,17 @@ def plan(runs: list[Run], args) -> float:
                 unknown.append(r.folder.name)
             else:
                 left += f * remaining_share(r, f, step, args)
+                scaled += f * remaining_share(r, f, step, args) * statistics.median(ratios.get(r.task) or every or [1.0])
         print(f"{r.rid:<58} {r.seed:>5} {label:<14} {'-' if f is None else hms(f):>10}")
     done = sum(r.state()[0] == "done" for r in runs)
     print(f"\n{len(runs)} runs: {done} done, {len(runs) - done} left; forecast for what is left: {hms(left)} "
           f"on this device, one run at a time{f' (no forecast for {len(unknown)} runs)' if unknown else ''}")
     print("(forecasts come from trial runs in {}/.plan/; a machine busy with other work inflates them)"
           .format(args.results_dir))
+    if every and left:
+        per_task = ", ".join(f"{t} {statistics.median(xs):.2f} ({len(xs)})" for t, xs in ratios.items())
+        print(f"finished runs took a median x their forecast (train + evaluation time; runs): {per_task}; scaled by "
+              f"its task's ratio (all tasks' where it has none), what is left takes about {hms(scaled)}")
     return left
 
 
@@ -247,7 +265,9 @@ def visible_gpus(n: int) -> list[str]:
 
 
 class Progress:
-    """Runs done / left, elapsed, projected end: measured walls of this invocation first, forecasts before any."""
+    """Runs done / left, elapsed, projected end. A run's expected wall: its config's measured walls in this
+    invocation; else its forecast scaled by the median measured/forecast ratio so far (trial runs of 1-2 steps can
+    be off by 20-25% on long-sequence tasks); else its forecast; else the median measured wall."""
 
     def __init__(self, runs: list[Run], forecasts: dict[str, float | None], workers: int):
         self.total, self.forecasts, self.workers = len(runs), forecasts, max(1, workers)
@@ -255,8 +275,13 @@ class Progress:
         self.done = sum(r.state()[0] == "done" for r in runs)
 
     def expected(self, run: Run) -> float | None:
-        measured = self.walls.get(run.rid) or [w for ws in self.walls.values() for w in ws]
-        return statistics.median(measured) if measured else self.forecasts.get(run.rid)
+        if run.rid in self.walls:
+            return statistics.median(self.walls[run.rid])
+        ratios = [w / self.forecasts[rid] for rid, ws in self.walls.items() for w in ws if self.forecasts.get(rid)]
+        if self.forecasts.get(run.rid):
+            return self.forecasts[run.rid] * (statistics.median(ratios) if ratios else 1.0)
+        measured = [w for ws in self.walls.values() for w in ws]
+        return statistics.median(measured) if measured else None
 
     def line(self, left: list[Run]) -> str:
         elapsed = time.time() - self.start

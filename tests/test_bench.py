@@ -255,6 +255,33 @@ def test_study_runs_one_run_per_gpu(tmp_path, monkeypatch):
     assert bench.visible_gpus(2) == ["4", "6"]
 
 
+def test_progress_scales_unmeasured_runs_forecasts_by_the_measured_overrun(tmp_path):
+    study = load_study_bench()
+    run = {rid: study.Run("m", "t", 42, rid, "demo", tmp_path / rid) for rid in "ABD"}
+    progress = study.Progress(list(run.values()), {"A": 100.0, "B": 200.0}, workers=1)
+    assert progress.expected(run["B"]) == 200.0 and progress.expected(run["D"]) is None
+    progress.finished(run["A"], 125.0)  # A ran 25% over its forecast
+    assert progress.expected(run["A"]) == 125.0
+    assert progress.expected(run["B"]) == pytest.approx(250.0)
+    assert progress.expected(run["D"]) == 125.0  # no forecast: the measured walls' median
+
+
+def test_plan_counts_a_partial_runs_share_left_and_the_finished_runs_overrun(tmp_path):
+    study = load_study_bench()
+    args = study.argparse.Namespace(results_dir=str(tmp_path))
+    half, done = (study.Run("m", "t", 42, rid, "demo", tmp_path / rid) for rid in ("half", "done"))
+    (tmp_path / ".plan" / "half").mkdir(parents=True)
+    (tmp_path / ".plan" / "half" / "summary.json").write_text(json.dumps(
+        {"forecast_full_run_s": 200.0, "forecast_full_run_shape": {"total_steps": 100}}))
+    (tmp_path / "half" / "checkpoint" / "step-25").mkdir(parents=True)
+    assert half.state() == ("partial", 25)
+    assert study.remaining_share(half, 200.0, 25, args) == 0.75
+    assert study.overrun([half, done], {"half": 200.0, "done": 100.0}) == {}  # nothing finished yet
+    done.folder.mkdir()
+    (done.folder / "summary.json").write_text(json.dumps({"train_time_s": 110.0, "eval_time_s": 20.0}))
+    assert study.overrun([half, done], {"half": 200.0, "done": 100.0}) == {"t": [pytest.approx(1.3)]}
+
+
 def test_committed_study_record_matches_its_run_records():
     """The study's committed CSV (README, BENCHMARKS) is in the repository, has the issue's columns, and every row
     is re-derivable from the run record committed beside it (summary.json: metric value, train time, params)."""
