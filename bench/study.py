@@ -230,8 +230,9 @@ def plan(runs: list[Run], args) -> float:
             if f is None:
                 unknown.append(r.folder.name)
             else:
-                left += f * remaining_share(r, f, step, args)
-                scaled += f * remaining_share(r, f, step, args) * statistics.median(ratios.get(r.task) or every or [1.0])
+                share = f * remaining_share(r, f, step, args)
+                left += share
+                scaled += share * statistics.median(ratios.get(r.task) or every or [1.0])
         print(f"{r.rid:<58} {r.seed:>5} {label:<14} {'-' if f is None else hms(f):>10}")
     done = sum(r.state()[0] == "done" for r in runs)
     print(f"\n{len(runs)} runs: {done} done, {len(runs) - done} left; forecast for what is left: {hms(left)} "
@@ -240,8 +241,8 @@ def plan(runs: list[Run], args) -> float:
           .format(args.results_dir))
     if every and left:
         per_task = ", ".join(f"{t} {statistics.median(xs):.2f} ({len(xs)})" for t, xs in ratios.items())
-        print(f"finished runs took a median x their forecast (train + evaluation time; runs): {per_task}; scaled by "
-              f"its task's ratio (all tasks' where it has none), what is left takes about {hms(scaled)}")
+        print(f"finished runs' train + evaluation time over their forecast, median per task (runs): {per_task}; "
+              f"scaled by its task's ratio (all tasks' where it has none), what is left takes about {hms(scaled)}")
     return left
 
 
