@@ -17,12 +17,13 @@ untuned and tuned configs trained on the same seeds and evaluated together; prin
    trained with other values than the tuned config's stops the script); then src.evaluate over all of them: each tuned group against its own untuned config and against the other tuned methods (report.md,
    "Ablation and controls").
 
-`--set` reaches the seed runs only: the studies run the demo configs as shipped (their evaluations during
-training give the optimisation-history figures). The trial budget is the same count for every method, over search
-spaces of different size (LoRA: the learning rate; AdaLoRA, GLoRA and EVA: the learning rate and their own knobs). Optuna's TPE sampler
-draws its first `optuna.sampler.n_startup_trials` (4) trials at random and models the finished ones after that, so
-8 trials are 4 random and 4 modelled draws (Optuna's default of 10 start-up trials would make the whole budget a
-random search). A best value within `optuna.edge_tolerance` of its range's end is printed as at the edge.
+`--set` reaches the seed runs only: the studies run the demo configs as shipped (their evaluations during training
+give the optimisation-history figures). The trial budget is the same count for every method, over search spaces of
+different size (LoRA: the learning rate; AdaLoRA, GLoRA and EVA: the learning rate and their own knobs). Optuna's
+TPE sampler draws its first `optuna.sampler.n_startup_trials` (4) trials at random and models the finished ones
+after that, so 8 trials are 4 random and 4 modelled draws (Optuna's default of 10 start-up trials would make the
+whole budget a random search). A best value within `optuna.edge_tolerance` of its range's end is printed as at the
+edge.
 
 No trial is pruned (`--pruner none`, the default): every method gets the same 8 full trials. With the median
 pruner, a trial's fate at its first evaluation (20% of the run, after 2 start-up trials) hung on whether an earlier
