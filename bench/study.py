@@ -267,20 +267,26 @@ def visible_gpus(n: int) -> list[str]:
 
 class Progress:
     """Runs done / left, elapsed, projected end. A run's expected wall: its config's measured walls in this
-    invocation; else its forecast scaled by the median measured/forecast ratio so far (trial runs of 1-2 steps can
-    be off by 20-25% on long-sequence tasks); else its forecast; else the median measured wall."""
+    invocation; else its forecast scaled by the median measured/forecast ratio so far of its task, or of every task
+    while its own has none (as --plan scales; trial runs of 1-2 steps can be off by 20-25% on long-sequence tasks);
+    else its forecast; else the median measured wall."""
 
     def __init__(self, runs: list[Run], forecasts: dict[str, float | None], workers: int):
         self.total, self.forecasts, self.workers = len(runs), forecasts, max(1, workers)
         self.start, self.walls, self.lock = time.time(), {}, threading.Lock()
+        self.task = {r.rid: r.task for r in runs}
         self.done = sum(r.state()[0] == "done" for r in runs)
 
     def expected(self, run: Run) -> float | None:
         if run.rid in self.walls:
             return statistics.median(self.walls[run.rid])
-        ratios = [w / self.forecasts[rid] for rid, ws in self.walls.items() for w in ws if self.forecasts.get(rid)]
+        ratios: dict[str, list[float]] = {}
+        for rid, ws in self.walls.items():
+            if self.forecasts.get(rid):
+                ratios.setdefault(self.task[rid], []).extend(w / self.forecasts[rid] for w in ws)
         if self.forecasts.get(run.rid):
-            return self.forecasts[run.rid] * (statistics.median(ratios) if ratios else 1.0)
+            every = [x for xs in ratios.values() for x in xs]
+            return self.forecasts[run.rid] * statistics.median(ratios.get(run.task) or every or [1.0])
         measured = [w for ws in self.walls.values() for w in ws]
         return statistics.median(measured) if measured else None
 

@@ -266,6 +266,18 @@ def test_progress_scales_unmeasured_runs_forecasts_by_the_measured_overrun(tmp_p
     assert progress.expected(run["D"]) == 125.0  # no forecast: the measured walls' median
 
 
+def test_progress_scales_by_the_runs_own_tasks_overrun_once_it_has_one(tmp_path):
+    study = load_study_bench()
+    run = {rid: study.Run("m", task, 42, rid, "demo", tmp_path / rid)
+           for rid, task in (("A", "short"), ("B", "short"), ("C", "long"), ("E", "long"))}
+    progress = study.Progress(list(run.values()), {rid: 100.0 for rid in run}, workers=1)
+    progress.finished(run["A"], 110.0)
+    assert progress.expected(run["C"]) == pytest.approx(110.0)  # no "long" run measured yet: every task's ratio
+    progress.finished(run["C"], 150.0)
+    assert progress.expected(run["B"]) == pytest.approx(110.0)  # its own task's 1.1, not the median of 1.1 and 1.5
+    assert progress.expected(run["E"]) == pytest.approx(150.0)
+
+
 def test_plan_counts_a_partial_runs_share_left_and_the_finished_runs_overrun(tmp_path):
     study = load_study_bench()
     args = study.argparse.Namespace(results_dir=str(tmp_path))
