@@ -211,6 +211,11 @@ def overrun(runs: list[Run], forecasts: dict[str, float | None]) -> dict[str, li
     return ratios
 
 
+def task_overrun(ratios: dict[str, list[float]], task: str) -> float:
+    """The median measured/forecast ratio of a task's finished runs; of every task's while it has none; else 1."""
+    return statistics.median(ratios.get(task) or [x for xs in ratios.values() for x in xs] or [1.0])
+
+
 def hms(seconds: float) -> str:
     return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
@@ -232,7 +237,7 @@ def plan(runs: list[Run], args) -> float:
             else:
                 share = f * remaining_share(r, f, step, args)
                 left += share
-                scaled += share * statistics.median(ratios.get(r.task) or every or [1.0])
+                scaled += share * task_overrun(ratios, r.task)
         print(f"{r.rid:<58} {r.seed:>5} {label:<14} {'-' if f is None else hms(f):>10}")
     done = sum(r.state()[0] == "done" for r in runs)
     print(f"\n{len(runs)} runs: {done} done, {len(runs) - done} left; forecast for what is left: {hms(left)} "
@@ -285,8 +290,7 @@ class Progress:
             if self.forecasts.get(rid):
                 ratios.setdefault(self.task[rid], []).extend(w / self.forecasts[rid] for w in ws)
         if self.forecasts.get(run.rid):
-            every = [x for xs in ratios.values() for x in xs]
-            return self.forecasts[run.rid] * statistics.median(ratios.get(run.task) or every or [1.0])
+            return self.forecasts[run.rid] * task_overrun(ratios, run.task)
         measured = [w for ws in self.walls.values() for w in ws]
         return statistics.median(measured) if measured else None
 
