@@ -225,7 +225,6 @@ def plan(runs: list[Run], args) -> float:
     forecasts = {r.rid: forecast(r, args) for r in {r.rid: r for r in runs}.values()}
     left, scaled, unknown = 0.0, 0.0, []
     ratios = overrun(runs, forecasts)
-    every = [x for xs in ratios.values() for x in xs]
     print(f"\n{'run':<58} {'seed':>5} {'state':<14} {'forecast':>10}")
     for r in runs:
         state, step = r.state()
@@ -244,7 +243,7 @@ def plan(runs: list[Run], args) -> float:
           f"on this device, one run at a time{f' (no forecast for {len(unknown)} runs)' if unknown else ''}")
     print("(forecasts come from trial runs in {}/.plan/; a machine busy with other work inflates them)"
           .format(args.results_dir))
-    if every and left:
+    if ratios and left:  # overrun lists only tasks with a finished run
         per_task = ", ".join(f"{t} {statistics.median(xs):.2f} ({len(xs)})" for t, xs in ratios.items())
         print(f"finished runs' train + evaluation time over their forecast, median per task (runs): {per_task}; "
               f"scaled by its task's ratio (all tasks' where it has none), what is left takes about {hms(scaled)}")
