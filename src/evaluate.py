@@ -2097,8 +2097,8 @@ COST_NOTE = ("Step time: per run the median over training optimizer steps (step_
              "(timed_from/timed_to: the machine's speed drifts); the ratio is then taken "
              "on the seeds left (a note names the runs left out). It is not comparable when no seed is left, when "
              f"the runs' environments differ ({', '.join(ENV_KEYS)}), or, when a run has no timing window, when the "
-             f"seeds' median step times spread by more than {SEED_SPREAD_MAX} of their median. Score gains are over LoRA; a tuned group's over tuned LoRA (never over an "
-             "untuned baseline); they are differences of the groups' means, shown without an interval: the paired "
+             f"seeds' median step times spread by more than {SEED_SPREAD_MAX} of their median. Score gains are "
+             "over LoRA; a tuned group's over tuned LoRA (never over an untuned baseline); they are differences of the groups' means, shown without an interval: the paired "
              "interval by seed is in the significance and ablation tables. A time ratio with an interval is the "
              "geometric mean of the per-seed ratios (what the interval is of); without one, the ratio of the groups' "
              "means.")
