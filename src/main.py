@@ -17,7 +17,9 @@ import netrc
 import os
 import socket
 import sys
+import time
 import urllib.parse
+from collections import Counter
 from pathlib import Path
 
 import hydra
@@ -29,6 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 log = logging.getLogger("src.main")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 MODES = ("trial", "full")
+POLL_S = 5.0  # how often a study waits on trials that other (or killed) workers hold
 # as src.train.SCHEDULE_KEYS (kept here too so that the type check runs before torch is imported)
 SCHEDULE_KEYS = ("training.lr_warmup_steps", "training.eval_every_steps", "training.checkpoint_every_steps",
                  "glo_ra.warmup_steps", "adalora.adaptation_start_step", "adalora.final_steps",
@@ -108,8 +111,24 @@ def prepare(cfg: DictConfig) -> DictConfig:
     P.task_spec(cfg.dataset.name)
     M.check_model_folder(str(cfg.model.backbone))
     M.adapter_kind(cfg)
-    resolve_search_space(cfg)
+    check_sampler(cfg, resolve_search_space(cfg))
     return cfg
+
+
+def check_sampler(cfg: DictConfig, space: dict[str, tuple[str, dict]]) -> None:
+    """A grid needs categorical choices only, and a trial count that covers it exactly (no cell twice or left out)."""
+    o = cfg.optuna
+    if o.sampler.type not in ("tpe", "grid"):
+        raise ConfigError(f"optuna.sampler.type={o.sampler.type!r}: use tpe or grid")
+    if o.sampler.type != "grid" or not o.n_trials:
+        return
+    ranged = [key for key, (_, spec) in space.items() if spec["type"] != "categorical"]
+    if ranged or not space:
+        raise ConfigError(f"optuna.sampler.type=grid needs a search space of categorical choices only"
+                          f"{'; ranged: ' + ', '.join(ranged) if ranged else ' (the space is empty)'}")
+    cells = math.prod(len(spec["choices"]) for _, spec in space.values())
+    if o.n_trials != cells:
+        raise ConfigError(f"optuna.sampler.type=grid: optuna.n_trials={o.n_trials} but the grid has {cells} cells")
 
 
 def apply_trial(cfg: DictConfig) -> None:
@@ -302,9 +321,18 @@ def make_study(cfg: DictConfig, study_dir: Path, name: str):
                                 pruner=pruner[p.type]())
     # seeded for reproducibility; offset by the trials already there so that a second worker or a resumed
     # study does not replay the first one's random start-up samples
-    study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + len(study.trials),
-                                               n_startup_trials=o.sampler.n_startup_trials)
+    seed = cfg.seed + len(study.trials)
+    if o.sampler.type == "grid":  # every combination of the categorical choices once (GridSampler skips done ones)
+        grid = {key: list(spec["choices"]) for key, (_, spec) in resolve_search_space(cfg).items()}
+        study.sampler = optuna.samplers.GridSampler(grid, seed=seed)
+    else:
+        study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=o.sampler.n_startup_trials)
     return study
+
+
+def study_dir_of(cfg: DictConfig) -> Path:
+    """One study per run config, shared by every seed: {results_dir}/optuna/{run_id}/ (trials, records, sqlite)."""
+    return Path(cfg.results_dir) / "optuna" / cfg.run_id
 
 
 def at_edge(space: dict[str, tuple[str, dict]], best: dict, tolerance: float) -> dict[str, str]:
@@ -344,12 +372,15 @@ def _rdb_storage(url: str, attempts: int = 5):
     import random
     import time
 
-    from optuna.storages import RDBStorage
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
     from sqlalchemy.exc import SQLAlchemyError
 
     for attempt in range(attempts):
         try:
-            return RDBStorage(url, heartbeat_interval=60, grace_period=120)  # a killed worker's trial is failed
+            # a killed worker's trial is failed after the grace period and re-queued with its values (a grid cell
+            # is then tried again, not taken as visited)
+            return RDBStorage(url, heartbeat_interval=60, grace_period=120,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
         except SQLAlchemyError:
             if attempt == attempts - 1:
                 raise
@@ -366,14 +397,17 @@ def tune(cfg: DictConfig, run_dir: Path, name: str, pruner=None, sweep_job: int 
     from src import train as T
 
     space = resolve_search_space(cfg)
-    study_dir = run_dir / "optuna"
-    study = make_study(cfg, study_dir, name)
+    study_dir = study_dir_of(cfg)
+    study = make_study(cfg, study_dir, cfg.run_id)
     if pruner is not None:
         study.pruner = pruner
     metric = cfg.optuna.metric
     done_states = (TrialState.COMPLETE, TrialState.PRUNED)
 
+    started_here = set()
+
     def objective(trial) -> float:
+        started_here.add(trial.number)
         others = [t for t in study.get_trials(deepcopy=False, states=(*done_states, TrialState.RUNNING))
                   if t.number != trial.number]
         if len(others) >= cfg.optuna.n_trials:  # another worker took the last trial: stop, record nothing
@@ -395,22 +429,38 @@ def tune(cfg: DictConfig, run_dir: Path, name: str, pruner=None, sweep_job: int 
 
         summary = T.train_run(tcfg, study_dir / f"trial-{trial.number:03d}", f"{name}/trial-{trial.number}",
                               on_eval=on_eval, sweep_job=sweep_job)
+        trial.set_user_attr("steps", int(summary["total_steps"]))
         return summary[metric.removeprefix("validation_")]
 
-    if cfg.optuna.sampler.n_startup_trials >= cfg.optuna.n_trials:
+    if cfg.optuna.sampler.type == "tpe" and cfg.optuna.sampler.n_startup_trials >= cfg.optuna.n_trials:
         log.warning("optuna: n_trials=%d is not above optuna.sampler.n_startup_trials=%d, so every trial is a "
                     "random draw (TPE never models): lower the start-up trials or raise the trial budget",
                     cfg.optuna.n_trials, cfg.optuna.sampler.n_startup_trials)
-    done = sum(t.state in done_states for t in study.trials)
-    if done < cfg.optuna.n_trials:
-        log.info("optuna: %d of %d trials done in %s; running the rest", done, cfg.optuna.n_trials, study_dir)
+    n = cfg.optuna.n_trials
+    before = sum(t.state in done_states for t in study.trials)
+    if before < n:
+        log.info("optuna: %d of %d trials done in %s; running the rest", before, n, study_dir)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        # a trial whose drawn values the method cannot run (an infeasible budget) fails alone, not the study
-        study.optimize(objective, n_trials=cfg.optuna.n_trials - done, gc_after_trial=True,
-                       catch=(StudyFull, M.ModelError),
-                       callbacks=[MaxTrialsCallback(cfg.optuna.n_trials, states=done_states)])
     else:
-        log.info("optuna: study already has %d finished trials; training with its best parameters", done)
+        log.info("optuna: study already has %d finished trials; training with its best parameters", before)
+    ran = False
+    while True:
+        by_state = Counter(t.state for t in study.get_trials(deepcopy=False))
+        done, running, waiting = (sum(by_state[s] for s in done_states), by_state[TrialState.RUNNING],
+                                  by_state[TrialState.WAITING])
+        if done >= n:
+            break
+        if (not ran and done + running < n) or waiting:  # waiting: a killed trial re-queued with its values
+            # a trial whose drawn values the method cannot run (an infeasible budget) fails alone, not the study
+            study.optimize(objective, n_trials=max(n - done - running, waiting), gc_after_trial=True,
+                           catch=(StudyFull, M.ModelError), callbacks=[MaxTrialsCallback(n, states=done_states)])
+            ran = True
+        elif running:  # another worker's trial, or a killed one that the heartbeat will fail and re-queue
+            optuna.storages.fail_stale_trials(study)
+            time.sleep(POLL_S)
+            ran = True
+        else:  # the rest failed (ModelError): the study is what it is
+            break
     write_study_record(study, study_dir)
     states = [t.state for t in study.trials]
     if TrialState.COMPLETE not in states:
@@ -419,9 +469,16 @@ def tune(cfg: DictConfig, run_dir: Path, name: str, pruner=None, sweep_job: int 
     for key, side in edges.items():
         log.warning("optuna: best %s=%r is at the %s end of its search range: the best value may lie beyond it",
                     key, study.best_params[key], side)
+    # trials_run_here: the trials this process ran to the end (0 for a seed that found the study finished)
+    ran_here = sum(t.number in started_here and t.state in done_states for t in study.trials)
+    tuning = {"study": str(study_dir), "study_name": cfg.run_id, "sampler": cfg.optuna.sampler.type,
+              "n_trials": sum(s in done_states for s in states), "trials_run_here": ran_here,
+              "values": study.best_params,
+              "trial_steps": sorted({int(t.user_attrs["steps"]) for t in study.trials if "steps" in t.user_attrs})}
     return {"best_params": study.best_params, "best_trial_value": study.best_value,
             "best_trial_number": study.best_trial.number, "best_params_at_edge": edges,
-            "n_trials_complete": states.count(TrialState.COMPLETE), "n_trials_pruned": states.count(TrialState.PRUNED)}
+            "n_trials_complete": states.count(TrialState.COMPLETE), "n_trials_pruned": states.count(TrialState.PRUNED),
+            "tuning": tuning}
 
 
 def write_study_record(study, study_dir: Path) -> None:

@@ -169,8 +169,16 @@ def test_every_eva_config_tunes_loras_space_and_its_own_rho(run_id):
     eva = compose_run(run_id, "mode=full")
     lora = compose_run(run_id.replace("comparative-3-", "comparative-2-", 1), "mode=full")
     space = OmegaConf.to_container(eva.optuna.search_space)
-    assert space.pop("rho") == {"type": "uniform", "low": 1.0, "high": 3.0}
-    assert space == OmegaConf.to_container(lora.optuna.search_space)
+    if eva.optuna.sampler.type == "grid":  # the one-epoch arm checks each method's transferred lr and its half only
+        lr = eva.training.learning_rate
+        assert space == {"learning_rate": {"type": "categorical", "choices": [lr, lr / 2]}}
+        assert lora.optuna.sampler.type == "grid" and set(OmegaConf.to_container(lora.optuna.search_space)) == {
+            "learning_rate"}
+        eva.training.learning_rate = lora.training.learning_rate  # EVA's own transferred value; the rest shared
+        eva.optuna.search_space = lora.optuna.search_space
+    else:
+        assert space.pop("rho") == {"type": "uniform", "low": 1.0, "high": 3.0}
+        assert space == OmegaConf.to_container(lora.optuna.search_space)
     assert eva.training == lora.training and eva.dataset == lora.dataset
 
 

@@ -102,8 +102,8 @@ def test_sampled_values_reach_the_trained_objects(tiny_model, glue_dir, tmp_path
     assert sum(M.current_ranks(seen["hook"].model).values()) == 36
     assert result["best_params"] == {"learning_rate": 0.0123, "batch_size": 8, "beta_ema": 0.77,
                                      "total_rank_budget": 36}
-    assert (tmp_path / "run" / "optuna" / "trials.csv").is_file()
-    assert (tmp_path / "run" / "optuna" / "optimization_history.pdf").is_file()
+    assert (main.study_dir_of(cfg) / "trials.csv").is_file()  # one study per run config, shared by its seeds
+    assert (main.study_dir_of(cfg) / "optimization_history.pdf").is_file()
 
 
 class AlwaysPrune(optuna.pruners.BasePruner):
@@ -117,7 +117,7 @@ def test_pruning_waits_for_the_glora_reallocation(tiny_model, glue_dir, tmp_path
     cfg.optuna.search_space = {"learning_rate": {"type": "loguniform", "low": 1e-4, "high": 1e-3}}
     with pytest.raises(main.ConfigError, match="no trial .* completed"):
         main.tune(cfg, tmp_path / "run", "study", pruner=AlwaysPrune())
-    study = optuna.load_study(study_name="study", storage=f"sqlite:///{tmp_path / 'run' / 'optuna' / 'study.db'}")
+    study = optuna.load_study(study_name=cfg.run_id, storage=f"sqlite:///{main.study_dir_of(cfg) / 'study.db'}")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.PRUNED] * 2
     for t in study.trials:  # reported at steps 1 and 2, pruned only once the ranks were final (step 2)
         assert sorted(t.intermediate_values) == [1, 2]
@@ -127,7 +127,7 @@ def test_trial_mode_never_creates_a_study(tiny_model, glue_dir, tmp_path):
     proc = run_cli(f"run={GLORA}", "mode=trial", f"model.backbone={tiny_model}", f"dataset.data_dir={glue_dir}",
                    f"results_dir={tmp_path}", "glo_ra.total_rank_budget=40")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert not (tmp_path / GLORA / "optuna").exists()
+    assert not (tmp_path / GLORA / "optuna").exists() and not (tmp_path / "optuna").exists()
     assert "best_params" not in json.loads((tmp_path / GLORA / "summary.json").read_text())
 
 
@@ -206,3 +206,37 @@ def test_a_study_records_and_warns_of_a_best_value_at_its_ranges_end(tiny_model,
     assert result["best_params_at_edge"] == {"batch_size": side}
     assert f"is at the {side} end of its search range" in caplog.text
     assert "every trial is a random draw" in caplog.text  # 1 trial, 4 random start-up trials
+
+
+def grid_cfg(tiny_model, glue_dir, results, *extra, choices=(1e-3, 5e-4)):
+    cfg = compose_run(LORA, "mode=full", "wandb.mode=disabled", f"model.backbone={tiny_model}",
+                      f"dataset.data_dir={glue_dir}", f"results_dir={results}", "training.epochs=1",
+                      "training.lr_warmup_steps=0", "optuna.n_trials=2", "optuna.sampler.type=grid",
+                      "dataset.batch_size=8", *extra)
+    cfg.optuna.search_space = {"learning_rate": {"type": "categorical", "choices": list(choices)}}
+    return cfg
+
+
+def test_a_grid_study_is_shared_by_the_seeds(tiny_model, glue_dir, tmp_path):
+    """optuna.sampler.type=grid tries every cell once; the study lives per run config, so a second seed finds it
+    finished, runs no trial and trains with the same best values (its summary's `tuning` says so)."""
+    summaries = [main.run(grid_cfg(tiny_model, glue_dir, tmp_path, f"seed={seed}")) for seed in (42, 43)]
+    first, second = (s["tuning"] for s in summaries)
+    assert first["trials_run_here"] == 2 and second["trials_run_here"] == 0
+    assert first["n_trials"] == second["n_trials"] == 2 and first["values"] == second["values"]
+    assert first["trial_steps"] and first["sampler"] == "grid"
+    study_dir = tmp_path / "optuna" / LORA
+    study = optuna.load_study(study_name=LORA, storage=f"sqlite:///{study_dir / 'study.db'}")
+    assert sorted(t.params["learning_rate"] for t in study.trials) == [5e-4, 1e-3]  # each cell once
+    assert summaries[1]["best_params"] == summaries[0]["best_params"]
+
+
+@pytest.mark.parametrize("space, extra, message", [
+    ({"type": "loguniform", "low": 1e-4, "high": 1e-3}, (), "categorical choices only"),
+    ({"type": "categorical", "choices": [1e-3, 5e-4]}, ("optuna.n_trials=3",), "the grid has 2 cells"),
+    ({"type": "categorical", "choices": [1e-3, 5e-4]}, ("optuna.sampler.type=random",), "use tpe or grid")])
+def test_a_grid_that_cannot_be_covered_exactly_is_refused(tiny_model, glue_dir, tmp_path, space, extra, message):
+    cfg = grid_cfg(tiny_model, glue_dir, tmp_path, *extra)
+    cfg.optuna.search_space = {"learning_rate": space}
+    with pytest.raises(main.ConfigError, match=message):
+        main.prepare(cfg)
