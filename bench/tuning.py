@@ -133,7 +133,10 @@ def check_seed_runs(method: str, values: dict, args) -> None:
 def print_trials(name: str, folder: Path) -> None:
     """Every trial of a study, in order: what was drawn (random start-up or modelled), its state and tuning-split
     score, so that the search each method got can be compared, not only its best point."""
-    trials = json.loads((folder / "optuna" / "trials.json").read_text())
+    # the study lives per run config beside the runs ({results_dir}/optuna/{run_id}/); records from before that
+    # change hold it inside the run folder
+    shared = folder.parent / "optuna" / folder.name
+    trials = json.loads(((shared if shared.is_dir() else folder / "optuna") / "trials.json").read_text())
     keys = sorted({k for t in trials for k in t["params"]})
     print(f"\n{name}: {len(trials)} trials (tuning-split {OmegaConf.load(folder / 'config.yaml').optuna.metric})")
     print(f"{'#':>3} {'state':<9} {'value':>7}  " + "  ".join(f"{k:>22}" for k in keys))

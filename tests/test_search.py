@@ -240,3 +240,35 @@ def test_a_grid_that_cannot_be_covered_exactly_is_refused(tiny_model, glue_dir, 
     cfg.optuna.search_space = {"learning_rate": space}
     with pytest.raises(main.ConfigError, match=message):
         main.prepare(cfg)
+
+
+@pytest.mark.slow  # waits for Optuna's heartbeat grace period (2 minutes); -m slow
+def test_a_killed_grid_trial_is_retried_with_its_own_values(tiny_model, glue_dir, tmp_path):
+    """A trial killed mid-run is failed by the heartbeat and re-queued with its cell's values: the re-run covers
+    the grid exactly (a failed cell is not taken as visited)."""
+    args = [sys.executable, "-u", "-m", "src.main", f"run={LORA}", "mode=full", "wandb.mode=disabled",
+            f"model.backbone={tiny_model}", f"dataset.data_dir={glue_dir}", f"results_dir={tmp_path}",
+            "training.epochs=30", "training.lr_warmup_steps=0", "dataset.batch_size=8", "optuna.n_trials=2",
+            "optuna.sampler.type=grid", "~optuna.search_space",
+            "+optuna.search_space={learning_rate:{type:categorical,choices:[1e-3,5e-4]}}"]
+    storage = f"sqlite:///{tmp_path / 'optuna' / LORA / 'study.db'}"
+    env = {"HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:  # kill once the first trial has trained a while
+        if list((tmp_path / "optuna" / LORA).glob("trial-000/history.jsonl")):
+            time.sleep(1.0)
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = optuna.load_study(study_name=LORA, storage=storage).trials
+    assert [t.state for t in killed] == [optuna.trial.TrialState.RUNNING]
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    trials = optuna.load_study(study_name=LORA, storage=storage).trials
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.params["learning_rate"] for t in complete) == [5e-4, 1e-3]
+    assert [t.number for t in trials if t.state == optuna.trial.TrialState.FAIL] == [0]
+    summary = json.loads((tmp_path / LORA / "summary.json").read_text())
+    assert summary["tuning"]["n_trials"] == 2 and summary["tuning"]["trials_run_here"] == 2
