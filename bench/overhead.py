@@ -6,12 +6,31 @@ warm-up steps, so machine noise hits all alike. Reports the median and spread of
     uv run python bench/overhead.py                       # DeBERTa-v3-base architecture (random init), CPU
     uv run python bench/overhead.py --device cuda --batch-size 32 --seq-len 256
     uv run python bench/overhead.py --model path/to/save_pretrained_folder
+
+With --task, the timing record that src.evaluate judges H3 from: a (backbone, task)'s own LoRA, AdaLoRA and GLoRA
+run configs (--methods prefixes), the task's batches from the run's loader (its files, max_length, batch size, data
+order), GLoRA after a real reallocation (--allocation: a trained run's rank_allocation.json / summary.json
+final_ranks; else its warm-up on these batches), and every phase of each schedule timed apart: GLoRA's warm-up and
+after its reallocation, AdaLoRA before its budgeting (scores), inside it (scores, masking every mask_interval) and
+after it (its final phase, re-masking every step). A round is one block of --block steps per phase arm, the arms in
+a fresh random order, all on the round's same batches; --pairs measured rounds follow --warmup unmeasured ones. Per
+round, a method's step time is its arms' block means weighted by each phase's share of the run's optimizer steps, so
+each round gives one log ratio per pair of methods (the units of H3's interval). The record, written atomically, goes
+where src.evaluate reads it: `{results_dir}/timing/{backbone}--{task}.json`.
+
+    uv run python bench/overhead.py --task SST-2 --allocation results/study/proposed-MiniLM-L6-22M--GLUE-SST-2 \
+        --record results/study/timing/MiniLM-L6-22M--SST-2.json
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
+import json
+import math
+import random
+import shlex
 import statistics
 import sys
 import time
@@ -19,12 +38,18 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from datasets import DatasetDict
 from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(1, str(REPO / "bench"))
 
+import study as S  # noqa: E402  (the run configs as the study composes them)
+import src.main  # noqa: E402,F401  (registers the ${package_model:...} resolver the MiniLM configs use)
+from src import evaluate as E  # noqa: E402  (the record's path, its per-pair ratios, atomic writes)
 from src import model as M  # noqa: E402
+from src import preprocess as P  # noqa: E402
 from src import train as T  # noqa: E402
 
 CONFIG = OmegaConf.load(REPO / "config" / "config.yaml")
@@ -103,17 +128,311 @@ def timed(runner, batch, device, autocast):
     return time.perf_counter() - tic
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The timing record (H3): one (backbone, task)'s run configs, every phase of each schedule, interleaved in blocks.
+
+ROLE_OF_KIND = {"lora": "baseline", "adalora": "adalora", "glora": "reference"}  # src.evaluate's role names
+NEVER = 10**9  # a GLoRA warm-up that never ends: its arm keeps scoring and never reallocates
+
+
+def task_configs(args) -> dict[str, object]:
+    """role -> the resolved run config of each --methods prefix on the task (--model, --data-dir, --set applied):
+    one LoRA, one AdaLoRA, one GLoRA, reading the same data the same way (else the batches could not be shared)."""
+    S.check_matrix(args.methods, [args.task], args.backbone)  # a missing config stops here, naming it
+    given = [f"model.backbone={args.model}"] * bool(args.model) + [f"dataset.data_dir={args.data_dir}"] * bool(
+        args.data_dir)
+    cfgs = {}
+    for prefix in args.methods:
+        cfg = S.run_config(prefix, S.RUN_DIR, f"{args.backbone}--GLUE-{args.task}")
+        kind = S.adapter_kind(cfg)
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o for o in args.set if S.applies(o, kind)] + given))
+        OmegaConf.resolve(cfg)
+        role = ROLE_OF_KIND.get(M.adapter_kind(cfg))
+        if role is None or role in cfgs:
+            sys.exit(f"bench/overhead.py: --methods needs one LoRA, one AdaLoRA and one GLoRA config; {cfg.run_id} "
+                     f"is {M.adapter_kind(cfg)}")
+        cfgs[role] = cfg
+    for key in ("dataset", "training.gradient_accumulation_steps", "training.epochs", "training.max_steps",
+                "training.max_train_batches", "hardware.precision", "seed"):
+        values = {role: OmegaConf.select(c, key) for role, c in cfgs.items()}
+        if len({str(v) for v in values.values()}) > 1:
+            sys.exit(f"bench/overhead.py: the configs differ in {key} ({values}): the methods must read the same "
+                     f"batches for the same number of steps")
+    if cfgs["baseline"].training.gradient_accumulation_steps != 1:
+        sys.exit("bench/overhead.py: training.gradient_accumulation_steps must be 1 (a timed step is one batch)")
+    return cfgs
+
+
+def batch_pool(cfg, n: int, device) -> tuple[list[dict], dict, tuple[int, int], object]:
+    """The run's first n batches (its loader and epoch seeds, cycling epochs), what they come from, the run's
+    optimizer steps (total, per epoch) and the backbone."""
+    d = cfg.dataset
+    task, spec = P.task_spec(d.name)
+    data = P.load_glue(task, d.data_dir, d.cache_dir)
+    train = P.subsample(data["train"], d.max_train_samples)
+    tokenizer, base = M.load_backbone(cfg.model.backbone, spec.num_labels, cfg.model.cache_dir)
+    tokens = P.tokenize(DatasetDict({"train": train}), tokenizer, d.max_length)
+    loader, _ = P.make_loaders(tokens, tokenizer, d.batch_size, d.eval_batch_size, cfg.seed)
+    t = cfg.training
+    per_epoch = T.batches_per_epoch(len(loader), t)
+    total = per_epoch * t.epochs if t.max_steps is None else min(per_epoch * t.epochs, t.max_steps)
+    batches, epoch = [], 0
+    while len(batches) < n:
+        loader.generator.manual_seed(T.epoch_seed(cfg.seed, epoch))
+        batches += [{k: v.to(device) for k, v in b.items() if k != "idx"} for b, _ in zip(loader, range(per_epoch))]
+        epoch += 1
+    batches = batches[:n]
+    source = {"dataset": d.name, "data_dir": d.data_dir,
+              "files": [str(Path(d.data_dir) / spec.folder / "train.tsv")] if d.data_dir else
+              [f"hub nyu-mll/glue/{spec.hub_config} (train)"],
+              "max_length": d.max_length, "batch_size": d.batch_size, "max_train_samples": d.max_train_samples,
+              "train_examples": len(train), "seed": cfg.seed, "n_batches": n,
+              "order": "the run's own loader and epoch seeds: its first batches, in its order",
+              "padded_tokens": [int(b["input_ids"].numel()) for b in batches]}
+    return batches, source, (total, per_epoch), base
+
+
+def schedule(cfgs: dict, total: int) -> dict:
+    """Each method's phases in the run's optimizer steps (1-based), from its resolved schedule."""
+    a = cfgs["adalora"].adalora
+    return {"total_steps": total, "glora_warmup_steps": int(cfgs["reference"].glo_ra.warmup_steps),
+            "adalora": {"adaptation_start_step": int(a.adaptation_start_step), "final_steps": int(a.final_steps),
+                        "mask_interval": int(a.mask_interval)}}
+
+
+class Arm:
+    """One method in one phase of its schedule: its own model, the run's optimizer and hook, and the run's optimizer
+    step numbers it cycles through (AdaLoRA's hook acts by step number), so every timed step is one of that phase."""
+
+    def __init__(self, name, role, phase, cfg, base, total, device, steps: tuple[int, int], share: float):
+        self.name, self.role, self.phase, self.steps, self.share = name, role, phase, steps, share
+        self.run_id = cfg.run_id
+        self.model = M.build_adapter(cfg, copy.deepcopy(base), total).to(device)
+        self.model.train()
+        self.optimizer = T.build_optimizer(self.model, cfg.training)
+        # the learning rate's schedule changes no step's cost: constant
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0)
+        self.hook = M.make_hook(cfg, self.model, self.optimizer)
+        self.max_grad_norm, self.done, self.peak = cfg.training.max_grad_norm, 0, None
+
+    def step(self, batch, device, autocast, number: int | None = None):
+        first, last = self.steps
+        number = number or first + self.done % (last - first + 1)
+        loss = T.forward_backward(self.model, batch, device, autocast)
+        T.optimizer_step(self.model, self.optimizer, self.scheduler, self.hook, number, self.max_grad_norm)
+        self.done += 1
+        return loss
+
+    def describe(self) -> dict:
+        counts = M.parameter_counts(self.model)
+        return {"name": self.name, "role": self.role, "run_id": self.run_id, "phase": self.phase,
+                "steps": list(self.steps), "share": self.share, "trainable_params": counts["trainable_params"],
+                "rank_total": sum(M.current_ranks(self.model).values())}
+
+
+def read_allocation(path: str) -> tuple[dict[str, int], str]:
+    """GLoRA's ranks from a run folder, its rank_allocation.json (new_ranks) or summary.json (final_ranks)."""
+    p = Path(path)
+    for candidate in ([p / "rank_allocation.json", p / "summary.json"] if p.is_dir() else [p]):
+        if candidate.exists():
+            doc = json.loads(candidate.read_text())
+            ranks = doc.get("new_ranks") or doc.get("final_ranks")
+            if ranks:
+                return {k: int(v) for k, v in ranks.items()}, str(candidate)
+    sys.exit(f"bench/overhead.py: --allocation {path}: no rank_allocation.json (new_ranks) or summary.json "
+             f"(final_ranks) there")
+
+
+def glora_after(cfg, base, total, device, autocast, batches, sched, args) -> tuple[Arm, dict]:
+    """GLoRA after a real reallocation: a trained run's ranks (rebuilt as a resumed run rebuilds them, after a few
+    steps so that AdamW has moments to carry), or its own warm-up on the task's batches."""
+    warm = sched["glora_warmup_steps"]
+    steps = (min(warm + 1, sched["total_steps"]), sched["total_steps"])
+    share = (sched["total_steps"] - warm) / sched["total_steps"]
+    if args.allocation:
+        ranks, source = read_allocation(args.allocation)
+        arm = Arm("GLoRA after reallocation", "reference", "after reallocation", _glora(cfg, NEVER), base, total,
+                  device, steps, share)
+        if set(ranks) != set(arm.hook.names):
+            sys.exit(f"bench/overhead.py: {source} names other matrices than {cfg.run_id} adapts "
+                     f"(e.g. {sorted(set(ranks) ^ set(arm.hook.names))[0]})")
+        for i in range(2):
+            arm.step(batches[i % len(batches)], device, autocast, number=i + 1)
+        tic = time.perf_counter()
+        arm.hook.load_state_dict({"ema": arm.hook.ema}, {"n_updates": arm.hook.n_updates, "event": {
+            "step": 2, "new_ranks": ranks, "realloc_seconds": None}})
+        seconds, how = time.perf_counter() - tic, f"{source} (a trained run's ranks), rebuilt after 2 steps"
+    else:
+        n = args.allocation_warmup or warm
+        arm = Arm("GLoRA after reallocation", "reference", "after reallocation", _glora(cfg, n), base, total, device,
+                  steps, share)
+        for i in range(n):
+            arm.step(batches[i % len(batches)], device, autocast, number=i + 1)
+        assert arm.hook.event is not None  # the hook reallocated at step n
+        ranks, seconds = arm.hook.event["new_ranks"], arm.hook.event["realloc_seconds"]
+        how = f"warm-up: {n} steps on the task's first batches (glo_ra.score={cfg.glo_ra.score}), then the hook's " \
+              f"own reallocation"
+    return arm, {"source": how, "ranks": ranks, "rank_total": sum(ranks.values()), "realloc_seconds": seconds,
+                 "trainable_params": M.parameter_counts(arm.model)["trainable_params"]}
+
+
+def _glora(cfg, warmup_steps: int):
+    out = copy.deepcopy(cfg)
+    out.glo_ra.warmup_steps = warmup_steps
+    return out
+
+
+def build_arms(cfgs, base, total, device, autocast, batches, sched, args) -> tuple[list[Arm], dict]:
+    """Every timed phase: LoRA; GLoRA warm-up and after its reallocation; AdaLoRA before, inside and after its
+    budgeting phase (a phase of 0 steps is left out), each with its share of the run's optimizer steps."""
+    n, a = sched["total_steps"], sched["adalora"]
+    tinit, tfinal, warm = a["adaptation_start_step"], a["final_steps"], sched["glora_warmup_steps"]
+    after, allocation = glora_after(cfgs["reference"], base, total, device, autocast, batches, sched, args)
+    arms = [Arm("LoRA", "baseline", "every step", cfgs["baseline"], base, total, device, (1, n), 1.0),
+            Arm("GLoRA warm-up", "reference", "warm-up (scores every step)", _glora(cfgs["reference"], NEVER), base,
+                total, device, (1, max(1, warm)), warm / n), after]
+    phases = [("AdaLoRA initial", "before budgeting (scores every step, no masking)", (1, tinit), tinit),
+              ("AdaLoRA budgeting", "budgeting (scores every step, masks every mask_interval)",
+               (tinit + 1, n - tfinal - 1), n - tfinal - tinit),  # step n - tfinal, its one-off final mask, counted here
+              ("AdaLoRA final", "final (re-masks every step from its rank pattern)", (n - tfinal + 1, n), tfinal)]
+    for name, phase, steps, count in phases:
+        if count and steps[1] < steps[0]:
+            sys.exit(f"bench/overhead.py: AdaLoRA's {phase} has no step to time (steps {steps})")
+        if count:
+            arms.append(Arm(name, "adalora", phase, cfgs["adalora"], base, total, device, steps, count / n))
+    final = next((x for x in arms if x.name == "AdaLoRA final"), None)
+    if final is not None:  # into its final phase as the run gets there: scores, then the final mask at n - tfinal
+        for number in range(max(1, n - tfinal - 2), n - tfinal + 1):
+            final.step(batches[number % len(batches)], device, autocast, number=number)
+    return [x for x in arms if x.share > 0], allocation
+
+
+def measure(arms: list[Arm], batches, rounds: int, warmup: int, block: int, device, autocast, seed: int) -> list:
+    """`warmup` unmeasured rounds, then `rounds` measured ones: each arm's block of `block` steps on the round's
+    batches, the arms in a fresh random order; garbage is collected between blocks, never inside one."""
+    rng, pairs = random.Random(seed), []
+    for r in range(warmup + rounds):
+        ids = [(r * block + j) % len(batches) for j in range(block)]
+        order = rng.sample(arms, len(arms))
+        times = {}
+        for arm in order:
+            gc.collect()
+            gc.disable()
+            times[arm.name] = [timed(arm, batches[i], device, autocast) for i in ids]
+            gc.enable()
+        if r >= warmup:
+            pairs.append({"index": r - warmup, "order": [x.name for x in order], "batches": ids, "step_s": times})
+    return pairs
+
+
+def ratio_summary(record: dict, confidence: float = 0.95) -> dict:
+    """The record's per-pair log ratios and their t-intervals, exponentiated (src.evaluate's own functions)."""
+    out = {}
+    for label, roles in (("GLoRA/LoRA", ("reference", "baseline")), ("GLoRA/AdaLoRA", ("reference", "adalora")),
+                         ("AdaLoRA/LoRA", ("adalora", "baseline"))):
+        a, b = (E.role_step_times(record, r) for r in roles)
+        iv = E.log_ratio_interval(a, b, confidence)
+        out[label] = {"log_ratios": [math.log(x / y) for x, y in zip(a, b)], "estimate": iv["estimate"],
+                      "ci": iv["ci"], "confidence": confidence, "n": iv["n"]}
+    return out
+
+
+def record_main(args, argv: list[str]) -> int:
+    """Build every arm, interleave them, print the table, write the record (atomically) when --record is given."""
+    started, date = time.perf_counter(), T.utc_now()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    cfgs = task_configs(args)
+    device = torch.device(args.device)
+    precision = T.check_precision(cfgs["baseline"].hardware.precision, device)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
+    probe = cfgs["baseline"]
+    batches, source, (total, per_epoch), base = batch_pool(probe, (args.warmup + args.pairs) * args.block, device)
+    # every schedule key in optimizer steps, as training resolves them; a schedule that cannot run stops here
+    cfgs = {role: T.resolve_schedules(c, total, per_epoch)[0] for role, c in cfgs.items()}
+    for c in cfgs.values():
+        M.check_budget(c, base, total)
+    sched = schedule(cfgs, total)
+    arms, allocation = build_arms(cfgs, base, total, device, autocast, batches, sched, args)
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    pairs = measure(arms, batches, args.pairs, args.warmup, args.block, device, autocast, args.seed)
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    env = T.environment(device, 1, precision)
+    task, _ = P.task_spec(probe.dataset.name)
+    record = {"format": E.TIMING_FORMAT, "task": task, "task_folder": args.task, "backbone": str(probe.model.backbone),
+              "backbone_label": args.backbone, "run_ids": {role: c.run_id for role, c in cfgs.items()},
+              "method_names": {role: c.method_name for role, c in cfgs.items()},
+              "design": {"pairs": args.pairs, "block_steps": args.block, "warmup_rounds": args.warmup,
+                         "seed": args.seed, "unit": "a round (pair): one block of block_steps steps per arm on the "
+                                                    "round's same batches, the arms in a fresh random order",
+                         "method_time": "per pair: sum over a method's arms of share x (block time / block_steps)"},
+              "schedule": sched, "arms": [a.describe() for a in arms],
+              "adalora_phases_timed": [a.phase for a in arms if a.role == "adalora"], "allocation": allocation,
+              "batches": source, "environment": env, "command": "python bench/overhead.py " + shlex.join(argv),
+              "date": date, "measure_wall_s": wall, "cpu_time_s": cpu,
+              "cpu_utilisation": cpu / (wall * env["cpu_threads"]) if env["device"] == "cpu" else None,
+              "pairs": pairs}
+    record["summary"] = ratio_summary(record)
+    record["wall_s"] = time.perf_counter() - started
+    print_record(record)
+    if args.record:
+        E.write_json(Path(args.record), record)
+        print(f"record: {args.record}")
+    return 0
+
+
+def print_record(record: dict) -> None:
+    env, b = record["environment"], record["batches"]
+    print(f"{record['task_folder']} on {record['backbone_label']}: {record['design']['pairs']} pairs x "
+          f"{record['design']['block_steps']} steps per arm, batch {b['batch_size']} x max_length {b['max_length']}, "
+          f"{env['device_name']}, {env['cpu_threads']} threads, torch {env['torch']}; CPU use "
+          f"{record['cpu_utilisation'] or float('nan'):.2f}")
+    print(f"{'arm':<26} {'share':>6} {'s/step (median block)':>22} {'trainable':>10} {'ranks':>6}")
+    for arm in record["arms"]:
+        blocks = [statistics.mean(p["step_s"][arm["name"]]) for p in record["pairs"]]
+        print(f"{arm['name']:<26} {arm['share']:>6.3f} {statistics.median(blocks):>22.4f} "
+              f"{arm['trainable_params']:>10,} {arm['rank_total']:>6}")
+    print(f"GLoRA's allocation: {record['allocation']['source']}")
+    for label, s in record["summary"].items():
+        ci = "-" if not s["ci"] else f"[{s['ci'][0]:.4f}, {s['ci'][1]:.4f}]"
+        print(f"{label} step-time ratio: {s['estimate']:.4f}, {100 * s['confidence']:.0f}% CI {ci} (n = {s['n']} "
+              f"pairs)")
+    print(f"timing wall time: {record['wall_s']:.0f} s")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="save_pretrained folder (default: DeBERTa-v3-base architecture, random init)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=10, help="measured steps per method")
-    ap.add_argument("--warmup", type=int, default=2, help="unmeasured steps per method first")
+    ap.add_argument("--warmup", type=int, default=2, help="unmeasured steps per method first (with --task: unmeasured rounds)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (adapters stay fp32)")
     ap.add_argument("--seed", type=int, default=0)
+    rec = ap.add_argument_group("timing record (H3): --task selects it; --steps/--batch-size/--seq-len do not apply")
+    rec.add_argument("--task", help="GLUE folder name (SST-2, CoLA, ...): time this task's run configs")
+    rec.add_argument("--backbone", default="MiniLM-L6-22M", help="run configs {prefix}-{backbone}--GLUE-{task}")
+    rec.add_argument("--methods", nargs=3, default=["comparative-2", "comparative-1", "proposed"], metavar="PREFIX",
+                     help="run-id prefixes of one LoRA, one AdaLoRA and one GLoRA config (e.g. comparative-2-long "
+                          "comparative-1-long proposed-long)")
+    rec.add_argument("--data-dir", help="GLUE folder (default: the configs')")
+    rec.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                     help="overrides for every config (adalora.* / glo_ra.* reach only that method's, as in the study)")
+    rec.add_argument("--allocation", help="GLoRA's ranks: a run folder, its rank_allocation.json (new_ranks) or "
+                                          "summary.json (final_ranks); default: its warm-up on the task's batches")
+    rec.add_argument("--allocation-warmup", type=int, help="warm-up steps for that allocation (default: the "
+                                                           "config's glo_ra.warmup_steps)")
+    rec.add_argument("--pairs", type=int, default=40, help="measured rounds (block pairs)")
+    rec.add_argument("--block", type=int, default=10, help="steps per arm per round (AdaLoRA's mask_interval: one "
+                                                           "masking step per budgeting block)")
+    rec.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    rec.add_argument("--record", help="write the record here (src.evaluate reads "
+                                      "{results_dir}/timing/{backbone}--{task}.json)")
     args = ap.parse_args(argv)
+    if args.task:
+        return record_main(args, sys.argv[1:] if argv is None else argv)
     started = time.perf_counter()
 
     torch.manual_seed(args.seed)
@@ -194,4 +513,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

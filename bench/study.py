@@ -7,6 +7,7 @@ src.evaluate over every run, a per-run CSV and the tables (dev metric mean ± st
     uv run python bench/study.py --tasks SST-2 CoLA MRPC STS-B ... --results-dir results/study   # train what is left
     uv run python bench/study.py --backbone DeBERTa-v3-base-86M --tasks RTE MRPC --data-dir /data/glue \\
         --set hardware.device=cuda                                  # one run per GPU when there are several
+    uv run python bench/study.py ... --seeds 42 43 44 45 46 --until-decided --max-seeds 10   # a seed at a time
 
 Run ids are `{method}-{backbone}--GLUE-{task}`: every run uses its own `config/run/{run id}.yaml`, so a variant such
 as `proposed-params` needs a config per task (a delta on that task's GLoRA config); a missing one stops the study
@@ -18,7 +19,9 @@ from its checkpoint (the CLI does that); `--plan` lists the runs and forecasts t
 each run config (model.peft.type and its sections), not from the prefix. With several GPUs visible and runs not on
 the CPU, one run goes to each GPU at a time (CUDA_VISIBLE_DEVICES per run, logs in `{results_dir}/.logs/`); on the
 CPU, one run at a time. At the end: `src.evaluate`, the per-run CSV (`--csv`, default `{results_dir}/study-
-{backbone}.csv`) and the tables.
+{backbone}.csv`) and the tables. `--until-decided --max-seeds N`: after `--seeds`, the next seed for every task and
+method, one look at a time, until every primary verdict is decided or N seeds are reached, each look's verdicts at
+the level an alpha-spending function allots (src/evaluate.py SEQUENTIAL_RULE).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from src.evaluate import TASKS, atomic_write  # noqa: E402  (task -> official folder name; temp-and-rename writes)
+from src.evaluate import SPENDING_NAMES, TASKS, atomic_write, load_settings, look_alphas  # noqa: E402
 
 METHODS = ["comparative-2", "comparative-1", "proposed"]  # LoRA, AdaLoRA, GLoRA
 BACKBONES = ["MiniLM-L6-22M", "DeBERTa-v3-base-86M"]
@@ -75,7 +78,24 @@ def parse_args(argv=None):
     p.add_argument("--gpus", default="auto", help="parallel runs, one per GPU: 'auto' (every visible GPU when the "
                                                   "runs are not on the CPU), a number, or 0 (one at a time)")
     p.add_argument("--csv", default=None, help="per-run table (default: {results_dir}/study-{backbone}.csv)")
-    return p.parse_args(argv)
+    p.add_argument("--timing", action="store_true",
+                   help="after training, per task the interleaved timer H3 is judged from (bench/overhead.py "
+                        "--record into {results_dir}/timing/{backbone}--{task}.json; an existing record is kept)")
+    p.add_argument("--until-decided", action="store_true",
+                   help="sequential: after --seeds, add the next seed (last + 1) for every task and method until "
+                        "every primary verdict is supported or contradicted, or --max-seeds is reached; each look's "
+                        "verdicts at the level the spending function allots (src/evaluate.py SEQUENTIAL_RULE)")
+    p.add_argument("--max-seeds", type=int, default=None, help="with --until-decided: the most seeds, fixed in advance")
+    p.add_argument("--spending", default="obrien-fleming", choices=list(SPENDING_NAMES),
+                   help="with --until-decided: the alpha-spending function (default: obrien-fleming)")
+    args = p.parse_args(argv)
+    if args.until_decided and (args.max_seeds is None or args.max_seeds < len(args.seeds) or len(args.seeds) < 2
+                               or len(set(args.seeds)) < len(args.seeds)):
+        p.error(f"--until-decided needs --max-seeds >= the number of --seeds ({len(args.seeds)}, at least 2, "
+                f"distinct); got --max-seeds {args.max_seeds}")
+    if args.max_seeds is not None and not args.until_decided:
+        p.error("--max-seeds goes with --until-decided")
+    return args
 
 
 def run_id(method: str, task: str, backbone: str = "MiniLM-L6-22M") -> str:
@@ -509,8 +529,9 @@ def print_verdict(agg: dict) -> None:
               f"{e['status']}" + (f" ({e['reason']})" if e["reason"] else ""))
 
 
-def report(runs: list[Run], args) -> int:
-    """src.evaluate over every config with a finished run, the per-run CSV, the tables."""
+def evaluate(runs: list[Run], args, extra: tuple[str, ...] = ()) -> tuple[list[Run], dict]:
+    """src.evaluate over every config with a finished run (`extra`: more of its arguments); (the finished runs,
+    its aggregated_metrics.json)."""
     finished = [r for r in runs if r.state()[0] == "done"]
     missing = [r.folder.name for r in runs if r not in finished]
     if missing:
@@ -519,19 +540,153 @@ def report(runs: list[Run], args) -> int:
     if not ids:
         sys.exit("bench/study.py: no finished run to evaluate")
     if subprocess.run([sys.executable, "-m", "src.evaluate", f"results_dir={args.results_dir}",
-                       f"run_ids={json.dumps(ids)}"], cwd=REPO).returncode:
+                       f"run_ids={json.dumps(ids)}", *extra], cwd=REPO).returncode:
         sys.exit("bench/study.py: src.evaluate failed (its error is above)")
+    return finished, json.loads((Path(args.results_dir) / "comparison" / "aggregated_metrics.json").read_text())
+
+
+def timing_command(args, task: str, methods: list[str], allocation: Path | None, record: Path) -> list[str]:
+    """bench/overhead.py's command for one task's timing record (LoRA, AdaLoRA, GLoRA prefixes in that order)."""
+    return [sys.executable, "bench/overhead.py", "--task", task, "--backbone", args.backbone, "--methods", *methods,
+            "--record", str(record), *(["--allocation", str(allocation)] if allocation else []),
+            *(["--data-dir", args.data_dir] if args.data_dir else []), *(["--model", args.model] if args.model else []),
+            *(["--set", *args.set] if args.set else [])]
+
+
+def timing(runs: list[Run], args) -> list[str]:
+    """The study's timing phase (--timing): per task, bench/overhead.py --record on its LoRA, AdaLoRA and GLoRA configs
+    (the first of each kind among --methods without a variant), GLoRA's allocation from its first finished run of the
+    task (else its warm-up), into the path src.evaluate reads. A task whose record exists is kept (delete it to time
+    again). Returns the tasks whose timing failed."""
+    from src.evaluate import timing_record_path  # where src.evaluate reads the records
+
+    failed = []
+    for task in args.tasks:
+        record = timing_record_path(args.results_dir, args.backbone, task)
+        if record.exists():
+            print(f"[study] timing {task}: {record} exists, kept", flush=True)
+            continue
+        mine, chosen = [r for r in runs if r.task == task], {}
+        for r in mine:
+            if r.kind not in chosen and run_config(r.method, suffix=f"{args.backbone}--GLUE-{task}").get(
+                    "variant") is None:
+                chosen[r.kind] = r.method
+        if not {"lora", "adalora", "glora"} <= set(chosen):
+            print(f"[study] timing {task}: needs a LoRA, an AdaLoRA and a GLoRA config among --methods "
+                  f"(found {chosen}); skipped", flush=True)
+            continue
+        allocation = next((r.folder for r in mine if r.method == chosen["glora"]
+                           and (r.folder / "rank_allocation.json").exists()), None)
+        cmd = timing_command(args, task, [chosen[k] for k in ("lora", "adalora", "glora")], allocation, record)
+        print(f"[study] timing {task}: {' '.join(cmd[1:])}", flush=True)
+        if subprocess.run(cmd, cwd=REPO).returncode:
+            failed.append(f"timing-{task}")
+    return failed
+
+
+def report(runs: list[Run], args) -> int:
+    """src.evaluate over every config with a finished run, the per-run CSV, the tables."""
+    print_report(*evaluate(runs, args), args)
+    return 0
+
+
+def print_report(finished: list[Run], agg: dict, args) -> None:
+    """The per-run CSV and the tables of one evaluation."""
     rows = csv_rows(finished)
     path = Path(args.csv or Path(args.results_dir) / f"study-{args.backbone}.csv")
     write_csv(path, rows)
-    agg = json.loads((Path(args.results_dir) / "comparison" / "aggregated_metrics.json").read_text())
     print_paper_table(rows, args.tasks, args.methods)
     print()
     print_table(agg)
     print_ablation(agg)
     print_verdict(agg)
     print(f"\nper-run table: {path} ({len(rows)} runs); report: {args.results_dir}/comparison/report.md")
-    return 0
+
+
+# Sequential (--until-decided): a look after every added seed; the rule is src.evaluate's (SEQUENTIAL_RULE).
+
+DECIDED = ("supported", "contradicted")
+
+
+def look_overrides(seeds: list[int], args) -> tuple[str, ...]:
+    """src.evaluate's arguments for the look at these seeds: only their runs, at the level this look is allotted."""
+    seq = {"look_n": len(seeds), "first_look": len(args.seeds), "max_seeds": args.max_seeds,
+           "spending": args.spending}
+    return (f"seeds={json.dumps(seeds)}", *(f"statistics.sequential.{k}={v}" for k, v in seq.items()))
+
+
+def primary_verdicts(agg: dict) -> list[dict]:
+    """The primary entries of `hypotheses`: each hypothesis' GLUE average, or its one task's verdict."""
+    return [e for e in agg.get("hypotheses", []) if e.get("primary")]
+
+
+def look_line(seeds: list[int], agg: dict, args) -> str:
+    """One line per look: n, each primary verdict, the level."""
+    primary = primary_verdicts(agg)
+    seq = next((e["sequential"] for e in primary if e.get("sequential")), None) or {}
+    level = "" if not seq else (f", intervals at {100 * (1 - seq['alpha_this_look']):.4g}% (α this look "
+                                f"{seq['alpha_this_look']:.4g}, spent {seq['alpha_spent']:.4g} of {seq['alpha']:g})")
+    verdicts = ", ".join(f"{e['id']} {e['status']}" for e in primary) or "no primary verdict"
+    return (f"[study] look {len(seeds) - len(args.seeds) + 1} of at most {args.max_seeds - len(args.seeds) + 1}: "
+            f"n = {len(seeds)} seeds ({seeds[0]}..{seeds[-1]}){level}: {verdicts}")
+
+
+def until_decided(args) -> tuple[list[Run], list[str], dict | None]:
+    """Train and evaluate --seeds, then add the next seed for every task and method until every primary verdict is
+    decided or --max-seeds is reached. Re-running recomputes the looks made from the finished seeds and goes on.
+    Returns (the last complete look's runs, the failed runs, its aggregated metrics or None when none was made)."""
+    seeds, done, agg, failed = list(args.seeds), [], None, []
+    while True:
+        runs = matrix(argparse.Namespace(**{**vars(args), "seeds": seeds}))
+        new = [r for r in runs if r.seed not in {d.seed for d in done}]
+        failed += [] if args.no_train else train(new, args)
+        failed += timing(runs, args) if args.timing and not done else []  # per task, once: not per seed
+        unfinished = [r.folder.name for r in new if r.state()[0] != "done"]
+        if unfinished:  # a look needs every run of its seeds
+            print(f"[study] look at n = {len(seeds)}: {len(unfinished)} runs not finished ({' '.join(unfinished)}); "
+                  f"the looks stop here", flush=True)
+            return done, failed, agg
+        done, agg = evaluate(runs, args, look_overrides(seeds, args))
+        print(look_line(seeds, agg, args), flush=True)
+        primary = primary_verdicts(agg)
+        if not primary or all(e["status"] in DECIDED for e in primary) or len(seeds) >= args.max_seeds:
+            why = ("no primary verdict (no task has the hypotheses' groups)" if not primary else
+                   "every primary verdict is decided" if all(e["status"] in DECIDED for e in primary) else
+                   f"--max-seeds {args.max_seeds} reached")
+            print(f"[study] the looks stop at n = {len(seeds)}: {why}", flush=True)
+            return done, failed, agg
+        seeds = [*seeds, max(seeds) + 1]
+
+
+def print_sequential_plan(args) -> None:
+    """--plan --until-decided: each look's level (alpha from config/hypotheses.yaml)."""
+    alpha = load_settings()["statistics"]["alpha"]
+    looks = look_alphas(len(args.seeds), args.max_seeds, alpha, args.spending)
+    print(f"\n--until-decided: looks at n = {len(args.seeds)}..{args.max_seeds} seeds (at most "
+          f"{args.max_seeds - len(args.seeds)} more seeds, each as many runs as one seed above); "
+          f"{SPENDING_NAMES[args.spending]}, α = {alpha:g}:")
+    print("  " + ", ".join(f"n = {n}: {100 * (1 - a['alpha_this_look']):.4g}%" for n, a in looks.items()))
+
+
+def print_seeds_needed(args) -> None:
+    """--plan, once the last evaluation has 3 or more seeds: the seeds each primary verdict needs, as its entry
+    records them (`seeds_needed`: {n, reason}), else "not computed"."""
+    path = Path(args.results_dir) / "comparison" / "aggregated_metrics.json"
+    try:
+        agg = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    seeds = {r.get("seed") for r in agg.get("runs", []) if isinstance(r, dict)}
+    if len(seeds) < 3:
+        return
+    print(f"\nseeds needed per primary verdict ({path}, {len(seeds)} seeds evaluated):")
+    for e in primary_verdicts(agg):
+        need = e.get("seeds_needed")
+        if isinstance(need, dict) and (need.get("n") is not None or need.get("reason")):
+            text = " ".join(str(x) for x in (need.get("n"), need.get("reason") and f"({need['reason']})") if x)
+        else:
+            text = str(need) if isinstance(need, (int, float)) else "not computed"
+        print(f"  {e.get('id', '?'):<4} {e.get('task', '?'):<12} {e.get('status', '?'):<13} {text}")
 
 
 def main(argv=None) -> int:
@@ -540,10 +695,21 @@ def main(argv=None) -> int:
     runs = matrix(args)
     if args.plan:
         plan(runs, args)
+        if args.until_decided:
+            print_sequential_plan(args)
+        print_seeds_needed(args)
         return 0
     start = time.perf_counter()
-    failed = [] if args.no_train else train(runs, args)
-    report(runs, args)
+    if args.until_decided:
+        runs, failed, agg = until_decided(args)
+        if agg is None:
+            sys.exit(f"bench/study.py: no look made: the first {len(args.seeds)} seeds' runs have not all finished"
+                     + (f" ({len(failed)} failed: {' '.join(failed)})" if failed else ""))
+        print_report(runs, agg, args)
+    else:
+        failed = [] if args.no_train else train(runs, args)
+        failed += timing(runs, args) if args.timing else []
+        report(runs, args)
     print(f"study wall time: {hms(time.perf_counter() - start)}")
     if failed:
         print(f"bench/study.py: {len(failed)} runs failed: {' '.join(failed)}; re-run the same command to retry "

@@ -1,7 +1,7 @@
 """Evaluate finished runs: per-run metrics and figures, then a comparison of methods with significance tests.
 
     uv run python -m src.evaluate results_dir={path} run_ids='["id-1","id-2"]' [skip_bad=true] \
-        [hypotheses.H1.margin=0.01] [statistics.alpha=0.05]
+        [hypotheses.H1.margin=0.01] [statistics.alpha=0.05] [seeds='[42,43]']
 
 An entry of run_ids is a run folder name ({run_id} or {run_id}-seed{N}) or a config run_id (all its seeds). Each run
 comes from W&B when it was logged online, else from its local record (config.yaml, history.jsonl, summary.json,
@@ -150,17 +150,22 @@ class RunRecord:
 # ---------------------------------------------------------------------------------------------------------------
 # Load: arguments, run folders, local record, W&B.
 
-def parse_args(argv: list[str]) -> tuple[Path, list[str], bool, dict]:
-    """`results_dir=... run_ids=[...] skip_bad=... [hypotheses.H1.margin=... statistics.alpha=...]` (Hydra-style
-    dotlist) -> (results_dir, run_ids, skip_bad, settings: config/hypotheses.yaml with the overrides)."""
+def parse_args(argv: list[str]) -> tuple[Path, list[str], bool, dict, list[int] | None]:
+    """`results_dir=... run_ids=[...] skip_bad=... [seeds=[...]] [hypotheses.H1.margin=... statistics.alpha=...]`
+    (Hydra-style dotlist) -> (results_dir, run_ids, skip_bad, settings: config/hypotheses.yaml with the overrides,
+    seeds: only these seeds' runs, or None: every seed)."""
     try:
         cli = OmegaConf.to_container(OmegaConf.from_dotlist(list(argv)))
     except (OmegaConfBaseException, ValueError) as e:
         raise EvaluationError(f"cannot parse arguments {argv}: {e}") from None
-    unknown = sorted(set(cli) - {"results_dir", "run_ids", "skip_bad", "statistics", "hypotheses"})
+    seeds = cli.get("seeds")  # one look of a sequential study: its seeds only, whatever later seeds exist
+    if seeds is not None and (not isinstance(seeds, list) or not seeds
+                              or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise EvaluationError(f"seeds must be a non-empty list of integers, e.g. seeds='[42,43]'; got {seeds!r}")
+    unknown = sorted(set(cli) - {"results_dir", "run_ids", "skip_bad", "seeds", "statistics", "hypotheses"})
     if unknown:
         raise EvaluationError(f"unknown argument(s) {unknown}; expected results_dir=PATH run_ids='[\"id\",...]' "
-                              f"[skip_bad=true] [hypotheses.H1.margin=X statistics.alpha=X ...]")
+                              f"[skip_bad=true] [seeds='[42,43]'] [hypotheses.H1.margin=X statistics.alpha=X ...]")
     if not cli.get("results_dir"):
         raise EvaluationError("results_dir=PATH is required")
     run_ids = cli.get("run_ids")
@@ -171,7 +176,7 @@ def parse_args(argv: list[str]) -> tuple[Path, list[str], bool, dict]:
     if not isinstance(skip_bad, bool):
         raise EvaluationError(f"skip_bad must be true or false; got {skip_bad!r}")
     settings = load_settings({k: cli[k] for k in ("statistics", "hypotheses") if k in cli})
-    return Path(str(cli["results_dir"])), list(dict.fromkeys(run_ids)), skip_bad, settings
+    return Path(str(cli["results_dir"])), list(dict.fromkeys(run_ids)), skip_bad, settings, seeds
 
 
 def load_settings(overrides: dict | None = None, path: Path = HYPOTHESES_CONFIG) -> dict:
@@ -196,6 +201,7 @@ def load_settings(overrides: dict | None = None, path: Path = HYPOTHESES_CONFIG)
     for key, value, ok, want in checks:
         if not ok:
             raise EvaluationError(f"{key}={value!r} must be {want}")
+    check_sequential(st.get("sequential"))  # null: the fixed design; else one look of bench/study.py --until-decided
     return settings
 
 
@@ -275,9 +281,14 @@ def wandb_run_names(wb: WandbSource, run_id: str) -> list[str]:
         return []
 
 
-def resolve_run_names(results_dir: Path, run_ids: list[str], wb: WandbSource) -> tuple[list[str], list[str]]:
-    """Run names to evaluate (config run_ids expanded to their seeds) and one line per unknown or broken id."""
+def resolve_run_names(results_dir: Path, run_ids: list[str], wb: WandbSource,
+                      seeds: list[int] | None = None) -> tuple[list[str], list[str]]:
+    """Run names to evaluate (config run_ids expanded to their seeds; only `seeds`' runs when given) and one line per
+    unknown or broken id."""
     finished, broken = scan_results(results_dir)
+    if seeds is not None:  # a later seed's runs, finished or still training, are no part of this look
+        finished = {n: s for n, s in finished.items() if s.get("seed") in seeds}
+        broken = {n: b for n, b in broken.items() if (m := re.search(r"-seed(\d+)$", n)) is None or int(m[1]) in seeds}
     names, problems = [], []
     for rid in run_ids:
         found = sorted((n for n, s in finished.items() if rid in (n, s.get("run_id"))),
@@ -375,10 +386,16 @@ def load_run(results_dir: Path, name: str, wb: WandbSource) -> RunRecord:
     raise EvaluationError(f"run {name!r}: no local summary.json and W&B failed ({why})")
 
 
-def load_runs(results_dir: Path, run_ids: list[str], skip_bad: bool, wb: WandbSource) -> list[RunRecord]:
-    names, problems = resolve_run_names(results_dir, run_ids, wb)
+def load_runs(results_dir: Path, run_ids: list[str], skip_bad: bool, wb: WandbSource,
+              seeds: list[int] | None = None, skipped: list[dict] | None = None) -> list[RunRecord]:
+    """The runs to evaluate. `skipped` (a list, filled in place): the run folders skip_bad=true left out, as
+    skipped_run gives them, so that the verdicts can name the seeds they lose."""
+    names, problems = resolve_run_names(results_dir, run_ids, wb, seeds)
     if problems and not skip_bad:
         raise EvaluationError(" | ".join(problems) + " (pass skip_bad=true to evaluate the other runs)")
+    folders = sorted(p for p in results_dir.iterdir() if p.is_dir()) if results_dir.is_dir() else []
+    if skipped is not None:  # broken folders (no or an unreadable summary.json), as resolve_run_names names them
+        skipped += [skipped_run(f, p) for p in problems for f in folders if p.startswith(f"run {f.name!r} ")]
     records = []
     for name in names:
         try:
@@ -390,6 +407,8 @@ def load_runs(results_dir: Path, run_ids: list[str], skip_bad: bool, wb: WandbSo
             if not skip_bad:
                 raise EvaluationError(message) from None
             problems.append(message)
+            if skipped is not None:
+                skipped.append(skipped_run(results_dir / name, message))
             continue
         print(f"[evaluate] {name}: {task_of(rec)} {method_of(rec)} seed {rec.summary.get('seed')} <- {rec.source}")
         records.append(rec)
@@ -1096,13 +1115,14 @@ def minimum_detectable_effect(diff, alpha: float, power: float, margin: float) -
         margin (`float`): the difference the claim is about (H1's margin), same unit as `diff`.
 
     Returns `mde` = `mde_d` × sd(diff, ddof=1), with `mde_d` the standardised effect statsmodels' `TTestPower`
-    detects at nobs = n; `seeds_needed_for_margin`: the smallest n at which a true difference of `margin` is
-    detected with that power, given sd(diff) (the sd of few seeds is itself rough). Null with a `reason` for n < 2
-    or zero spread.
+    detects at nobs = n; `seeds_needed_for_margin`: prospective, the smallest n at which this pair's (1 - alpha)
+    interval would exclude `margin` (decide "a - b >= margin", H1's question) with that power if the true difference
+    and sd were the observed ones (`seeds_needed`: the whole answer; the sd of few seeds is itself rough). Null with
+    a `reason` for n < 2 or zero spread.
     """
     diff = np.asarray(diff, dtype=float)
     out = {"mde": None, "mde_d": None, "sd_difference": None, "n": len(diff), "alpha": alpha, "power": power,
-           "margin": margin, "seeds_needed_for_margin": None, "seeds_needed_for_margin_exact": None, "reason": None,
+           "margin": margin, "seeds_needed_for_margin": None, "seeds_needed": None, "reason": None,
            "seeds_needed_reason": None, "method": "statsmodels TTestPower.solve_power (paired = one-sample t-test "
                                                   "on the per-seed differences)"}
     if len(diff) < 2:
@@ -1114,25 +1134,65 @@ def minimum_detectable_effect(diff, alpha: float, power: float, margin: float) -
                 "seeds_needed_reason": "no spread"}
     d = float(TTestPower().solve_power(effect_size=None, nobs=len(diff), alpha=alpha, power=power,
                                        alternative="two-sided"))
+    needed = seeds_needed(float(diff.mean()), sd, [margin], 1 - alpha, power)
     out.update(sd_difference=sd, mde_d=d, mde=d * sd)
-    return {**out, **seeds_needed(abs(margin) / sd, alpha, power)}
+    return {**out, "seeds_needed": needed, "seeds_needed_for_margin": needed["n"],
+            "seeds_needed_reason": needed["reason"]}
 
 
-def seeds_needed(effect: float, alpha: float, power: float) -> dict:
-    """Smallest number of seeds with `power` for a standardised paired effect (2 when 2 already suffice)."""
-    if effect < 1e-9:
-        return {"seeds_needed_reason": "the margin is 0"}
-    solver = TTestPower()
-    # power rises with the effect: at least the effect 2 seeds detect needs 2 (the solver fails up there)
-    if effect >= solver.solve_power(effect_size=None, nobs=2, alpha=alpha, power=power, alternative="two-sided"):
-        return {"seeds_needed_for_margin": 2, "seeds_needed_for_margin_exact": 2.0}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        nobs = float(solver.solve_power(effect_size=effect, nobs=None, alpha=alpha, power=power,
-                                        alternative="two-sided"))
-    if not math.isfinite(nobs):
-        return {"seeds_needed_reason": "statsmodels' solver did not converge"}
-    return {"seeds_needed_for_margin": math.ceil(nobs), "seeds_needed_for_margin_exact": nobs}
+SEEDS_MAX = 10_000  # a verdict that needs more seeds than this is "not decidable" (the estimate sits on a bound)
+SEEDS_ASSUME = "true value and sd = current estimates"
+
+
+def exclusion_power(effect: float, n, alpha: float) -> float:
+    """P(a two-sided (1 - 2·alpha) t-interval over n seeds excludes a bound on the estimate's side), for a true value
+    |effect| sds from the bound: a one-sided t-test at alpha (statsmodels TTestPower, noncentral t). Leaves out the
+    chance of excluding it on the wrong side (below alpha)."""
+    return float(TTestPower().power(effect_size=effect, nobs=n, alpha=alpha, alternative="larger"))
+
+
+def seeds_needed(estimate: float | None, sd: float | None, bounds: list[float], confidence: float, power: float,
+                 n_max: int = SEEDS_MAX) -> dict:
+    """Prospective: the smallest number of seeds at which the verdict's own interval would decide it.
+
+    Args:
+        estimate, sd (`float`): mean and sd (ddof 1) of the per-seed values on the interval's scale (a difference,
+            a log ratio), taken as the truth.
+        bounds (`list`): what the status compares the interval with: one margin (an at-least claim, H3b's 1) or two
+            (equivalence: 1 ± margin), on the same scale.
+        confidence (`float`): the verdict's level (1 - alpha on the GLUE average, 1 - alpha/k per task).
+        power (`float`): the chance of deciding (config/hypotheses.yaml `statistics.power`).
+
+    A status is reached when the two-sided `confidence` interval excludes the bound(s): each bound is a one-sided
+    t-test at (1 - confidence)/2 with standardised effect |estimate - bound| / sd (exclusion_power). Estimate
+    between two bounds: both must be excluded, and P_low + P_high - 1 (a lower bound on that chance) is used, so n
+    is an upper bound; otherwise only the nearer bound counts. Returns {n, level, power, assumes, prospective,
+    effect, reason}; n None ("not decidable") on a bound, beyond n_max seeds, or with no sd.
+    """
+    out = {"n": None, "level": confidence, "power": power, "assumes": SEEDS_ASSUME, "prospective": True,
+           "effect": None, "reason": None}
+    if estimate is None or sd is None or not (math.isfinite(estimate) and math.isfinite(sd)):
+        return {**out, "reason": "no estimate and sd (needs >= 2 seeds)"}
+    if sd < 1e-12:
+        return {**out, "reason": "no spread (sd = 0): no interval to decide with"}
+    alpha = (1 - confidence) / 2
+    inside = len(bounds) == 2 and min(bounds) < estimate < max(bounds)
+    effects = [abs(estimate - b) / sd for b in (bounds if inside else [min(bounds, key=lambda b: abs(estimate - b))])]
+    out["effect"] = min(effects)
+    if out["effect"] < 1e-9:
+        return {**out, "reason": "not decidable: the estimate sits on the margin, so no number of seeds excludes it"}
+
+    def chance(n: int) -> float:
+        return sum(exclusion_power(d, n, alpha) for d in effects) - (len(effects) - 1)
+
+    if chance(n_max) < power:
+        return {**out, "reason": f"not decidable: needs more than {n_max:,} seeds (the estimate is "
+                                 f"{out['effect']:.3g} sd from the margin)"}
+    low, high = 1, n_max  # chance rises with n: chance(high) >= power, and n = 1 has no interval
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if chance(mid) >= power else (mid, high)
+    return {**out, "n": high}
 
 
 def reading(entry: dict, margin: float, alpha: float) -> str:
@@ -1376,6 +1436,102 @@ def ablation_families(entries: list[dict], headline: list[dict], margin: float, 
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Sequential design: seeds added until the primary verdicts are decided (bench/study.py --until-decided). Pure
+# functions of the look, the planned maximum and alpha: neither scipy nor statsmodels has an alpha-spending function.
+
+SPENDING_NAMES = {"obrien-fleming": "Lan–DeMets O'Brien–Fleming-type, α(t) = 2 − 2Φ(z_{1−α/2} / √t)",
+                  "pocock": "Lan–DeMets Pocock-type, α(t) = α·ln(1 + (e − 1)·t)"}
+SEQUENTIAL_KEYS = ("look_n", "first_look", "max_seeds")  # statistics.sequential: these, and optionally `spending`
+SEQUENTIAL_RULE = (
+    "Sequential design (bench/study.py --until-decided): seeds are added one at a time from the first look (n₀ "
+    "seeds) up to a maximum N fixed in advance, and the verdicts are read after each (looks n = n₀, …, N; information "
+    "fraction t = n / N). α is spent over the looks by a spending function (Lan & DeMets 1983, Biometrika 70:659–663; "
+    "Jennison & Turnbull 2000, *Group Sequential Methods with Applications to Clinical Trials*, ch. 7): "
+    "O'Brien–Fleming-type α(t) = 2 − 2Φ(z_{1−α/2} / √t) (little early, most late; the default) or Pocock-type "
+    "α(t) = α·ln(1 + (e − 1)·t). Look k's intervals are read at 1 − (α(t_k) − α(t_{k−1})), the increment (per task "
+    "divided by its tasks, as above): the increments add up to α, so by a union bound over the looks the chance that "
+    "any look gives a wrong verdict is at most α (α/2 at each end), whatever stops the study and at any number of "
+    "seeds (exact for t-intervals, no normal approximation). It is conservative: exact group-sequential boundaries "
+    "use the correlation between looks and would be narrower, but they assume normal statistics and a study that "
+    "stops on that one statistic, while this one stops when every primary verdict is decided.")
+
+
+def alpha_spent(t, alpha: float, spending: str = "obrien-fleming"):
+    """The error a Lan-DeMets spending function allows by information fraction t (Lan & DeMets 1983, Biometrika).
+
+    Args:
+        t (`float` or `np.ndarray`): seeds so far over the planned maximum, n / N, in [0, 1].
+        alpha (`float`): the error spent by t = 1 (statistics.alpha).
+        spending (`str`): `"obrien-fleming"`: α(t) = 2 − 2Φ(z_{1−α/2} / √t); `"pocock"`: α(t) = α·ln(1 + (e − 1)·t).
+
+    Returns α(t), a float for a float t: 0 at t = 0, α at t = 1, non-decreasing in t.
+    """
+    t = np.clip(np.asarray(t, dtype=float), 0.0, 1.0)
+    if spending == "obrien-fleming":
+        with np.errstate(divide="ignore"):  # t = 0: z / 0 = inf, whose normal tail is 0
+            spent = 2 * stats.norm.sf(stats.norm.isf(alpha / 2) / np.sqrt(t))
+    elif spending == "pocock":
+        spent = alpha * np.log1p((math.e - 1) * t)
+    else:
+        raise ValueError(f"spending={spending!r} must be one of {list(SPENDING_NAMES)}")
+    return float(spent) if np.ndim(spent) == 0 else spent
+
+
+def look_alphas(first_look: int, max_seeds: int, alpha: float, spending: str = "obrien-fleming") -> dict[int, dict]:
+    """n -> {alpha_spent: α(n / N), alpha_this_look: its increment over the look before} for the looks n = first_look,
+    ..., max_seeds (the first look spends α(first_look / N) from 0), so the increments add up to alpha."""
+    looks = np.arange(first_look, max_seeds + 1)
+    spent = alpha_spent(looks / max_seeds, alpha, spending)
+    return {int(n): {"alpha_spent": float(s), "alpha_this_look": float(a)}
+            for n, s, a in zip(looks, spent, np.diff(spent, prepend=0.0))}
+
+
+def check_sequential(seq) -> None:
+    """statistics.sequential is null (the fixed design) or {look_n, first_look, max_seeds[, spending]}: integers with
+    2 <= first_look <= look_n <= max_seeds, spending one of SPENDING_NAMES."""
+    if seq is None:
+        return
+    keys = set(seq) if isinstance(seq, dict) else set()
+    if not keys or keys - {*SEQUENTIAL_KEYS, "spending"} or set(SEQUENTIAL_KEYS) - keys:
+        raise EvaluationError(f"statistics.sequential={seq!r} must be null or {{look_n: N, first_look: N, "
+                              f"max_seeds: N[, spending: {'|'.join(SPENDING_NAMES)}]}}")
+    n, first, most = (seq[k] for k in SEQUENTIAL_KEYS)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n, first, most)) or not 2 <= first <= n <= most:
+        raise EvaluationError(f"statistics.sequential needs integers 2 <= first_look <= look_n <= max_seeds; got "
+                              f"first_look={first!r}, look_n={n!r}, max_seeds={most!r}")
+    if seq.get("spending", "obrien-fleming") not in SPENDING_NAMES:
+        raise EvaluationError(f"statistics.sequential.spending={seq['spending']!r} must be one of "
+                              f"{list(SPENDING_NAMES)}")
+
+
+def sequential_look(statistics: dict) -> dict | None:
+    """The `sequential` record of every verdict at this look (its level: alpha_this_look), or None: the fixed design."""
+    seq = statistics.get("sequential")
+    if not seq:
+        return None
+    spending = seq.get("spending", "obrien-fleming")
+    n, first, most = (seq[k] for k in SEQUENTIAL_KEYS)
+    return {"look": n - first + 1, "looks_planned": most - first + 1, "n": n, "first_look": first, "max_seeds": most,
+            "information_fraction": n / most, "alpha": statistics["alpha"],
+            **look_alphas(first, most, statistics["alpha"], spending)[n], "spending": spending,
+            "rule": f"{SPENDING_NAMES[spending]}, t = n / max_seeds; intervals at 1 − alpha_this_look (per task "
+                    f"÷ its tasks): a union bound over the looks"}
+
+
+def sequential_lines(agg: dict) -> list[str]:
+    """The report's statement of the look, after the families (nothing for the fixed design)."""
+    look = next((e["sequential"] for e in agg["hypotheses"] if e.get("sequential")), None)
+    if not look:
+        return []
+    return [f"Sequential design, look {look['look']} of at most {look['looks_planned']}: n = {look['n']} seeds "
+            f"(first look at {look['first_look']}, at most {look['max_seeds']}; t = {look['information_fraction']:.2f})"
+            f"; {SPENDING_NAMES[look['spending']]}: α spent by this look {look['alpha_spent']:.4g} of "
+            f"{look['alpha']:g}, so this look's intervals are at {100 * (1 - look['alpha_this_look']):.4g}% (per task "
+            f"÷ its tasks) and a one-sided p reads against {look['alpha_this_look'] / 2:.4g}, not α/2.", "",
+            SEQUENTIAL_RULE, ""]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Hypotheses: a verdict per claim, per task and on the GLUE average (hypotheses.yaml holds the claims and margins).
 
 VERDICT_RULE = (
@@ -1384,16 +1540,28 @@ VERDICT_RULE = (
     "the interval's lower end is at or above the margin (the data exclude every smaller effect), *contradicted* when "
     "its upper end is below the margin (they exclude the claimed one), *undecided* otherwise. A claim of "
     "equivalence (H3a: GLoRA / LoRA step time within 1 ± margin; H4: adapter parameters) is supported when the "
-    "interval lies inside the bounds (for H3a this is TOST), contradicted when it lies wholly outside, undecided "
+    "interval lies inside the bounds (this is TOST), contradicted when it lies wholly outside, undecided "
     "otherwise. H3b (GLoRA faster than AdaLoRA) is supported when the ratio's upper end is below 1, contradicted when "
-    "its lower end is at or above 1. *Not testable* says why (too few seeds, no spread, runs missing, times not "
-    "comparable, AdaLoRA's gain not above zero). Intervals: H1 a paired t-interval over seeds; H2 Fieller's interval "
-    "of the ratio of mean gains (bounded only when AdaLoRA's gain differs from 0 at that level, else withheld); H3 a "
-    "t-interval of the per-seed log step-time ratio (comparable runs only), exponentiated; H4 exact counts: the range "
-    "of the per-seed ratios, no test. The GLUE average (the mean over the tasks that have the groups, per seed: seeds "
+    "its lower end is at or above 1. *Not testable* says why (too few seeds, no spread, runs missing, a non-finite "
+    "score, its run and seed named (dropping the seed would flatter its method), times not comparable, budgets "
+    "differing (H4), AdaLoRA's gain shown at or below 0: the upper end of its interval at or below 0, so there is "
+    "no gain to share). Intervals: H1 a paired t-interval over seeds; H2 Fieller's interval "
+    "of the ratio of mean gains, bounded only when AdaLoRA's gain is shown above 0 at that level; when the gain "
+    "cannot be told from 0 (whatever the sign of its mean) Fieller's set is unbounded and holds shares on both sides "
+    "of the margin: *undecided*, with that reason; H3 a "
+    "t-interval of the per-seed log step-time ratio (comparable runs only), exponentiated, or, where a timing record "
+    "timed the task's groups (bench/overhead.py --record, in {results_dir}/timing/), of the per-pair log ratio of its "
+    "interleaved blocks (pairs are the units; the GLUE average averages pair i over the tasks, and uses the study "
+    "runs unless every task has a record); H4 a t-interval of the per-seed log parameter ratio, exponentiated (when "
+    "every seed gives the same ratio, that exact ratio is judged directly), AdaLoRA counted at its final ranks, the "
+    "ratio to the parameters it trains (init_r) beside it. The GLUE average (the mean over the tasks that have the groups, per seed: seeds "
     "are the units) is the primary verdict, at 1 − α; per-task verdicts form one family per hypothesis and use "
-    "Bonferroni intervals at 1 − α/k over its k tasks, so a task's verdict holds at α for the family; the one-sided "
-    "p-values shown beside them carry the same adjustment. H1–H4 are separate claims that must all hold for the "
+    "Bonferroni intervals at 1 − α/k over its k tasks, so a task's verdict holds at α for the family. Each p is "
+    "shown with the bound the rule puts on it: supported when p ≤ (1 − level)/2, α/(2k) per task (TOST's p is the "
+    "larger of its two one-sided p's), so p and status agree. Each entry names the seeds it leaves out (`excluded`: "
+    "no partner run, a run skip_bad skipped, a missing or non-finite value) and gives `seeds_needed`, prospective: "
+    "the fewest seeds at which its own interval would exclude the margin with the configured power if the true value "
+    "and sd were the current estimates (not decidable on the margin, or beyond 10,000). H1–H4 are separate claims that must all hold for the "
     "question's claim (an intersection-union test): no adjustment across them.")
 HYPOTHESIS_ROLES = {"H1": ("reference", "baseline"), "H2": ("reference", "adalora", "baseline"),
                     "H3a": ("reference", "baseline"), "H3b": ("reference", "adalora"), "H4": ("reference", "adalora")}
@@ -1424,7 +1592,8 @@ def judge_h1(values: dict, margin: float, confidence: float) -> dict:
     diff = np.array([g - lo for g, lo in values.values()])
     iv = mean_interval(diff, confidence)
     out = {"estimate": iv["estimate"], "ci": iv["ci"], "n": iv["n"], "reason": iv["reason"],
-           "interval": "paired t-interval over seeds", "bounds": [margin, None]}
+           "interval": "paired t-interval over seeds", "bounds": [margin, None],
+           "scales": [{"estimate": iv["estimate"], "sd": iv["sd"], "bounds": [margin]}]}
     if iv["ci"] is None:
         return out
     shown = "GLoRA above LoRA shown" if iv["ci"][0] > 0 else "GLoRA below LoRA shown" if iv["ci"][1] < 0 else None
@@ -1434,22 +1603,38 @@ def judge_h1(values: dict, margin: float, confidence: float) -> dict:
 
 
 def judge_h2(values: dict, margin: float, confidence: float) -> dict:
-    """(GLoRA - LoRA) / (AdaLoRA - LoRA) by Fieller, withheld unless AdaLoRA's gain is above 0 and distinguishable
-    from it; one-sided t-test of H0: (GLoRA - LoRA) - margin·(AdaLoRA - LoRA) <= 0 (the test Fieller inverts)."""
+    """(GLoRA - LoRA) / (AdaLoRA - LoRA) by Fieller; one-sided t-test of H0: (GLoRA - LoRA) - margin·(AdaLoRA - LoRA)
+    <= 0 (the test Fieller inverts). AdaLoRA's gain (its `confidence` t-interval) decides what can be said: shown
+    above 0, the share's interval is bounded and read against the margin; its upper end at or below 0 (every seed's
+    gain <= 0 when the gains have no spread), a share of no gain is undefined: not testable; neither, Fieller's set
+    is unbounded and holds shares on both sides of the margin: undecided."""
     num = np.array([g - lo for g, _, lo in values.values()])
     den = np.array([a - lo for _, a, lo in values.values()])
     f = fieller_interval(num, den, confidence)
+    gain = mean_interval(den, confidence)
+    tested = mean_interval(num - margin * den, confidence)  # the test Fieller inverts at r = margin
     out = {"estimate": f["estimate"], "ci": f["ci"], "n": f["n"], "reason": f["reason"],
            "interval": "Fieller interval of the ratio of mean gains, paired by seed", "bounds": [margin, None],
-           "adalora_gain": float(den.mean()) if len(den) else None}
-    if len(den) and den.mean() <= 0:
-        return {**out, "estimate": None, "ci": None,
-                "reason": f"AdaLoRA's gain over LoRA is {100 * den.mean():+.2f} points, not above 0: no gain to share"}
+           "adalora_gain": gain["estimate"], "adalora_gain_ci": gain["ci"],
+           # decided once the test Fieller inverts rejects at the margin and AdaLoRA's gain is shown above 0
+           "scales": [{"estimate": tested["estimate"], "sd": tested["sd"], "bounds": [0.0]},
+                      {"estimate": gain["estimate"], "sd": gain["sd"], "bounds": [0.0]}]}
+    if f["n"] < 2:
+        return out
+    upper = gain["ci"][1] if gain["ci"] else gain["estimate"]
+    if upper <= 0:
+        where = f"{100 * confidence:.4g}% CI upper end {100 * upper:+.2f} points" if gain["ci"] else \
+            "on every seed"
+        return {**out, "estimate": None, "ci": None, "scales": [],
+                "reason": f"AdaLoRA's gain over LoRA is {100 * gain['estimate']:+.2f} points ({where}), shown <= 0: "
+                          f"no gain to share"}
     if f["ci"] is None:
-        reason = f["reason"] if f["n"] < 2 else (
-            f"AdaLoRA's gain over LoRA ({100 * den.mean():+.2f} points) is not distinguishable from 0 at "
-            f"{100 * confidence:.4g}%: the share's interval is unbounded (Fieller), so withheld")
-        return {**out, "reason": reason}
+        more = "not decidable: AdaLoRA's mean gain is <= 0, so more seeds would show no gain to share, not a share" \
+            if gain["estimate"] <= 0 else None
+        return {**out, "status": "undecided", "estimate": None if more else f["estimate"], "scales_reason": more,
+                "reason": f"AdaLoRA's gain over LoRA ({100 * gain['estimate']:+.2f} points, {100 * confidence:.4g}% "
+                          f"CI {fmt_ci(gain['ci'])}) cannot be told from 0: Fieller's set is unbounded and holds "
+                          f"shares on both sides of the margin"}
     return {**out, "status": status_at_least(f["ci"], margin),
             "test": one_sided(stats.ttest_1samp(num - margin * den, 0.0, alternative="greater"),
                               "one-sided t-test of (GLoRA − LoRA) − margin·(AdaLoRA − LoRA) ≤ 0", "greater")}
@@ -1462,7 +1647,9 @@ def judge_h3(values: dict, margin: float | None, confidence: float) -> dict:
     iv = log_ratio_interval(np.exp(log_a), np.exp(log_b), confidence)
     bounds = [1 - margin, 1 + margin] if margin is not None else [None, 1.0]
     out = {"estimate": iv["estimate"], "ci": iv["ci"], "n": iv["n"], "reason": iv["reason"], "bounds": bounds,
-           "interval": "t-interval of the per-seed log step-time ratio, exponentiated (geometric mean ratio)"}
+           "interval": "t-interval of the per-seed log step-time ratio, exponentiated (geometric mean ratio)",
+           "scales": [{"estimate": None if iv["estimate"] is None else math.log(iv["estimate"]), "sd": iv["sd"],
+                       "bounds": [math.log(b) for b in bounds if b is not None]}]}
     if iv["ci"] is None:
         return out
     if margin is None:
@@ -1476,24 +1663,171 @@ def judge_h3(values: dict, margin: float | None, confidence: float) -> dict:
                      "alternative": "equivalence", "statistic": None, "p_value": float(p)}}
 
 
-def judge_h4(values: dict, margin: float) -> dict:
-    """Adapter parameters GLoRA / AdaLoRA: exact counts, so the range of the per-seed ratios against 1 ± margin."""
-    ratios = [a / b for a, b in values.values() if b]
-    out = {"estimate": float(np.mean([a for a, _ in values.values()]) / np.mean([b for _, b in values.values()]))
-           if ratios else None, "ci": [min(ratios), max(ratios)] if ratios else None, "n": len(ratios),
-           "reason": None if ratios else "no seed run by both", "bounds": [1 - margin, 1 + margin],
-           "interval": "range of the per-seed ratios (exact counts, no test)"}
-    return {**out, "status": status_within(out["ci"], 1 - margin, 1 + margin)} if ratios else out
+H4_BASIS = ("H4 counts AdaLoRA at its final ranks (adapter_params_effective), the size the AdaLoRA paper reports for "
+            "a budget (its 1.27M against LoRA's 1.33M); the init_r triplets it trains and masks down to them are the "
+            "other count, given beside it.")
+
+
+def judge_h4(values: dict, margin: float, confidence: float) -> dict:
+    """Adapter parameters GLoRA / AdaLoRA, values seed -> (GLoRA, AdaLoRA at its final ranks, AdaLoRA trained): the
+    t-interval of the per-seed log ratio, exponentiated, against 1 ± margin (TOST beside it, as for H3a); when every
+    seed gives the same ratio (sd 0) that exact ratio is judged directly. The ratio to the parameters AdaLoRA trains
+    (its init_r budget) is reported beside the one H4 uses (H4_BASIS)."""
+    glora, final, trained = (np.array([v[min(k, len(v) - 1)] for v in values.values()], dtype=float)
+                             for k in range(3))  # no third count: the one H4 uses
+    bounds = [1 - margin, 1 + margin]
+    if not values or not (glora > 0).all() or not (final > 0).all():
+        return {"estimate": None, "ci": None, "n": len(values), "bounds": bounds,
+                "reason": "a parameter count of 0: no ratio" if values else "no seed run by both"}
+    iv = log_ratio_interval(glora, final, confidence)
+    other = float(np.exp(np.mean(np.log(glora) - np.log(trained)))) if len(values) else None
+    counts = {"used": "adapter_params_effective (AdaLoRA at its final ranks)", "why": H4_BASIS,
+              "adalora_final_ranks": float(final.mean()) if len(values) else None,
+              "adalora_trained": float(trained.mean()) if len(values) else None, "ratio_to_trained": other}
+    out = {"estimate": iv["estimate"], "ci": iv["ci"], "n": iv["n"], "reason": iv["reason"], "bounds": bounds,
+           "interval": "t-interval of the per-seed log parameter ratio, exponentiated (geometric mean ratio)",
+           "adalora_params": counts, "detail": None if other is None else (
+               "AdaLoRA at its final ranks; its trained count equals it here" if np.allclose(trained, final) else
+               f"AdaLoRA at its final ranks ({counts['adalora_final_ranks']:,.0f}); to the parameters it trains "
+               f"({counts['adalora_trained']:,.0f}, init_r triplets): ×{other:.3f}"),
+           "scales": [{"estimate": None if iv["estimate"] is None else math.log(iv["estimate"]), "sd": iv["sd"],
+                       "bounds": [math.log(b) for b in bounds]}]}
+    if iv["sd"] is not None and iv["ci"] is None:  # every seed the same ratio: nothing to estimate, judged exactly
+        exact = iv["estimate"]
+        return {**out, "reason": None, "exact": True, "scales": [], "status": status_within([exact, exact], *bounds),
+                "scales_reason": "exact counts, the same on every seed: more seeds change nothing",
+                "interval": "exact: every seed gives the same ratio (sd 0), judged directly against the bounds"}
+    if iv["ci"] is None:
+        return out
+    p, _, _ = ttost_paired(np.log(glora), np.log(final), math.log(bounds[0]), math.log(bounds[1]))
+    return {**out, "status": status_within(iv["ci"], *bounds),
+            "test": {"test": "TOST on the paired log parameter ratio (statsmodels ttost_paired)",
+                     "alternative": "equivalence", "statistic": None, "p_value": float(p)}}
+
+
+# H3 from the interleaved timer: bench/overhead.py --record times a (backbone, task)'s LoRA, AdaLoRA and GLoRA run
+# configs in one process on the task's own batches, their steps interleaved in blocks; the pairs are the units.
+TIMING_DIR = "timing"  # {results_dir}/timing/{backbone}--{task folder}.json, beside the runs
+TIMING_FORMAT = "glora-interleaved-timing/1"
+H3_PAIR_INTERVAL = ("t-interval of the per-pair log step-time ratio (interleaved timer: block pairs are the units), "
+                    "exponentiated (geometric mean ratio)")
+
+
+def timing_record_path(results_dir, backbone: str, task_folder: str) -> Path:
+    """Where a (backbone, task)'s timing record lives: `{results_dir}/timing/{backbone}--{task folder}.json` (e.g.
+    results/study/timing/MiniLM-L6-22M--SST-2.json), beside the study's runs, where this module reads it."""
+    return Path(results_dir) / TIMING_DIR / f"{backbone}--{task_folder}.json"
+
+
+def load_timing_records(results_dir: Path) -> list[dict]:
+    """Every timing record in {results_dir}/timing/, each with its `path`; a file there that is not one is an error
+    (a record is written atomically, so a half-written file is never seen)."""
+    folder = Path(results_dir) / TIMING_DIR
+    records = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise EvaluationError(f"{path}: unreadable timing record ({e}); delete it or re-run bench/overhead.py "
+                                  f"--record") from None
+        if not isinstance(record, dict) or record.get("format") != TIMING_FORMAT:
+            raise EvaluationError(f"{path}: not a timing record of format {TIMING_FORMAT!r} (bench/overhead.py "
+                                  f"--record writes them)")
+        records.append({**record, "path": str(path)})
+    return records
+
+
+def role_step_times(record: dict, role: str) -> list[float]:
+    """A method's step time in each pair of a timing record (seconds).
+
+    Args:
+        record (`dict`): a timing record (bench/overhead.py --record).
+        role (`str`): "baseline" (LoRA), "adalora" or "reference" (GLoRA).
+
+    Per pair, sum over the method's timed phases p of share_p x (block time_p / block steps): each phase's block
+    mean (so AdaLoRA's masking steps count) weighted by the phase's share of the run's optimizer steps (the shares of
+    a method sum to 1).
+    """
+    arms = [a for a in record["arms"] if a["role"] == role]
+    return [sum(a["share"] * float(np.mean(pair["step_s"][a["name"]])) for a in arms) for pair in record["pairs"]]
+
+
+def timing_values(record: dict, roles: tuple[str, ...]) -> dict:
+    """pair index -> (log step time of roles[0], of roles[1]): judge_h3's values with the pairs as the units."""
+    a, b = (role_step_times(record, r) for r in roles)
+    return {i: (math.log(x), math.log(y)) for i, (x, y) in enumerate(zip(a, b))}
+
+
+def timing_record_for(hid: str, task: str, roles: dict, rows: list[dict],
+                      timing: list[dict] | None) -> tuple[dict | None, str | None]:
+    """The timing record that timed this task's groups for H3a/H3b (the same run config per role, the same
+    backbone: the same last two path parts, so one package installed in two checkouts is one backbone), or None and,
+    when the task has a record that does not fit, why it is not used."""
+    if hid not in ("H3a", "H3b") or not timing or any(roles.get(r) is None for r in HYPOTHESIS_ROLES[hid]):
+        return None, None
+    runs = {r: [x for x in rows if x["task"] == task and x["method_name"] == roles[r]] for r in HYPOTHESIS_ROLES[hid]}
+    why = None
+    for record in (t for t in timing if t.get("task") == task):
+        timed = record.get("run_ids") or {}
+        other = next((r for r, xs in runs.items() if {x.get("run_id") for x in xs} != {timed.get(r)}), None)
+        backbones = {x.get("backbone") for xs in runs.values() for x in xs if x.get("backbone") is not None
+                     and Path(str(x["backbone"])).parts[-2:] != Path(str(record.get("backbone"))).parts[-2:]}
+        if other is None and not backbones:
+            return record, None
+        why = (f"{record['path']} timed {timed.get(other)}, the {ROLE_LABELS[other]} runs are "
+               f"{', '.join(sorted({str(x.get('run_id')) for x in runs[other]}))}" if other else
+               f"{record['path']} timed backbone {record.get('backbone')}, the runs {', '.join(sorted(backbones))}")
+    return None, why
+
+
+def h3_source(hid: str, task: str, roles: dict, rows: list[dict], timing: list[dict] | None) -> dict:
+    """An H3 entry's instrument: `interleaved` (the record's path and n pairs; the pairs replace the seeds) when a
+    timing record timed the task's groups, else `study runs` (the runs' per-seed step times); {} for H1, H2, H4."""
+    if hid not in ("H3a", "H3b"):
+        return {}
+    record, why = timing_record_for(hid, task, roles, rows, timing)
+    if record is None:
+        return {"instrument": "study runs", "timing_record": None, "n_pairs": None, "timing_note": why}
+    use = record.get("cpu_utilisation")
+    return {"instrument": "interleaved", "timing_record": record["path"], "n_pairs": len(record["pairs"]),
+            "seeds": [], "interval": H3_PAIR_INTERVAL,
+            # the arms share any load, so it widens the interval rather than biasing it; said, not hidden
+            "timing_note": f"CPU use {use:.2f} < {CPU_UTIL_MIN} while timing: other processes shared the cores"
+            if use is not None and use < CPU_UTIL_MIN else None}
+
+
+def pooled_h3_evidence(hid: str, evidence: dict, sources: dict, groups: dict, derived: dict,
+                       rows: list[dict]) -> tuple[dict, dict]:
+    """The GLUE average's H3 evidence and instrument. Interleaved when every task has a timing record: pair i's log
+    ratio averaged over the tasks (pooled_verdict's mean per unit; pair i of each task is one draw, so the
+    averaged pairs are independent units); else every task's study runs, per seed (one instrument per average)."""
+    if hid not in ("H3a", "H3b"):
+        return evidence, {}
+    if all(sources[t]["instrument"] == "interleaved" for t in evidence):
+        return evidence, {"instrument": "interleaved", "timing_record": [sources[t]["timing_record"] for t in evidence],
+                          "n_pairs": min(sources[t]["n_pairs"] for t in evidence), "seeds": [],
+                          "timing_note": "; ".join(f"{TASKS.get(t, t)}: {sources[t]['timing_note']}" for t in evidence
+                                                   if sources[t]["timing_note"]) or None,
+                          "interval": H3_PAIR_INTERVAL}
+    mixed = any(sources[t]["instrument"] == "interleaved" for t in evidence)
+    runs = {t: hypothesis_evidence(hid, t, derived[t]["roles"], groups[t], rows) for t in evidence}
+    return runs, {"instrument": "study runs", "timing_record": None, "n_pairs": None,
+                  "timing_note": "not every task has a timing record, so the average uses every task's study runs"
+                  if mixed else None}
 
 
 def hypothesis_evidence(hid: str, task: str, roles: dict, by_method: dict,
-                        rows: list[dict]) -> tuple[dict, str | None]:
-    """seed -> the hypothesis' values on one task (log step times for H3), or why there are none."""
+                        rows: list[dict], timing: list[dict] | None = None) -> tuple[dict, str | None]:
+    """seed -> the hypothesis' values on one task (log step times for H3), or why there are none; for H3 with a
+    timing record that timed the task's groups (timing_record_for), pair index -> log step times instead."""
     names = [roles[r] for r in HYPOTHESIS_ROLES[hid]]
     missing = [ROLE_LABELS[r] for r, n in zip(HYPOTHESIS_ROLES[hid], names) if n is None]
     if missing:
         return {}, f"no {' or '.join(missing)} run on this task"
     runs = {n: [r for r in rows if r["task"] == task and r["method_name"] == n] for n in names}
+    record, _ = timing_record_for(hid, task, roles, rows, timing)
+    if record is not None:  # the interleaved timer: the runs' own step times are not used
+        return timing_values(record, HYPOTHESIS_ROLES[hid]), None
     if hid in ("H3a", "H3b"):
         comparable, why, kept_a, kept_b, _ = timed_comparability(runs[names[1]], runs[names[0]])
         if not comparable:
@@ -1505,7 +1839,20 @@ def hypothesis_evidence(hid: str, task: str, roles: dict, by_method: dict,
         if None in budgets or abs(budgets[0] - budgets[1]) > 0.5 or "params" in units:
             return {}, f"not the same rank budget: {names[0]} {budgets[0]} ({units[0]}), {names[1]} {budgets[1]}"
     values = paired_values(runs, names, HYPOTHESIS_KEY[hid])
+    broken = nonfinite_values(runs, names, HYPOTHESIS_KEY[hid], values)
+    if broken:  # e.g. STS-B's Pearson of constant predictions: dropping the seed would flatter that method
+        return {}, "non-finite " + "; ".join(broken)
+    if hid == "H4":  # beside the count H4 uses: the parameters AdaLoRA trains (all init_r triplets, masked)
+        trained = paired_values(runs, [names[1]], "adapter_params")
+        values = {s: (*v, trained[s][0] if s in trained else v[1]) for s, v in values.items()}
     return ({s: tuple(np.log(v)) for s, v in values.items()} if hid in ("H3a", "H3b") else values), None
+
+
+def nonfinite_values(runs: dict[str, list[dict]], names: list[str], key: str, values: dict) -> list[str]:
+    """`key (value) in run name (seed s)` for every paired seed whose value is NaN or infinite."""
+    by_seed = {n: {r["seed"]: r for r in runs.get(n, [])} for n in names}
+    return [f"{key} ({v}) in {by_seed[n][s]['run_name']} (seed {s})"
+            for s, vs in values.items() for n, v in zip(names, vs) if not math.isfinite(v)]
 
 
 def judge(hid: str, values: dict, margin: float, confidence: float) -> dict:
@@ -1515,30 +1862,43 @@ def judge(hid: str, values: dict, margin: float, confidence: float) -> dict:
         return judge_h2(values, margin, confidence)
     if hid in ("H3a", "H3b"):
         return judge_h3(values, margin if hid == "H3a" else None, confidence)
-    return judge_h4(values, margin)
+    return judge_h4(values, margin, confidence)
 
 
-def hypotheses(groups: dict, derived: dict, rows: list[dict], settings: dict) -> list[dict]:
+def hypotheses(groups: dict, derived: dict, rows: list[dict], settings: dict,
+               timing: list[dict] | None = None, skipped: list[dict] | tuple = ()) -> list[dict]:
     """The `hypotheses` list: per hypothesis, one entry per task and, when >= 2 tasks have its groups, one on the GLUE
-    average (the primary verdict; else the one task that has them is); see VERDICT_RULE."""
-    alpha, out = settings["statistics"]["alpha"], []
+    average (the primary verdict; else the one task that has them is); see VERDICT_RULE. `timing`: the timing records
+    (load_timing_records), which H3 reads where they timed a task's groups (h3_source). `skipped`: the runs
+    skip_bad left out (skipped_run), named in the entries' `excluded`."""
+    look = sequential_look(settings["statistics"])  # None: the fixed design, at alpha
+    alpha, out = look["alpha_this_look"] if look else settings["statistics"]["alpha"], []
     for hid in HYPOTHESIS_ROLES:
         margin = 0.0 if hid == "H3b" else settings["hypotheses"][hid[:2]]["margin"]  # H3b: faster at all
         tasks = [t for t in groups if all(derived[t]["roles"][r] for r in HYPOTHESIS_ROLES[hid])]
         k = max(1, len(tasks))  # the family: the tasks that can be tested (the others say why not)
         family = f"{hid} per task ({k} task{'s' * (k > 1)})"
-        evidence = {t: hypothesis_evidence(hid, t, derived[t]["roles"], groups[t], rows) for t in groups}
+        evidence = {t: hypothesis_evidence(hid, t, derived[t]["roles"], groups[t], rows, timing) for t in groups}
+        sources = {t: h3_source(hid, t, derived[t]["roles"], rows, timing) for t in groups}  # {} but for H3
         for task, (values, why) in evidence.items():
             out.append({**verdict_entry(hid, task, values, why, margin, 1 - alpha / k, family, derived[task]["roles"]),
+                        **sources[task],
                         "primary": len(tasks) == 1 and task in tasks, "family_size": k,
                         "adjustment": f"Bonferroni over {k} tasks" if k > 1 else "none"})
         if len(tasks) >= 2:
-            out.append({**pooled_verdict(hid, {t: evidence[t] for t in tasks}, margin, 1 - alpha),
+            pooled, source = pooled_h3_evidence(hid, {t: evidence[t] for t in tasks}, sources, groups, derived, rows)
+            out.append({**pooled_verdict(hid, pooled, margin, 1 - alpha), **source,
                         "primary": True, "family_size": 1, "adjustment": "none"})
     for e in out:
+        e["sequential"] = look
+        e["seeds_needed"] = verdict_seeds(e, settings["statistics"]["power"])
         if e["test"]:  # Bonferroni: the p-value that matches the interval the status is read from
             e["test"].update(p_adjusted=min(1.0, e["test"]["p_value"] * e["family_size"]), family=e["family"],
-                             family_size=e["family_size"], adjustment="bonferroni" if e["family_size"] > 1 else "none")
+                             family_size=e["family_size"], adjustment="bonferroni" if e["family_size"] > 1 else "none",
+                             # the rule on the raw p: each end of the entry's two-sided interval is one-sided at
+                             # (1 - level)/2 (alpha/2/k per task; TOST's p is the larger of its two one-sided p's)
+                             rule_p_max=(1 - e["confidence"]) / 2)
+    attach_excluded(out, derived, rows, list(skipped))
     return out
 
 
@@ -1559,9 +1919,12 @@ def verdict_entry(hid: str, task: str, values: dict, why: str | None, margin: fl
     judged = judge(hid, values, margin, confidence) if why is None else {"reason": why}
     status = judged.get("status", "not testable")
     return {"id": hid, "task": task, "claim": CLAIMS[hid], "status": status,
-            "reason": judged.get("reason") if status == "not testable" else None,
+            "reason": judged.get("reason") if status in ("not testable", "undecided") else None,
             "estimate": judged.get("estimate"), "ci": judged.get("ci"), "margin": margin,
-            "bounds": judged.get("bounds"), "confidence": None if hid == "H4" else confidence,
+            "bounds": judged.get("bounds"), "confidence": confidence, "exact": judged.get("exact", False),
+            # what seeds_needed reads: per-seed mean and sd on the interval's scale, and the bounds it must exclude
+            "scales": judged.get("scales", []), "scales_reason": judged.get("scales_reason"),
+            "adalora_params": judged.get("adalora_params"),
             "n": judged.get("n", len(values)), "seeds": list(values), "interval": judged.get("interval"),
             "unit": {"H1": "glue_score difference (fraction; x100 = points)", "H2": "share of AdaLoRA's gain",
                      "H4": "ratio of adapter parameters"}.get(hid, "ratio of step times"),
@@ -1570,8 +1933,95 @@ def verdict_entry(hid: str, task: str, values: dict, why: str | None, margin: fl
             "test": judged.get("test")}
 
 
-def aggregate(records: list[RunRecord], settings: dict | None = None) -> dict:
-    """Everything in comparison/aggregated_metrics.json; `settings`: load_settings() (hypotheses.yaml) by default."""
+def verdict_seeds(entry: dict, power: float) -> dict:
+    """An entry's `seeds_needed` (prospective, at its own level): seeds_needed for each condition its status needs
+    (`scales`; H2: the test Fieller inverts and AdaLoRA's gain above 0, each at `power`, the larger n), or why not."""
+    unit = {"unit": "pairs" if entry.get("instrument") == "interleaved" else "seeds"}  # H3's timer: its pairs
+    answers = [{**seeds_needed(s["estimate"], s["sd"], s["bounds"], entry["confidence"], power), **unit}
+               for s in entry["scales"]]
+    why = entry["scales_reason"] or (None if answers else f"not testable: {entry['reason']}")
+    if why or any(a["n"] is None for a in answers):
+        blocked = next((a for a in answers if a["n"] is None),
+                       {**seeds_needed(None, None, [], entry["confidence"], power), **unit})
+        return {**blocked, "reason": why or blocked["reason"]}
+    return {**max(answers, key=lambda a: a["n"]), "conditions": len(answers)}
+
+
+def skipped_run(folder: Path, why: str) -> dict:
+    """A run that skip_bad=true left out, as far as its folder tells: {run, task, method, method_name, variant,
+    seed, why} (None where its config.yaml / summary.json cannot say)."""
+    parts = []
+    for name in ("config.yaml", "summary.json"):
+        try:
+            parts.append(OmegaConf.to_container(OmegaConf.load(folder / name)) if name.endswith("yaml") else
+                         json.loads((folder / name).read_text()))
+        except Exception:  # a crashed run may have no (or half a) file
+            parts.append({})
+    rec = RunRecord(folder.name, *parts, [], None)
+    return {"run": folder.name, "task": task_of(rec), "method": method_key_of(rec), "method_name": method_of(rec),
+            "variant": variant_of(rec), "seed": rec.summary.get("seed", rec.config.get("seed")), "why": why}
+
+
+def excluded_seeds(entry: dict, roles: dict, rows: list[dict], skipped: list[dict]) -> list[dict]:
+    """[{seed, why}] for every seed a group of a per-task entry ran (or tried: `skipped`) that its verdict does not
+    use: another group has no run with that seed, the run failed (skip_bad), the value is missing or not finite.
+    A not-testable entry lists only such per-seed defects (its reason covers the rest)."""
+    hid, task, used = entry["id"], entry["task"], set(entry["seeds"])
+    key, labels = HYPOTHESIS_KEY[hid], [ROLE_LABELS[r] for r in HYPOTHESIS_ROLES[hid]]
+    names = [roles.get(r) for r in HYPOTHESIS_ROLES[hid]]
+    runs = [{r["seed"]: r for r in rows if r["task"] == task and r["method_name"] == n} if n else {} for n in names]
+    failed = [{s["seed"]: s for s in skipped if s["task"] == task and (
+        s["method_name"] == n if n else role_of(s["method"], s["variant"], s["method_name"]) == r)}
+        for r, n in zip(HYPOTHESIS_ROLES[hid], names)]
+    out = []
+    for seed in sorted(set().union(*runs, *failed) - used, key=seed_key):
+        whys = []
+        for label, got, bad in zip(labels, runs, failed):
+            value = got[seed].get(key) if seed in got else None
+            if seed in bad:
+                whys.append(f"{label} run {bad[seed]['run']} failed, skipped (skip_bad): {bad[seed]['why']}")
+            elif seed not in got and got:
+                whys.append(f"no {label} run")
+            elif seed in got and value is None and any(r.get(key) is not None for r in got.values()):
+                whys.append(f"{label} run {got[seed]['run_name']} has no {key}")  # (none has: the reason says so)
+            elif value is not None and not math.isfinite(value):
+                whys.append(f"non-finite {key} ({value}) in {label} run {got[seed]['run_name']}")
+        if not whys and entry["status"] != "not testable":
+            whys = ["dropped by the step-time checks (see Cost)" if hid in ("H3a", "H3b") else "not used"]
+        out += [{"seed": seed, "why": "; ".join(whys)}] if whys else []
+    return out
+
+
+def pooled_excluded(entry: dict, per_task: list[dict]) -> list[dict]:
+    """[{seed, why}] of a GLUE-average entry: each seed some task's comparison used or excluded that the average
+    does not use (it needs the seed on every task), with the tasks' reasons."""
+    used, out, testable = set(entry["seeds"]), [], entry["status"] != "not testable"
+    seeds = set().union(*({x["seed"] for x in e["excluded"]} | set(e["seeds"]) for e in per_task))
+    for seed in sorted(seeds - used, key=seed_key):
+        whys = [f"{TASKS.get(e['task'], e['task'])}: {why}" for e in per_task if seed not in e["seeds"] for why in (
+            [x["why"] for x in e["excluded"] if x["seed"] == seed] or (["no run with this seed"] if testable else []))]
+        out += [{"seed": seed, "why": "; ".join(whys)}] if whys else []
+    return out
+
+
+def attach_excluded(entries: list[dict], derived: dict, rows: list[dict], skipped: list[dict]) -> None:
+    """Each entry's `excluded`, in place: per task first, then each GLUE average from its tasks' entries. None for
+    H3 from a timing record (its units are the record's pairs, not seeds)."""
+    for e in entries:
+        if e.get("instrument") == "interleaved":
+            e["excluded"] = []
+        elif e["task"] != "GLUE average":
+            e["excluded"] = excluded_seeds(e, derived[e["task"]]["roles"], rows, skipped)
+    for e in entries:
+        if e["task"] == "GLUE average" and e.get("instrument") != "interleaved":
+            e["excluded"] = pooled_excluded(e, [x for x in entries if x["id"] == e["id"] and x["task"] in e["tasks"]])
+
+
+def aggregate(records: list[RunRecord], settings: dict | None = None, timing: list[dict] | None = None,
+              skipped: list[dict] | tuple = ()) -> dict:
+    """Everything in comparison/aggregated_metrics.json; `settings`: load_settings() (hypotheses.yaml) by default;
+    `timing`: the results dir's timing records (load_timing_records), for H3; `skipped`: the runs skip_bad left out
+    (load_runs), named in the verdicts' `excluded` and listed as `skipped_runs`."""
     settings = settings or load_settings()
     st, margin = settings["statistics"], settings["hypotheses"]["H1"]["margin"]
     alpha, confidence = st["alpha"], 1 - st["alpha"]
@@ -1599,7 +2049,8 @@ def aggregate(records: list[RunRecord], settings: dict | None = None) -> dict:
     ablation_families(ablated, seed_level, margin, alpha)
     pooled = pooled_tests(rows, derived, confidence, st["n_resamples"], st["permutation_seed"])
     return {"settings": settings, "verdict_rule": VERDICT_RULE,
-            "hypotheses": hypotheses(groups, derived, rows, settings), "scope": scope_notes(rows, groups),
+            "hypotheses": hypotheses(groups, derived, rows, settings, timing, skipped), "skipped_runs": list(skipped),
+            "scope": scope_notes(rows, groups),
             "checkpoint_rule": CHECKPOINT_RULE, "runs": rows, "groups": groups, "derived": derived,
             "glue_average": glue_average(groups, rows, confidence), "rank_histograms": rank_histograms(records),
             "significance": {"seed_level": seed_level, "example_level": example_level, "pooled": pooled},
@@ -2216,8 +2667,10 @@ def seed_tests_note(agg: dict) -> str:
             f"ablation table; t-tests and Wilcoxon tests apart). Wilcoxon's n counts the non-zero differences (scipy "
             f"drops zeros); with n of them its two-sided p cannot go below 2/2^n, so below {st['alpha']} only from 6. "
             f"MDE: the smallest difference a paired t-test detects with power {st['power']} at α = {st['alpha']} with "
-            f"the seeds run (statsmodels TTestPower × sd of the differences). Seeds needed: prospective, for a true "
-            f"difference of the margin (H1, {100 * m:.2f} points) at that power, from the observed sd. Reading: Holm "
+            f"the seeds run (statsmodels TTestPower × sd of the differences). Seeds needed: prospective, the seeds at "
+            f"which this {100 * (1 - st['alpha']):.4g}% interval would exclude the margin (H1, {100 * m:.2f} points) "
+            f"with that power if the true difference and sd were the observed ones ('not decidable' on the margin or "
+            f"beyond {SEEDS_MAX:,}); each verdict line gives it at its own level. Reading: Holm "
             f"p < α: a difference; else, the interval inside ±margin: no difference that large; else too few seeds "
             f"to tell.")
 
@@ -2234,9 +2687,11 @@ def seed_cells(e: dict) -> list[str]:
     """Mean diff., interval, t-test, Wilcoxon, n, MDE, seeds needed, reading: one seed-level comparison."""
     tests, mde = e["tests"] + [{}] * (2 - len(e["tests"])), e["mde"]
     needed = mde["seeds_needed_for_margin"]
+    undecidable = (mde.get("seeds_needed_reason") or "").startswith("not decidable")
     wilcoxon = fmt_test(tests[1]) + (f", n≠0 = {tests[1]['n']}" if tests[1].get("p_value") is not None else "")
     return [fmt_points(e["mean_difference"]), fmt_ci(e.get("ci")), fmt_test(tests[0]), wilcoxon, str(e["n"]),
-            "–" if mde["mde"] is None else f"{100 * mde['mde']:.2f}", "–" if needed is None else str(needed),
+            "–" if mde["mde"] is None else f"{100 * mde['mde']:.2f}",
+            str(needed) if needed is not None else "not decidable" if undecidable else "–",
             e["reading"]]
 
 
@@ -2353,19 +2808,41 @@ def fmt_claim(e: dict) -> str:
 def verdict_line(e: dict) -> str:
     """`- H1 SST-2: estimate, interval, claim, n, p → status`; not testable with its reason."""
     hid = e["id"]
-    level = "range over seeds" if hid == "H4" else f"{100 * e['confidence']:.4g}% CI"
-    ci = "–" if not e["ci"] else (f"[{fmt_estimate(hid, e['ci'][0], False)}, {fmt_estimate(hid, e['ci'][1], False)}]"
-                                  + (" points" if hid == "H1" else ""))
+    level = "exact (the same ratio on every seed)" if e.get("exact") else f"{100 * e['confidence']:.4g}% CI"
+    ci = "" if e.get("exact") else " –" if not e["ci"] else (
+        f" [{fmt_estimate(hid, e['ci'][0], False)}, {fmt_estimate(hid, e['ci'][1], False)}]"
+        + (" points" if hid == "H1" else ""))
     test = e.get("test") or {}
+    # the raw p against the bound the rule puts on it: each end of the (1 - level) interval is one-sided at half
     p = "" if test.get("p_value") is None else (
         f", {'TOST' if test['alternative'] == 'equivalence' else 'one-sided'} p = {fmt_num(test['p_value'], 3)}"
-        + (f" (Bonferroni {fmt_num(test['p_adjusted'], 3)})" if test.get("adjustment") == "bonferroni" else ""))
-    n = f"n = {e['n']} seed{'s' * (e['n'] != 1)}" + (f" × {e['n_tasks']} tasks" if e.get("n_tasks") else "")
+        + (f" (rule: supported when p ≤ {fmt_num(test['rule_p_max'], 3)} = (1 − {100 * e['confidence']:.4g}%)/2)"
+           if test.get("rule_p_max") is not None else ""))
+    unit = "pair" if e.get("instrument") == "interleaved" else "seed"
+    n = f"n = {e['n']} {unit}{'s' * (e['n'] != 1)}" + (f" × {e['n_tasks']} tasks" if e.get("n_tasks") else "")
+    needed = e.get("seeds_needed") or {}
     status = f"**{e['status']}**" + (f" ({e['reason']})" if e["reason"] else "") + (
-        f"; {e['detail']}" if e.get("detail") else "")
+        f"; {e['detail']}" if e.get("detail") else "") + (
+        "" if e["status"] == "not testable" or not needed else
+        f"; {needed.get('unit', 'seeds')} to decide at this level (prospective: power {needed['power']:g}, if the "
+        f"{needed['assumes']}): "
+        + (str(needed["n"]) if needed["n"] is not None else needed["reason"])) + (
+        "; seeds left out: " + "; ".join(f"{x['seed']} ({x['why']})" for x in e["excluded"])
+        if e.get("excluded") else "")
     where = TASKS.get(e["task"], e["task"]) + (" (primary)" if e["primary"] else "")
-    return (f"- **{hid}** {where}: {fmt_estimate(hid, e['estimate'])}, {level} {ci}, claim {fmt_claim(e)}, {n}{p} "
-            f"→ {status}")
+    return (f"- **{hid}** {where}: {fmt_estimate(hid, e['estimate'])}, {level}{ci}, claim {fmt_claim(e)}, {n}{p} "
+            f"→ {status}{fmt_instrument(e)}")
+
+
+def fmt_instrument(e: dict) -> str:
+    """An H3 line's instrument: the interleaved timer (its record(s) and pairs) or the study runs' step times."""
+    if "instrument" not in e:
+        return ""
+    if e["instrument"] == "interleaved":
+        paths = e["timing_record"] if isinstance(e["timing_record"], list) else [e["timing_record"]]
+        return (f"; instrument: interleaved timer, {e['n_pairs']} block pairs "
+                f"({', '.join(f'`{p}`' for p in paths)})" + (f"; {e['timing_note']}" if e.get("timing_note") else ""))
+    return "; instrument: study runs' step times" + (f" ({e['timing_note']})" if e.get("timing_note") else "")
 
 
 def comparison_lines(agg: dict) -> list[str]:
@@ -2415,6 +2892,7 @@ def verdict_section(agg: dict) -> list[str]:
               f"{per_task}"
               + (f"; the GLUE-average verdicts ({', '.join(pooled)}) are primary and unadjusted" if pooled else "")
               + "; no adjustment across H1–H4 (all must hold).", ""]
+    lines += sequential_lines(agg)
     lines += ["What these verdicts cannot say:", ""] + [f"- {note}" for note in agg["scope"]] + ["", VERDICT_RULE]
     return lines
 
@@ -2460,10 +2938,11 @@ def evaluate_run(rec: RunRecord, results_dir: Path) -> None:
         plot_rank_allocation(rec, folder / f"{rec.name}_rank_allocation.pdf")
 
 
-def compare(records: list[RunRecord], results_dir: Path, settings: dict | None = None) -> dict:
-    """comparison/: aggregated_metrics.json, report.md and the comparison figures."""
+def compare(records: list[RunRecord], results_dir: Path, settings: dict | None = None,
+            skipped: list[dict] | tuple = ()) -> dict:
+    """comparison/: aggregated_metrics.json, report.md and the comparison figures; `skipped`: load_runs'."""
     out = results_dir / "comparison"
-    agg = aggregate(records, settings)
+    agg = aggregate(records, settings, load_timing_records(results_dir), skipped)
     write_json(out / "aggregated_metrics.json", agg)
     atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(report_markdown(agg)))
     plot_score_bars(agg, out / "comparison_accuracy_bar_chart.pdf")
@@ -2477,11 +2956,12 @@ def compare(records: list[RunRecord], results_dir: Path, settings: dict | None =
 def main(argv: list[str] | None = None, wandb_api=None) -> int:
     """The CLI; `wandb_api` replaces `wandb.Api()` (tests). Returns the exit status."""
     try:
-        results_dir, run_ids, skip_bad, settings = parse_args(sys.argv[1:] if argv is None else argv)
-        records = load_runs(results_dir, run_ids, skip_bad, WandbSource(wandb_api))
+        results_dir, run_ids, skip_bad, settings, seeds = parse_args(sys.argv[1:] if argv is None else argv)
+        skipped = []  # runs skip_bad=true leaves out: the verdicts name the seeds they lose
+        records = load_runs(results_dir, run_ids, skip_bad, WandbSource(wandb_api), seeds, skipped)
         for rec in records:
             evaluate_run(rec, results_dir)
-        compare(records, results_dir, settings)
+        compare(records, results_dir, settings, skipped)
     except EvaluationError as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2

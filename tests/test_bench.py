@@ -255,6 +255,94 @@ def test_study_runs_one_run_per_gpu(tmp_path, monkeypatch):
     assert bench.visible_gpus(2) == ["4", "6"]
 
 
+
+def fake_study(bench, monkeypatch, decided_at: int | None, fail_seed: int | None = None):
+    """train: writes each run's summary.json (seed `fail_seed`'s runs fail); evaluate: every primary verdict
+    undecided before n = decided_at seeds, then decided. Returns (seeds trained, looks evaluated: their arguments)."""
+    trained, looks = [], []
+
+    def train(runs, args):
+        failed = [r.folder.name for r in runs if r.seed == fail_seed]
+        for r in runs:
+            if r.state()[0] != "done" and r.seed != fail_seed:
+                r.folder.mkdir(parents=True)
+                (r.folder / "summary.json").write_text("{}")
+                trained.append(r.seed)
+        return failed
+
+    def evaluate(runs, args, extra=()):
+        looks.append(extra)
+        n = len(json.loads(extra[0].split("=", 1)[1]))
+        status = "supported" if decided_at and n >= decided_at else "undecided"
+        seq = {"alpha_this_look": 0.01, "alpha_spent": 0.02, "alpha": 0.05}
+        return runs, {"hypotheses": [{"id": h, "task": "GLUE average", "status": s, "primary": True,
+                                      "sequential": seq} for h, s in (("H1", status), ("H4", "contradicted"))]
+                                    + [{"id": "H1", "task": "sst2", "status": "undecided", "primary": False}]}
+
+    monkeypatch.setattr(bench, "train", train)
+    monkeypatch.setattr(bench, "evaluate", evaluate)
+    return trained, looks
+
+
+def test_until_decided_adds_seeds_until_every_primary_verdict_is_decided_and_resumes(tmp_path, monkeypatch, capsys):
+    bench = load_study_bench()
+    argv = ["--results-dir", str(tmp_path), "--tasks", "SST-2", "CoLA", "--methods", "comparative-2", "proposed",
+            "--seeds", "42", "43", "44", "45", "46", "--until-decided", "--max-seeds", "10"]
+    trained, looks = fake_study(bench, monkeypatch, decided_at=7)
+    runs, failed, agg = bench.until_decided(bench.parse_args(argv))
+    assert failed == [] and sorted(set(trained)) == list(range(42, 49)) and len(trained) == 7 * 4
+    assert sorted({r.seed for r in runs}) == list(range(42, 49)) and len(runs) == 28
+    assert [look[0] for look in looks] == [f"seeds={json.dumps(list(range(42, 42 + n)))}" for n in (5, 6, 7)]
+    assert looks[-1][1:] == ("statistics.sequential.look_n=7", "statistics.sequential.first_look=5",
+                             "statistics.sequential.max_seeds=10", "statistics.sequential.spending=obrien-fleming")
+    out = capsys.readouterr().out
+    assert "[study] look 1 of at most 6: n = 5 seeds (42..46), intervals at 99% (α this look 0.01, spent 0.02 of " \
+           "0.05): H1 undecided, H4 contradicted" in out
+    assert "look 3 of at most 6: n = 7 seeds (42..48)" in out and "H1 supported, H4 contradicted" in out
+    assert "the looks stop at n = 7: every primary verdict is decided" in out
+
+    trained.clear(), looks.clear()  # re-run: nothing to train, the three looks recomputed from the finished seeds
+    assert len(bench.until_decided(bench.parse_args(argv))[0]) == 28
+    assert trained == [] and [len(json.loads(look[0].split("=", 1)[1])) for look in looks] == [5, 6, 7]
+
+    trained, looks = fake_study(bench, monkeypatch, decided_at=None)  # never decided: the looks stop at --max-seeds
+    runs, _, _ = bench.until_decided(bench.parse_args([*argv[:-1], "8"]))
+    assert len(looks) == 4 and sorted(set(trained)) == [49] and "--max-seeds 8 reached" in capsys.readouterr().out
+
+    trained, looks = fake_study(bench, monkeypatch, decided_at=None, fail_seed=51)  # a failed run ends the looks
+    runs, failed, agg = bench.until_decided(bench.parse_args(argv))
+    assert {r.seed for r in runs} == set(range(42, 51)) and len(failed) == 4 and all("seed51" in f for f in failed)
+    assert "look at n = 10: 4 runs not finished" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # --max-seeds below the seeds given
+        bench.parse_args([*argv[:-1], "4"])
+
+
+def test_plan_prints_the_looks_and_the_seeds_each_primary_verdict_needs(tmp_path, capsys):
+    bench = load_study_bench()
+    args = bench.parse_args(["--results-dir", str(tmp_path), "--seeds", "42", "43", "44", "--until-decided",
+                             "--max-seeds", "6", "--spending", "pocock"])
+    bench.print_sequential_plan(args)
+    out = capsys.readouterr().out
+    assert "looks at n = 3..6 seeds (at most 3 more seeds" in out and "Pocock-type" in out
+    assert re.search(r"n = 3: 9\d\.\d+%, n = 4: 9\d\.\d+%, n = 5: 9\d\.\d+%, n = 6: 9\d\.\d+%", out), out
+    bench.print_seeds_needed(args)  # no evaluation yet: nothing to say
+    assert capsys.readouterr().out == ""
+    agg = {"runs": [{"seed": s} for s in (42, 43, 44)], "hypotheses": [
+        {"id": "H1", "task": "GLUE average", "status": "undecided", "primary": True,
+         "seeds_needed": {"n": 14, "reason": "for the margin at power 0.8"}},
+        {"id": "H2", "task": "GLUE average", "status": "not testable", "primary": True},
+        {"id": "H1", "task": "sst2", "status": "undecided", "primary": False, "seeds_needed": {"n": 30}}]}
+    (tmp_path / "comparison").mkdir()
+    (tmp_path / "comparison" / "aggregated_metrics.json").write_text(json.dumps(agg))
+    bench.print_seeds_needed(args)
+    out = capsys.readouterr().out
+    assert "3 seeds evaluated" in out and re.search(r"H1 +GLUE average +undecided +14 \(for the margin", out), out
+    assert re.search(r"H2 +GLUE average +not testable +not computed", out) and "sst2" not in out
+    agg["runs"] = agg["runs"][:2]  # fewer than 3 seeds: not yet
+    (tmp_path / "comparison" / "aggregated_metrics.json").write_text(json.dumps(agg))
+    bench.print_seeds_needed(args)
+    assert capsys.readouterr().out == ""
+
 def test_progress_scales_unmeasured_runs_forecasts_by_the_measured_overrun(tmp_path):
     study = load_study_bench()
     run = {rid: study.Run("m", "t", 42, rid, "demo", tmp_path / rid) for rid in "ABD"}

@@ -376,9 +376,12 @@ def test_ablation_each_group_against_lora_and_glora_matches_scipy_and_statsmodel
             d = power.solve_power(effect_size=None, nobs=2, alpha=0.05, power=0.8, alternative="two-sided")
             assert seed_level["mde"]["mde"] == pytest.approx(d * sd)
             assert seed_level["mde"]["sd_difference"] == pytest.approx(sd)
-            effect = 0.005 / sd  # prospective: for H1's margin (hypotheses.yaml), not the observed difference
-            needed = 2 if effect >= d else math.ceil(  # statsmodels' root finder fails where 2 seeds have the power
-                power.solve_power(effect_size=effect, nobs=None, alpha=0.05, power=0.8, alternative="two-sided"))
+            # prospective: the seeds at which this 95% interval would exclude H1's margin (hypotheses.yaml), were the
+            # observed difference and sd the truth: the smallest n whose one-sided power at 0.025 reaches 0.8
+            effect = abs(diff.mean() - 0.005) / sd
+            ns = np.arange(2, 10001)
+            reach = ns[power.power(effect_size=effect, nobs=ns, alpha=0.025, alternative="larger") >= 0.8]
+            needed = int(reach[0]) if len(reach) else None
             assert seed_level["mde"]["seeds_needed_for_margin"] == needed and seed_level["mde"]["margin"] == 0.005
             assert seed_level["ci"] == pytest.approx(list(stats.ttest_1samp(diff, 0).confidence_interval(0.95)))
             family = "headline pairs" if name == "AdaLoRA" else "ablation"  # AdaLoRA's pairs are headline pairs
@@ -407,12 +410,16 @@ def test_minimum_detectable_effect_seeds_needed_for_the_margin_and_reading():
     zero = E.minimum_detectable_effect([0.01, -0.01, 0.0], **power)
     d = TTestPower().solve_power(effect_size=None, nobs=3, alpha=0.05, power=0.8, alternative="two-sided")
     assert zero["mde"] == pytest.approx(d * 0.01) and zero["mde_d"] == pytest.approx(d) and "effect_size" not in zero
-    # prospective: a mean difference of 0 still needs seeds to see the margin (0.5 points at sd 1 point: d = 0.5)
-    n = TTestPower().solve_power(effect_size=0.5, nobs=None, alpha=0.05, power=0.8, alternative="two-sided")
-    assert zero["seeds_needed_for_margin"] == math.ceil(n) == 34
-    assert E.minimum_detectable_effect([0.5, 0.51, 0.49], **{**power, "margin": 0.5})["seeds_needed_for_margin"] == 2
-    assert E.minimum_detectable_effect([0.01, -0.01], **{**power, "margin": 0.0})["seeds_needed_reason"] == \
-        "the margin is 0"
+    # prospective, H1's question: a mean difference of 0 is 0.5 sd below the +0.5-point margin (sd 1 point), so the
+    # 95% interval's upper end must fall below it: one-sided at 0.025 with d = 0.5
+    n = TTestPower().solve_power(effect_size=0.5, nobs=None, alpha=0.025, power=0.8, alternative="larger")
+    assert zero["seeds_needed_for_margin"] == math.ceil(n) == 34 and zero["seeds_needed"]["prospective"]
+    # a mean on the margin: no number of seeds decides it
+    on_margin = E.minimum_detectable_effect([0.5, 0.51, 0.49], **{**power, "margin": 0.5})
+    assert on_margin["seeds_needed_for_margin"] is None and on_margin["seeds_needed_reason"].startswith(
+        "not decidable: the estimate sits on the margin")
+    far = E.minimum_detectable_effect([0.5, 0.51, 0.49], **{**power, "margin": 0.0})  # 50 sd above 0
+    assert far["seeds_needed_for_margin"] == 2
 
     def entry(p, p_adjusted, ci, mean=0.001, sd=0.01, mde=0.02):
         return {"tests": [{"p_value": p, "p_adjusted": p_adjusted}], "ci": ci, "mean_difference": mean,
@@ -1017,12 +1024,16 @@ def test_h2_share_by_fieller_and_withheld_without_a_gain():
     for end in h2["ci"]:  # Fieller's ends are the ratios a t-test of num - r·den rejects at exactly alpha
         assert stats.ttest_1samp(num - end * den, 0).pvalue == pytest.approx(0.05)
     assert h2["test"]["p_value"] == pytest.approx(stats.ttest_1samp(num - 0.9 * den, 0, alternative="greater").pvalue)
+    # AdaLoRA's gain shown below 0 (-0.40 ± 0.10 points sd, 6 seeds: upper end -0.30): no gain to share
     below = verdicts(E.aggregate(study(0.0095, 0.001, ada_gain=-0.004)), "H2")["sst2"]
     assert below["status"] == "not testable" and below["estimate"] is None and below["ci"] is None
-    assert below["reason"] == "AdaLoRA's gain over LoRA is -0.40 points, not above 0: no gain to share"
+    upper = t_interval(-0.004, 0.001, 6)[1]
+    assert below["reason"] == (f"AdaLoRA's gain over LoRA is -0.40 points (95% CI upper end {100 * upper:+.2f} "
+                               f"points), shown <= 0: no gain to share") and upper < 0
+    # a gain that cannot be told from 0: Fieller's set is unbounded, shares on both sides of 0.9: undecided
     noisy = verdicts(E.aggregate(study(0.0095, 0.001, ada_gain=0.002, ada_sd=0.01)), "H2")["sst2"]
-    assert noisy["status"] == "not testable" and "not distinguishable from 0" in noisy["reason"]
-    assert "unbounded" in noisy["reason"]
+    assert noisy["status"] == "undecided" and "cannot be told from 0" in noisy["reason"]
+    assert "unbounded" in noisy["reason"] and noisy["ci"] is None and noisy["estimate"] == pytest.approx(0.0095 / 0.002)
 
 
 def test_fieller_interval_agrees_with_the_delta_method_when_the_denominator_is_sharp():
@@ -1084,10 +1095,13 @@ def test_h4_parameter_ratio_at_the_same_budget():
         return out
 
     h4 = verdicts(E.aggregate(records(331000 * 1.02)), "H4")["sst2"]
-    ratios = [(331000 * 1.02 + 100 * s) / (331000 + 50 * s) for s in range(3)]
-    assert h4["status"] == "supported" and h4["ci"] == pytest.approx([min(ratios), max(ratios)])
-    assert h4["estimate"] == pytest.approx(np.mean([331000 * 1.02 + 100 * s for s in range(3)]) / 331050)
-    assert h4["test"] is None and h4["confidence"] is None  # exact counts: no test
+    logs = np.log([(331000 * 1.02 + 100 * s) / (331000 + 50 * s) for s in range(3)])
+    assert h4["status"] == "supported" and h4["confidence"] == 0.95 and not h4["exact"]
+    # a t-interval over seeds of the per-seed log ratio, exponentiated (geometric mean)
+    assert h4["ci"] == pytest.approx(np.exp(t_interval(logs.mean(), np.std(logs, ddof=1), 3)))
+    assert h4["estimate"] == pytest.approx(np.exp(logs.mean()))
+    glora, ada = np.log([331000 * 1.02 + 100 * s for s in range(3)]), np.log([331000 + 50 * s for s in range(3)])
+    assert h4["test"]["p_value"] == pytest.approx(ttost_paired(glora, ada, np.log(0.95), np.log(1.05))[0])
     assert verdicts(E.aggregate(records(331000 * 1.12)), "H4")["sst2"]["status"] == "contradicted"
     other = verdicts(E.aggregate(records(331000, ada_budget=128)), "H4")["sst2"]
     assert other["status"] == "not testable" and other["reason"].startswith("not the same rank budget")
@@ -1404,3 +1418,204 @@ def test_the_per_example_bootstrap_follows_statistics_alpha():
                     ["example_level"][0]["bootstrap"] for a in (0.05, 0.2))
     assert (wide["confidence_level"], narrow["confidence_level"]) == (0.95, 0.8)
     assert wide["ci_low"] < narrow["ci_low"] < narrow["ci_high"] < wide["ci_high"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 32: seeds needed for the verdict's own question, H4's interval, non-finite scores, excluded seeds, p scales.
+
+def interval_excludes(mean: float, sd: float, n: int, bounds: list[float], level: float, draws: int = 20000,
+                      seed: int = 0) -> float:
+    """Monte Carlo: the share of n-seed studies (normal per-seed values) whose two-sided `level` t-interval lies
+    wholly on the true mean's side of every bound (inside both bounds when the mean is between two)."""
+    x = np.random.default_rng(seed).normal(mean, sd, (draws, n))
+    m, half = x.mean(axis=1), stats.t.ppf((1 + level) / 2, n - 1) * x.std(axis=1, ddof=1) / np.sqrt(n)
+    ok = np.ones(draws, bool)
+    for b in bounds:
+        ok &= (m - half > b) if mean > b else (m + half < b)
+    return float(ok.mean())
+
+
+@pytest.mark.parametrize("mean, sd, bounds, level", [
+    (0.009, 0.006, [0.005], 1 - 0.05 / 4),   # H1 on one of 4 tasks: the lower end must clear +0.5 points
+    (0.002, 0.004, [0.005], 0.95),           # below the margin: the upper end must fall under it (contradicted)
+])
+def test_seeds_needed_is_where_the_verdicts_interval_excludes_the_margin(mean, sd, bounds, level):
+    got = E.seeds_needed(mean, sd, bounds, level, 0.8)
+    n, alpha = got["n"], (1 - level) / 2
+    assert got["prospective"] and got["level"] == level and got["assumes"] == "true value and sd = current estimates"
+
+    def exact(k: int) -> float:
+        return TTestPower().power(effect_size=abs(mean - bounds[0]) / sd, nobs=k, alpha=alpha, alternative="larger")
+
+    assert exact(n) >= 0.8 > exact(n - 1)  # the smallest n
+    for k in (n - 1, n):  # the noncentral t is the interval's own chance of excluding the margin
+        assert interval_excludes(mean, sd, k, bounds, level) == pytest.approx(exact(k), abs=0.015)
+    assert E.seeds_needed(mean, sd, bounds, 0.95, 0.8)["n"] <= n  # a Bonferroni level needs at least as many
+
+
+def test_seeds_needed_for_equivalence_and_when_nothing_decides():
+    bounds = [math.log(0.98), math.log(1.02)]
+    got = E.seeds_needed(0.0, 0.02, bounds, 0.95, 0.8)
+    # inside both bounds: P_low + P_high - 1 bounds the chance from below, so n seeds reach at least the power
+    assert interval_excludes(0.0, 0.02, got["n"], bounds, 0.95) >= 0.8
+    assert interval_excludes(0.0, 0.02, got["n"] - 2, bounds, 0.95) < 0.8  # and not many more than needed
+    on = E.seeds_needed(0.005, 0.01, [0.005], 0.95, 0.8)
+    assert on["n"] is None and on["reason"].startswith("not decidable: the estimate sits on the margin")
+    near = E.seeds_needed(0.0051, 0.01, [0.005], 0.95, 0.8)  # 0.01 sd away: about 80,000 seeds
+    assert near["n"] is None and near["reason"].startswith("not decidable: needs more than 10,000 seeds")
+    assert E.seeds_needed(0.05, 0.0, [0.005], 0.95, 0.8)["reason"].startswith("no spread")
+    assert E.seeds_needed(0.5, 0.01, [0.005], 0.95, 0.8)["n"] == 2
+
+
+def test_every_verdict_carries_seeds_needed_at_its_own_level():
+    tasks, n = ("sst2", "cola"), 6
+    agg = E.aggregate(study(0.008, 0.004, n=n, tasks=tasks))
+    h1 = verdicts(agg, "H1")
+    per_task = {t: 0.008 + 0.004 * unit_noise(n, 20 + k) for k, t in enumerate(tasks)}  # as study() draws them
+    per_task["GLUE average"] = np.mean([per_task[t] for t in tasks], axis=0)
+    for task, level in (("sst2", 1 - 0.05 / 2), ("cola", 1 - 0.05 / 2), ("GLUE average", 0.95)):
+        e, diff = h1[task], per_task[task]
+        want = E.seeds_needed(float(diff.mean()), float(np.std(diff, ddof=1)), [0.005], level, 0.8)
+        assert e["confidence"] == pytest.approx(level) and e["seeds_needed"]["level"] == pytest.approx(level)
+        assert e["seeds_needed"]["n"] == want["n"] and e["seeds_needed"]["prospective"]
+    assert h1["sst2"]["seeds_needed"]["n"] >= h1["GLUE average"]["seeds_needed"]["n"]
+    assert all("seeds_needed" in e for e in agg["hypotheses"])
+    report = "\n".join(E.verdict_line(e) for e in agg["hypotheses"] if e["id"] == "H1")
+    assert (f"seeds to decide at this level (prospective: power 0.8, if the true value and sd = current estimates): "
+            f"{h1['sst2']['seeds_needed']['n']}") in report
+
+
+def h4_records(glora: list[float], final: list[float], trained: list[float]) -> list[E.RunRecord]:
+    out = []
+    for s, (g, f, t) in enumerate(zip(glora, final, trained)):
+        ada = score_record("AdaLoRA", "sst2", s, 0.8, params=f)
+        ada.summary["adapter_params"] = t  # AdaLoRA trains init_r triplets and masks them down to its final ranks
+        out += [score_record("LoRA", "sst2", s, 0.8, params=331776), score_record("GLoRA", "sst2", s, 0.8, params=g),
+                ada]
+    return out
+
+
+def test_h4_interval_over_seeds_and_both_adalora_counts():
+    glora, final, trained = [331000.0, 332000.0, 330500.0], [329000.0, 333500.0, 327000.0], [442368.0] * 3
+    h4 = verdicts(E.aggregate(h4_records(glora, final, trained)), "H4")["sst2"]
+    logs = np.log(glora) - np.log(final)
+    assert h4["ci"] == pytest.approx(np.exp(t_interval(logs.mean(), np.std(logs, ddof=1), 3)))
+    assert h4["status"] == "supported" and h4["ci"][0] > 0.95 and h4["ci"][1] < 1.05
+    counts = h4["adalora_params"]
+    assert counts["used"].startswith("adapter_params_effective") and "final ranks" in counts["why"]
+    assert counts["adalora_final_ranks"] == pytest.approx(np.mean(final))
+    assert counts["adalora_trained"] == 442368.0
+    assert counts["ratio_to_trained"] == pytest.approx(np.exp(np.mean(np.log(glora) - np.log(442368.0))))
+    assert f"×{counts['ratio_to_trained']:.3f}" in h4["detail"] and "init_r" in h4["detail"]
+    # the same ratio on every seed: nothing to estimate, the exact ratio is judged (and the line says so)
+    exact = verdicts(E.aggregate(h4_records([331000.0] * 3, [329000.0] * 3, trained)), "H4")["sst2"]
+    assert exact["exact"] and exact["status"] == "supported" and exact["ci"] is None and exact["test"] is None
+    assert exact["estimate"] == pytest.approx(331000 / 329000)
+    assert "exact (the same ratio on every seed)" in E.verdict_line(exact)
+    far = verdicts(E.aggregate(h4_records([331000.0] * 3, [300000.0] * 3, trained)), "H4")["sst2"]
+    assert far["exact"] and far["status"] == "contradicted"  # 1.103 > 1.05
+
+
+def test_a_non_finite_score_makes_the_verdicts_not_testable_and_names_the_run():
+    records = study(0.008, 0.002, n=5, tasks=("sst2", "stsb"))
+    bad = next(r for r in records if r.summary["method_name"] == "GLoRA" and r.summary["task"] == "stsb"
+               and r.summary["seed"] == 3)
+    # STS-B's Pearson of constant predictions; json writes and reads it back as NaN
+    bad.summary["glue_score"] = json.loads(json.dumps({"x": float("nan")}))["x"]
+    agg = E.aggregate(records)
+    for hid in ("H1", "H2"):
+        v = verdicts(agg, hid)
+        assert v["stsb"]["status"] == "not testable" and v["stsb"]["ci"] is None
+        assert v["stsb"]["reason"] == "non-finite glue_score (nan) in GLoRA-stsb-3 (seed 3)"
+        assert v["GLUE average"]["status"] == "not testable"
+        assert v["GLUE average"]["reason"] == "STS-B: non-finite glue_score (nan) in GLoRA-stsb-3 (seed 3)"
+        assert v["sst2"]["status"] != "not testable"
+        assert v["stsb"]["excluded"] == [{"seed": 3, "why": "non-finite glue_score (nan) in GLoRA run GLoRA-stsb-3"}]
+        assert v["GLUE average"]["excluded"] == [
+            {"seed": 3, "why": "STS-B: non-finite glue_score (nan) in GLoRA run GLoRA-stsb-3"}]
+
+
+def test_excluded_seeds_name_missing_and_skipped_runs(tmp_path):
+    records = [r for r in study(0.008, 0.002, n=6, tasks=("sst2", "cola"))
+               if not (r.summary["method_name"] == "GLoRA" and r.summary["task"] == "sst2" and r.summary["seed"] == 5)]
+    # GLoRA's seed 4 on CoLA crashed: skip_bad left it out (as load_runs reports it)
+    records = [r for r in records if not (r.summary["method_name"] == "GLoRA" and r.summary["task"] == "cola"
+                                          and r.summary["seed"] == 4)]
+    skipped = [{"run": "GLoRA-cola-4", "task": "cola", "method": "proposed", "method_name": "GLoRA", "variant": None,
+                "seed": 4, "why": "run 'GLoRA-cola-4' has no summary.json"}]
+    agg = E.aggregate(records, skipped=skipped)
+    h1 = verdicts(agg, "H1")
+    assert h1["sst2"]["excluded"] == [{"seed": 5, "why": "no GLoRA run"}] and h1["sst2"]["n"] == 5
+    assert h1["cola"]["excluded"] == [{"seed": 4, "why": "GLoRA run GLoRA-cola-4 failed, skipped (skip_bad): run "
+                                                         "'GLoRA-cola-4' has no summary.json"}]
+    assert h1["GLUE average"]["seeds"] == [0, 1, 2, 3] and h1["GLUE average"]["excluded"] == [
+        {"seed": 4, "why": "CoLA: GLoRA run GLoRA-cola-4 failed, skipped (skip_bad): run 'GLoRA-cola-4' has no "
+                           "summary.json"},
+        {"seed": 5, "why": "SST-2: no GLoRA run"}]
+    assert verdicts(agg, "H2")["sst2"]["excluded"] == [{"seed": 5, "why": "no GLoRA run"}]
+    assert agg["skipped_runs"] == skipped
+    assert "; seeds left out: 5 (no GLoRA run)" in E.verdict_line(h1["sst2"])
+    # load_runs hands skip_bad's runs on: a folder without summary.json and one that did not finish
+    for rec in study(0.008, 0.002, n=2):
+        rid = run_id(rec.summary["method_name"])
+        (tmp_path / f"{rid}-seed{rec.summary['seed']}").mkdir()
+        (tmp_path / f"{rid}-seed{rec.summary['seed']}" / "summary.json").write_text(json.dumps(
+            {**rec.summary, "run_id": rid, "status": "finished"}))
+    crashed = tmp_path / f"{run_id('GLoRA')}-seed7"
+    crashed.mkdir()
+    OmegaConf.save(OmegaConf.create({"run_id": run_id("GLoRA"), "method": "proposed", "method_name": "GLoRA",
+                                     "seed": 7, "dataset": {"name": "glue_sst2"}}), crashed / "config.yaml")
+    running = tmp_path / f"{run_id('GLoRA')}-seed8"
+    running.mkdir()
+    (running / "summary.json").write_text(json.dumps({"task": "sst2", "method": "proposed", "method_name": "GLoRA",
+                                                      "seed": 8, "run_id": run_id("GLoRA"), "status": "running"}))
+    got = []
+    loaded = E.load_runs(tmp_path, [run_id(m) for m in ("LoRA", "AdaLoRA", "GLoRA")], True, E.WandbSource(), None,
+                         got)
+    assert len(loaded) == 6
+    assert sorted((s["run"], s["task"], s["method_name"], s["seed"]) for s in got) == [
+        (crashed.name, "sst2", "GLoRA", 7), (running.name, "sst2", "GLoRA", 8)]
+    assert "no summary.json" in next(s["why"] for s in got if s["seed"] == 7)
+    assert "not finished" in next(s["why"] for s in got if s["seed"] == 8)
+
+
+def test_h1_p_is_shown_against_the_bound_the_rule_puts_on_it():
+    """Two tasks: each verdict is a 97.5% interval, so supported needs the one-sided p <= 0.0125, not 0.025 or 0.05.
+    The gain is chosen so that p lies between 0.0125 and 0.025: undecided, and the printed bound says why."""
+    n, sd = 6, 0.004
+    gain = 0.005 + stats.t.ppf(1 - 0.018, n - 1) * sd / np.sqrt(n)  # one-sided p = 0.018 against the margin
+    agg = E.aggregate(study(gain, sd, n=n, tasks=("sst2", "cola")))
+    e = verdicts(agg, "H1")["sst2"]
+    assert e["test"]["p_value"] == pytest.approx(0.018) and e["test"]["rule_p_max"] == pytest.approx(0.0125)
+    assert e["status"] == "undecided" and (e["test"]["p_value"] <= e["test"]["rule_p_max"]) == (
+        e["status"] == "supported")
+    assert "one-sided p = 0.018 (rule: supported when p ≤ 0.0125 = (1 − 97.5%)/2)" in E.verdict_line(e)
+    for p in (0.01, 0.03):  # either side of the bound: status and p agree
+        g = 0.005 + stats.t.ppf(1 - p, n - 1) * sd / np.sqrt(n)
+        e = verdicts(E.aggregate(study(g, sd, n=n, tasks=("sst2", "cola"))), "H1")["sst2"]
+        assert (e["test"]["p_value"] <= e["test"]["rule_p_max"]) == (e["status"] == "supported")
+
+
+def test_h3a_tost_p_matches_the_interval_the_status_reads():
+    """Noise chosen so that TOST's p lies between 0.025 and 0.05: the 90% interval is inside ±2% but the 95% one
+    the rule reads is not, so the status is undecided and the printed bound (0.025) agrees."""
+    h3 = verdicts(E.aggregate(timed_study(1.0, 0.018)), "H3a")["sst2"]
+    p = h3["test"]["p_value"]
+    assert 0.025 < p < 0.05 and h3["status"] == "undecided" and h3["test"]["rule_p_max"] == pytest.approx(0.025)
+    assert "TOST p = " in E.verdict_line(h3) and "rule: supported when p ≤ 0.025 = (1 − 95%)/2" in E.verdict_line(h3)
+    logs = np.log(1.0) + 0.018 * unit_noise(5, 2)
+    inner = np.exp(t_interval(logs.mean(), 0.018, 5, 0.90))
+    assert 0.98 < inner[0] and inner[1] < 1.02  # TOST at 0.05 per side would have called it supported
+
+
+def test_h2_gain_below_zero_but_not_significantly_is_undecided():
+    """AdaLoRA's mean gain -0.1 points in 1-point noise: not shown <= 0, so not 'not testable'; Fieller's set is
+    unbounded and holds shares on both sides of 0.9: undecided, and no seeds decide a share of a gain <= 0."""
+    h2 = verdicts(E.aggregate(study(0.0095, 0.001, ada_gain=-0.001, ada_sd=0.01)), "H2")["sst2"]
+    assert h2["status"] == "undecided" and h2["ci"] is None and h2["estimate"] is None
+    low, high = t_interval(-0.001, 0.01, 6)
+    assert low < 0 < high and h2["reason"] == (
+        f"AdaLoRA's gain over LoRA (-0.10 points, 95% CI [{100 * low:+.2f}, {100 * high:+.2f}]) cannot be told from 0: "
+        f"Fieller's set is unbounded and holds shares on both sides of the margin")
+    assert h2["seeds_needed"]["n"] is None and "no gain to share" in h2["seeds_needed"]["reason"]
+    assert "**undecided** (AdaLoRA's gain" in E.verdict_line(h2)
