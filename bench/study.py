@@ -240,11 +240,48 @@ def hms(seconds: float) -> str:
     return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
+def study_trials(results_dir: str | Path, rid: str) -> int:
+    """Finished (complete or pruned) trials of a run config's shared Optuna study ({results_dir}/optuna/{rid}/)."""
+    db = Path(results_dir) / "optuna" / rid / "study.db"
+    if not db.exists():
+        return 0
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=rid, storage=f"sqlite:///{db.resolve()}")
+    except KeyError:  # the file exists, the study was never created in it
+        return 0
+    return sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.get_trials(deepcopy=False))
+
+
+def tune_phase(runs: list[Run], args) -> dict[str, tuple[int, int, float | None]]:
+    """rid -> (trials finished, trials planned, forecast of one trial) for every config that tunes (optuna.n_trials
+    > 0 with mode=full): its study runs once, in the first seed that trains it, and every later seed reuses it."""
+    out = {}
+    for rid in dict.fromkeys(r.rid for r in runs):
+        summary = Path(args.results_dir) / ".plan" / rid / "summary.json"
+        planned = json.loads(summary.read_text()).get("forecast_n_trials", 0) if summary.exists() else 0
+        if planned:
+            out[rid] = (study_trials(args.results_dir, rid), planned,
+                        json.loads(summary.read_text()).get("forecast_trial_s"))
+    return out
+
+
 def plan(runs: list[Run], args) -> float:
     """Print every run with its state and the forecast of what is left; returns the seconds left (forecast)."""
     forecasts = {r.rid: forecast(r, args) for r in {r.rid: r for r in runs}.values()}
     left, scaled, unknown = 0.0, 0.0, []
     ratios = overrun(runs, forecasts)
+    tuning = tune_phase(runs, args)
+    if tuning:  # the tune phase: one study per config, before its first seed's run
+        print(f"\n{'tune (one study per config, shared by its seeds)':<58} {'trials':>9} {'forecast':>14}")
+        for rid, (done, planned, per_trial) in tuning.items():
+            rest = None if per_trial is None else (planned - done) * per_trial
+            if rest is not None:
+                left += rest
+                scaled += rest * task_overrun(ratios, next(r.task for r in runs if r.rid == rid))
+            print(f"{rid:<58} {done:>4}/{planned:<4} {'-' if rest is None else hms(rest):>14}")
     print(f"\n{'run':<58} {'seed':>5} {'state':<14} {'forecast':>10}")
     for r in runs:
         state, step = r.state()
@@ -259,7 +296,9 @@ def plan(runs: list[Run], args) -> float:
                 scaled += share * task_overrun(ratios, r.task)
         print(f"{r.rid:<58} {r.seed:>5} {label:<14} {'-' if f is None else hms(f):>10}")
     done = sum(r.state()[0] == "done" for r in runs)
-    print(f"\n{len(runs)} runs: {done} done, {len(runs) - done} left; forecast for what is left: {hms(left)} "
+    trials_left = sum(planned - finished for finished, planned, _ in tuning.values())
+    print(f"\n{len(runs)} runs: {done} done, {len(runs) - done} left"
+          f"{f', and {trials_left} tuning trials' if trials_left else ''}; forecast for what is left: {hms(left)} "
           f"on this device, one run at a time{f' (no forecast for {len(unknown)} runs)' if unknown else ''}")
     print("(forecasts come from trial runs in {}/.plan/; a machine busy with other work inflates them)"
           .format(args.results_dir))

@@ -397,3 +397,26 @@ def test_committed_study_record_matches_its_run_records():
         assert float(row["train_time_s"]) == pytest.approx(summary["train_time_s"])
         assert int(row["trainable_params"]) == summary["trainable_params"]
         assert (records / row["run"] / "predictions.csv").exists()
+
+
+def test_plan_forecasts_the_tune_phase_once_per_config(tmp_path):
+    """--plan's tune phase: a config that tunes has its shared study's finished trials counted and only the rest
+    forecast (trial forecast from its .plan trial run); a config with no trials has no tune row."""
+    import argparse
+
+    import optuna
+
+    bench = load_study_bench()
+    rid, other = "proposed-long-MiniLM-L6-22M--GLUE-SST-2", "comparative-2-MiniLM-L6-22M--GLUE-SST-2"
+    for name, n in ((rid, 3), (other, 0)):
+        (tmp_path / ".plan" / name).mkdir(parents=True)
+        (tmp_path / ".plan" / name / "summary.json").write_text(json.dumps(
+            {"forecast_full_run_s": 100.0, "forecast_n_trials": n, "forecast_trial_s": 60.0 if n else None}))
+    (tmp_path / "optuna" / rid).mkdir(parents=True)
+    study = optuna.create_study(study_name=rid, storage=f"sqlite:///{tmp_path / 'optuna' / rid / 'study.db'}")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    args = argparse.Namespace(results_dir=str(tmp_path))
+    runs = [bench.Run("proposed-long", "SST-2", s, rid, "lora", tmp_path / f"{rid}-seed{s}") for s in (42, 43)]
+    runs.append(bench.Run("comparative-2", "SST-2", 42, other, "lora", tmp_path / other))
+    assert bench.tune_phase(runs, args) == {rid: (1, 3, 60.0)}
+    assert bench.study_trials(tmp_path, other) == 0
