@@ -14,14 +14,16 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 from transformers import get_scheduler, set_seed
 
@@ -708,7 +710,7 @@ def save_adapter(model, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The run.
+# The run, in four phases: set-up, resume, the loop (`_loop`), finish.
 
 def train_run(cfg, run_dir: Path, run_name: str, on_eval=None, extra_summary: dict | None = None,
               sweep_job: int | None = None) -> dict:
@@ -719,9 +721,76 @@ def train_run(cfg, run_dir: Path, run_name: str, on_eval=None, extra_summary: di
     adapter or predictions. The callback may raise to prune. `sweep_job`: the run's job number in a Hydra sweep
     (its GPU, see pick_device).
     """
-    tuning = on_eval is not None
-    t, d = cfg.training, cfg.dataset
     imports_s, tic = process_seconds(), time.perf_counter()
+    run = set_up_run(cfg, run_dir, run_name, tuning=on_eval is not None, sweep_job=sweep_job)
+    state = resume_run(run) if run.resuming else None
+    # opened after resume_run: it appends to the history cut back to the checkpoint's step
+    recorder = Recorder(run_dir, run.given, run_name, enabled=run.dist.main, resuming=run.resuming)
+    env = environment(run.device, run.dist.world, run.precision)
+    setup_s = time.perf_counter() - tic - run.tokenize_s
+
+    forecast = None
+    if run.dist.main and not run.tuning and run.cfg.get("mode") != "trial":
+        forecast = partial(run_time_forecast, run, env)
+    init_seconds = (run.init_info.get("eva_init_s", 0.0), run.init_info.get("eva_init_cpu_s", 0.0))
+    try:
+        summary = _loop(run, recorder, on_eval, state, forecast, init_seconds)
+        final_ranks = M.current_ranks(run.model)
+        run.dist.check_same("final ranks", final_ranks, summary["final_step"])
+    except BaseException:
+        recorder.abort()
+        run.dist.close()
+        raise
+
+    summary.update(run_record(run, final_ranks, env, extra_summary))
+    if run.cfg.get("mode") == "trial" and run.dist.main and summary["step_time_s"]:
+        summary.update(trial_forecast(run, summary, imports_s, setup_s))
+        log.info(describe_forecast(summary, env))
+    finish_run(run, recorder, summary)
+    return summary
+
+
+@dataclass
+class RunSetup:
+    """What the set-up built, for the phases after it (resume, the loop, finish)."""
+
+    cfg: DictConfig                 # every schedule key in optimizer steps
+    given: DictConfig               # as given: what config.yaml records and a resume compares
+    run_dir: Path
+    run_name: str
+    tuning: bool                    # an Optuna trial: no checkpoints, adapter or predictions
+    resuming: bool                  # continues from a checkpoint in run_dir
+    dist: Dist
+    device: torch.device
+    precision: str                  # what the run computes in (check_precision's)
+    autocast: Callable              # bf16 autocast, or a no-op context
+    task: str
+    spec: P.TaskSpec
+    data: dict                      # the tokenised splits the run trains and evaluates on
+    available: dict[str, int]       # examples per split before subsampling: what a full run would see
+    pools: dict                     # untokenised and whole: a trial's forecast samples their lengths
+    tokenizer: object
+    stored_dtype: str | None        # the backbone's on disk (it is loaded in float32)
+    tokenize_s: float
+    train_loader: torch.utils.data.DataLoader
+    eval_loaders: dict
+    n_batches: int                  # micro-batches per epoch
+    per_epoch: int                  # optimizer steps per epoch
+    total_steps: int
+    schedule: dict                  # {key: {"given", "steps"}} of the schedule keys set
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    hook: M.AdapterHook
+    checkpoints: Checkpoints | None  # None in a trial
+    init_info: dict                 # EVA's data pass: its summary values
+    initial_ranks: dict[str, int]
+
+
+def set_up_run(cfg, run_dir: Path, run_name: str, tuning: bool, sweep_job: int | None = None) -> RunSetup:
+    """Process, data, backbone, loaders, step counts, run folder, adapter, optimizer, scheduler and hook. The order
+    is part of the run: the task head, LoRA's A and GLoRA's added components are drawn from the CPU RNG in it."""
+    d = cfg.dataset
     dist = Dist()
     device, precision = setup_process(cfg, dist, sweep_job)
     dist.init(device)
@@ -729,47 +798,29 @@ def train_run(cfg, run_dir: Path, run_name: str, on_eval=None, extra_summary: di
 
     # data first: a bad file fails before the model is loaded
     task, spec = P.task_spec(d.name)
-    data = P.load_glue(task, d.data_dir, d.cache_dir)
-    available = {split: len(ds) for split, ds in data.items()}  # before subsampling: what a full run would see
-    pools = dict(data)  # untokenised and whole: a trial's forecast samples their lengths
-    data["train"] = P.subsample(data["train"], d.max_train_samples)
-    if tuning:
-        data = P.tuning_split(data["train"], cfg.optuna.holdout_fraction)
-    for split in [s for s in data if s != "train"]:
-        data[split] = P.subsample(data[split], d.max_eval_samples)
+    data, available, pools = load_splits(cfg, task, tuning)
     tokenizer, base = M.load_backbone(cfg.model.backbone, spec.num_labels, cfg.model.cache_dir)
-    stored = M.stored_dtype(cfg.model.backbone, cfg.model.cache_dir)
-    stored = str(stored).removeprefix("torch.") if stored is not None else None
-    if stored not in (None, "float32"):
-        log.info("model.backbone=%s is stored in %s; loaded in float32 (hardware.precision=%s computes in %s)",
-                 cfg.model.backbone, stored, cfg.hardware.precision, precision)
+    stored = backbone_stored_dtype(cfg, precision)
     tokenize_tic = time.perf_counter()
     data = P.tokenize(data, tokenizer, d.max_length)
     tokenize_s = time.perf_counter() - tokenize_tic
     train_loader, eval_loaders = P.make_loaders(data, tokenizer, d.batch_size, d.eval_batch_size, cfg.seed,
                                                 d.num_workers, pin_memory=device.type == "cuda")
+
+    # the run's length, which relative schedule values ("20%", "1 epoch") resolve against
+    t = cfg.training
     n_batches = batches_per_epoch(len(train_loader), t)
     per_epoch = math.ceil(n_batches / t.gradient_accumulation_steps)
     total_steps = per_epoch * t.epochs if t.max_steps is None else min(per_epoch * t.epochs, t.max_steps)
     given = cfg  # what config.yaml records and a resume compares; `cfg` from here on has every schedule in steps
     cfg, schedule = resolve_schedules(given, total_steps, per_epoch)
     t = cfg.training
-    try:
-        M.check_budget(cfg, base, total_steps)
-    except M.ModelError as e:
-        relative = [f"{k}={v['given']!r} -> {v['steps']} steps" for k, v in schedule.items()
-                    if not isinstance(v["given"], int)]
-        raise M.ModelError(f"{e}{' (resolved: ' + '; '.join(relative) + ')' if relative else ''}") from None
+    check_budget_resolved(cfg, base, total_steps, schedule)
     # only now: bad input leaves results untouched; the main process owns the folder
     resuming = dist.broadcast(open_run_dir(given, run_dir, can_resume=not tuning) if dist.main else None)
     dist.barrier()
 
-    if t.gradient_checkpointing:
-        base.gradient_checkpointing_enable()
-    model = M.build_adapter(cfg, base, total_steps).to(device)
-    if t.gradient_checkpointing:
-        model.enable_input_require_grads()
-    model.train()
+    model = build_model(cfg, base, total_steps, device)
     # EVA's data pass (timed as training) or, on resume, its saved result: before the optimizer sees the parameters
     init_file = run_dir / "eva_init.safetensors"
     saved_init, init_info = (read_init(init_file) if resuming and init_file.exists() else (None, {}))
@@ -784,85 +835,150 @@ def train_run(cfg, run_dir: Path, run_name: str, on_eval=None, extra_summary: di
                               num_training_steps=total_steps)
     hook = M.make_hook(cfg, model, optimizer)
     check_fp32_state(model, optimizer)
-    counts_initial = M.parameter_counts(model)
-    initial_ranks = M.current_ranks(model)
+    checkpoints = None if tuning else Checkpoints(run_dir / "checkpoint", model, optimizer, scheduler, hook,
+                                                   t.keep_checkpoints, dist, device, precision)
+    run = RunSetup(
+        cfg=cfg, given=given, run_dir=run_dir, run_name=run_name, tuning=tuning, resuming=bool(resuming), dist=dist,
+        device=device, precision=precision, autocast=autocast, task=task, spec=spec, data=data, available=available,
+        pools=pools, tokenizer=tokenizer, stored_dtype=stored, tokenize_s=tokenize_s, train_loader=train_loader,
+        eval_loaders=eval_loaders, n_batches=n_batches, per_epoch=per_epoch, total_steps=total_steps,
+        schedule=schedule, model=model, optimizer=optimizer, scheduler=scheduler, hook=hook, checkpoints=checkpoints,
+        init_info=init_info, initial_ranks=M.current_ranks(model))
+    log_start(run)
+    return run
+
+
+def load_splits(cfg, task: str, tuning: bool) -> tuple[dict, dict[str, int], dict]:
+    """The splits the run uses (subsampled; a trial's: the training set minus a held-out tuning split, and that
+    split), the size of every split before subsampling, and the whole splits."""
+    d = cfg.dataset
+    data = P.load_glue(task, d.data_dir, d.cache_dir)
+    available = {split: len(ds) for split, ds in data.items()}  # before subsampling: what a full run would see
+    pools = dict(data)  # untokenised and whole: a trial's forecast samples their lengths
+    data["train"] = P.subsample(data["train"], d.max_train_samples)
+    if tuning:
+        data = P.tuning_split(data["train"], cfg.optuna.holdout_fraction)
+    for split in [s for s in data if s != "train"]:
+        data[split] = P.subsample(data[split], d.max_eval_samples)
+    return data, available, pools
+
+
+def backbone_stored_dtype(cfg, precision: str) -> str | None:
+    """The dtype the backbone is stored in (None: its files do not say), logged when it is not float32, the dtype
+    it is loaded in."""
+    stored = M.stored_dtype(cfg.model.backbone, cfg.model.cache_dir)
+    stored = str(stored).removeprefix("torch.") if stored is not None else None
+    if stored not in (None, "float32"):
+        log.info("model.backbone=%s is stored in %s; loaded in float32 (hardware.precision=%s computes in %s)",
+                 cfg.model.backbone, stored, cfg.hardware.precision, precision)
+    return stored
+
+
+def check_budget_resolved(cfg, base, total_steps: int, schedule: dict) -> None:
+    """M.check_budget on the config with its schedules in steps; an error names the relative values it was given
+    and the steps they resolved to, since those are what failed."""
+    try:
+        M.check_budget(cfg, base, total_steps)
+    except M.ModelError as e:
+        relative = [f"{k}={v['given']!r} -> {v['steps']} steps" for k, v in schedule.items()
+                    if not isinstance(v["given"], int)]
+        raise M.ModelError(f"{e}{' (resolved: ' + '; '.join(relative) + ')' if relative else ''}") from None
+
+
+def build_model(cfg, base, total_steps: int, device: torch.device) -> torch.nn.Module:
+    """The backbone with the method's adapter, on `device`, in train mode (with gradient checkpointing if set)."""
+    if cfg.training.gradient_checkpointing:
+        base.gradient_checkpointing_enable()
+    model = M.build_adapter(cfg, base, total_steps).to(device)
+    if cfg.training.gradient_checkpointing:
+        model.enable_input_require_grads()
+    model.train()
+    return model
+
+
+def log_start(run: RunSetup) -> None:
+    """The start summary (examples, optimizer steps, batch, trainable parameters, rank budget), then the schedule
+    values given relative to the run, in steps."""
+    cfg, t = run.cfg, run.cfg.training
     log.info("%s | %s on %s | %d train examples, %d optimizer steps (%d/epoch), batch %d x accum %d | "
-             "trainable params %d, rank budget %d | device %s", run_name, cfg.method_name, task,
-             len(data["train"]), total_steps, per_epoch, d.batch_size, t.gradient_accumulation_steps,
-             counts_initial["trainable_params"], sum(initial_ranks.values()), device)
-    relative = {k: v for k, v in schedule.items() if not isinstance(v["given"], int)}
+             "trainable params %d, rank budget %d | device %s", run.run_name, cfg.method_name, run.task,
+             len(run.data["train"]), run.total_steps, run.per_epoch, cfg.dataset.batch_size,
+             t.gradient_accumulation_steps, M.parameter_counts(run.model)["trainable_params"],
+             sum(run.initial_ranks.values()), run.device)
+    relative = {k: v for k, v in run.schedule.items() if not isinstance(v["given"], int)}
     if relative:
         log.info("schedule in optimizer steps: %s", ", ".join(f"{k}={v['given']!r} -> {v['steps']}"
                                                             for k, v in relative.items()))
 
-    checkpoints = None if tuning else Checkpoints(run_dir / "checkpoint", model, optimizer, scheduler, hook,
-                                                   t.keep_checkpoints, dist, device, precision)
-    state = None
-    if resuming:
-        state = checkpoints.restore_latest()
-        check_fp32_state(model, optimizer)
-        dist.check_same("resumed checkpoint steps", state.step, state.step)
-        if dist.main:
-            truncate_history(run_dir / "history.jsonl", state.step)
-    recorder = Recorder(run_dir, given, run_name, enabled=dist.main, resuming=bool(resuming))
-    env = environment(device, dist.world, precision)
-    eval_examples = sum(len(ds) for split, ds in data.items() if split != "train")
-    setup_s = time.perf_counter() - tic - tokenize_s
 
-    def progress(step_s: float, step: int) -> str:
-        """A full run's projected wall time, once its first steps are timed (evaluation: a forward pass at about a
-        third of a training step's cost per example, until one is measured)."""
-        shape = run_shape(cfg, available["train"], {k: v for k, v in available.items() if k != "train"})
-        remaining = (total_steps - step) * step_s + shape.evaluations * eval_examples * step_s / d.batch_size / 3
-        return (f"step time {step_s:.3f} s (median of the first {FORECAST_AFTER_STEPS} timed steps) on "
-                f"{env['device_name']}: training about {total_steps * step_s / 60:.1f} min, the whole run about "
-                f"{(process_seconds() + remaining) / 60:.1f} min")
+def resume_run(run: RunSetup) -> LoopState:
+    """The newest readable checkpoint, restored into the set-up (weights, optimizer, scheduler, hook, RNG states);
+    the history is cut back to its step, since the resumed run logs the later rows again."""
+    state = run.checkpoints.restore_latest()
+    check_fp32_state(run.model, run.optimizer)
+    run.dist.check_same("resumed checkpoint steps", state.step, state.step)
+    if run.dist.main:
+        truncate_history(run.run_dir / "history.jsonl", state.step)
+    return state
 
-    try:
-        summary = _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, spec, device, autocast,
-                        n_batches, total_steps, recorder, on_eval, state, checkpoints, dist, precision,
-                        forecast=progress if dist.main and not tuning and cfg.get("mode") != "trial" else None,
-                        init_seconds=(init_info.get("eva_init_s", 0.0), init_info.get("eva_init_cpu_s", 0.0)))
-        final_ranks = M.current_ranks(model)
-        dist.check_same("final ranks", final_ranks, summary["final_step"])
-    except BaseException:
-        recorder.abort()
-        dist.close()
-        raise
-    counts = M.parameter_counts(model)
-    summary.update(
-        run_id=cfg.run_id, run_name=run_name, method=cfg.method, method_name=cfg.method_name, task=task,
-        dataset=d.name, backbone=str(cfg.model.backbone), seed=cfg.seed, status="finished",
-        total_steps=total_steps, steps_per_epoch=per_epoch, schedule_steps=schedule, epochs=t.epochs, **counts,
-        rank_budget_total=sum(final_ranks.values()), rank_budget_initial=sum(initial_ranks.values()),
-        final_ranks=final_ranks, variant=cfg.get("variant"), **hook.summary(), **init_info, environment=env,
-        backbone_stored_dtype=stored,
+
+def run_time_forecast(run: RunSetup, env: dict, step_s: float, step: int) -> str:
+    """A full run's projected wall time, once its first steps are timed (evaluation: a forward pass at about a
+    third of a training step's cost per example, until one is measured)."""
+    cfg, available = run.cfg, run.available
+    shape = run_shape(cfg, available["train"], {k: v for k, v in available.items() if k != "train"})
+    eval_examples = sum(len(ds) for split, ds in run.data.items() if split != "train")
+    remaining = ((run.total_steps - step) * step_s
+                 + shape.evaluations * eval_examples * step_s / cfg.dataset.batch_size / 3)
+    return (f"step time {step_s:.3f} s (median of the first {FORECAST_AFTER_STEPS} timed steps) on "
+            f"{env['device_name']}: training about {run.total_steps * step_s / 60:.1f} min, the whole run about "
+            f"{(process_seconds() + remaining) / 60:.1f} min")
+
+
+def run_record(run: RunSetup, final_ranks: dict[str, int], env: dict, extra_summary: dict | None) -> dict:
+    """The summary's account of the run, after the loop's metrics: what ran, its steps and schedule, parameter
+    counts and ranks, the hook's and EVA's values, the environment."""
+    cfg = run.cfg
+    return dict(
+        run_id=cfg.run_id, run_name=run.run_name, method=cfg.method, method_name=cfg.method_name, task=run.task,
+        dataset=cfg.dataset.name, backbone=str(cfg.model.backbone), seed=cfg.seed, status="finished",
+        total_steps=run.total_steps, steps_per_epoch=run.per_epoch, schedule_steps=run.schedule,
+        epochs=cfg.training.epochs, **M.parameter_counts(run.model), rank_budget_total=sum(final_ranks.values()),
+        rank_budget_initial=sum(run.initial_ranks.values()), final_ranks=final_ranks, variant=cfg.get("variant"),
+        **run.hook.summary(), **run.init_info, environment=env, backbone_stored_dtype=run.stored_dtype,
         **(extra_summary or {}))
-    if cfg.get("mode") == "trial" and dist.main and summary["step_time_s"]:
-        train_lengths, tokenize_per_example = P.sample_lengths(pools["train"], tokenizer, d.max_length)
-        eval_split = next(k for k in pools if k != "train")
-        eval_lengths, _ = P.sample_lengths(pools[eval_split], tokenizer, d.max_length)
-        trial_eval_tokens = sum(P.padded_tokens([len(x) for x in ds["input_ids"]], d.eval_batch_size)
-                                for split, ds in data.items() if split != "train")
-        # per token of the global batch (data parallel: each process trains on its share at the same time)
-        rates = {"step_s_per_token": summary["step_time_s"]["median"] / (summary["step_time_s"]["tokens_median"]
-                                                                          * dist.world),
-                 "eval_s_per_token": summary["eval_time_s"] / max(1, summary["evaluations"] * trial_eval_tokens),
-                 "tokenize_s_per_example": tokenize_per_example, "imports_s": imports_s, "setup_s": setup_s}
-        summary.update(full_run_forecast(given, rates, available["train"],
-                                         {k: v for k, v in available.items() if k != "train"},
-                                         train_lengths, eval_lengths))
-        log.info(describe_forecast(summary, env))
+
+
+def trial_forecast(run: RunSetup, summary: dict, imports_s: float, setup_s: float) -> dict:
+    """A trial run's forecast of the full run and its Optuna study, from the rates it measured."""
+    d = run.cfg.dataset
+    train_lengths, tokenize_per_example = P.sample_lengths(run.pools["train"], run.tokenizer, d.max_length)
+    eval_split = next(k for k in run.pools if k != "train")
+    eval_lengths, _ = P.sample_lengths(run.pools[eval_split], run.tokenizer, d.max_length)
+    trial_eval_tokens = sum(P.padded_tokens([len(x) for x in ds["input_ids"]], d.eval_batch_size)
+                            for split, ds in run.data.items() if split != "train")
+    # per token of the global batch (data parallel: each process trains on its share at the same time)
+    rates = {"step_s_per_token": summary["step_time_s"]["median"] / (summary["step_time_s"]["tokens_median"]
+                                                                      * run.dist.world),
+             "eval_s_per_token": summary["eval_time_s"] / max(1, summary["evaluations"] * trial_eval_tokens),
+             "tokenize_s_per_example": tokenize_per_example, "imports_s": imports_s, "setup_s": setup_s}
+    return full_run_forecast(run.given, rates, run.available["train"],
+                             {k: v for k, v in run.available.items() if k != "train"}, train_lengths, eval_lengths)
+
+
+def finish_run(run: RunSetup, recorder: Recorder, summary: dict) -> None:
+    """The run's files (GLoRA's rank allocation, the adapter unless a trial, summary.json last), then the processes
+    released."""
+    dist = run.dist
     if dist.world > 1:
         summary["processes"] = dist.world
-    if dist.main and hook.summary().get("realloc_step") is not None:
-        write_json_atomic(run_dir / "rank_allocation.json", hook.event)
-    if dist.main and not tuning:
-        save_adapter(model, run_dir / "adapter")
+    if dist.main and run.hook.summary().get("realloc_step") is not None:
+        write_json_atomic(run.run_dir / "rank_allocation.json", run.hook.event)
+    if dist.main and not run.tuning:
+        save_adapter(run.model, run.run_dir / "adapter")
     recorder.finish(summary)
     dist.barrier()
     dist.close()
-    return summary
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1152,14 +1268,17 @@ def step_time_stats(times: list[float], tokens: list[int] | None = None) -> dict
     return out
 
 
-def _loop(cfg, model, optimizer, scheduler, hook, train_loader, eval_loaders, spec, device, autocast, n_batches,
-          total_steps, recorder, on_eval=None, state: LoopState | None = None, checkpoints=None, dist=None,
-          precision: str = "fp32", forecast=None, init_seconds: tuple[float, float] = (0.0, 0.0)) -> dict:
-    """The training loop; returns the metric part of the summary. `forecast(step_seconds, step)`: the line logged
-    once the first FORECAST_AFTER_STEPS steps have been timed. On a GPU the host waits for it only at logged steps
-    (training.log_every_steps), evaluations and checkpoints. `init_seconds`: (wall, CPU) seconds of a data pass
-    before training (EVA's), counted as training time in a new run (a resumed run's state already holds them)."""
-    dist = dist or Dist()
+def _loop(run: RunSetup, recorder: Recorder, on_eval=None, state: LoopState | None = None, forecast=None,
+          init_seconds: tuple[float, float] = (0.0, 0.0)) -> dict:
+    """The training loop over what `run`'s set-up built; returns the metric part of the summary.
+    `forecast(step_seconds, step)`: the line logged once the first FORECAST_AFTER_STEPS steps have been timed. On a
+    GPU the host waits for it only at logged steps (training.log_every_steps), evaluations and checkpoints.
+    `init_seconds`: (wall, CPU) seconds of a data pass before training (EVA's), counted as training time in a new
+    run (a resumed run's state already holds them)."""
+    cfg, model, optimizer, scheduler, hook = run.cfg, run.model, run.optimizer, run.scheduler, run.hook
+    train_loader, eval_loaders, checkpoints = run.train_loader, run.eval_loaders, run.checkpoints
+    spec, device, autocast, precision, dist = run.spec, run.device, run.autocast, run.precision, run.dist
+    n_batches, total_steps = run.n_batches, run.total_steps
     t = cfg.training
     accum = t.gradient_accumulation_steps
     per_epoch = math.ceil(n_batches / accum)
