@@ -143,6 +143,16 @@ def write_glue(root: Path, files: dict[str, list[tuple[str, int]]] = GLUE_FILES)
     return root
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (the README's `-n 2`) each worker is one of the machine's cores: one torch thread in the
+    worker and in the CLI processes it starts, so that two workers do not each spin two OpenMP threads on 2 cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="module")
 def one_thread_no_bars():
     """Tiny models run in-process: one torch thread (OpenMP threads spin against a busy machine's other jobs and
