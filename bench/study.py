@@ -56,7 +56,7 @@ RUN_DIR = REPO / "config" / "run"
 DEMO = "MiniLM-L6-22M--GLUE-SST-2"
 CSV_COLUMNS = ["task", "method", "method_name", "seed", "metric", "value", "train_time_s", "step_time_median_s",
                "trainable_params", "adapter_params", "rank_total", "adapter_params_effective", "eval_time_s",
-               "resumes", "run"]
+               "resumes", "run", "steps"]
 
 
 def parse_args(argv=None):
@@ -436,7 +436,8 @@ def csv_rows(runs: list[Run]) -> list[dict]:
                      "step_time_median_s": step.get("median"), "trainable_params": s["trainable_params"],
                      "adapter_params": s["adapter_params"], "rank_total": s["rank_budget_total"],
                      "adapter_params_effective": s.get("adapter_params_effective"),
-                     "eval_time_s": s.get("eval_time_s"), "resumes": s.get("resumes"), "run": r.folder.name})
+                     "eval_time_s": s.get("eval_time_s"), "resumes": s.get("resumes"), "run": r.folder.name,
+                     "steps": s.get("total_steps")})
     return rows
 
 
