@@ -95,6 +95,11 @@ def prepare(cfg: DictConfig) -> DictConfig:
                           "or pass wandb.mode=offline / wandb.mode=disabled")
     if cfg.wandb.mode == "online":
         check_wandb_reachable()
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")  # `accelerate launch --mixed_precision X` sets it
+    if launcher not in ("no", cfg.hardware.precision):  # no Accelerator is built: the config decides, so say so
+        raise ConfigError(f"accelerate launch --mixed_precision {launcher} is not applied here: precision comes from "
+                          f"the config (hardware.precision={cfg.hardware.precision}); pass hardware.precision=bf16 "
+                          f"(or fp32/tf32) on the command line and drop --mixed_precision, or make them agree")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg.mode == "full" and cfg.optuna.n_trials > 0:
         raise ConfigError("optuna.n_trials > 0 under a multi-process launch: tune with one process per study worker "
                           "(optuna.storage=<RDB URL>), then train the final run data-parallel with optuna.n_trials=0")

@@ -431,3 +431,18 @@ def test_gpu_check_reports_a_rows_first_fault_and_goes_on(tiny_model, capsys):
     assert rows["AdaLoRA", "fp32"][6:8] == ["FAULT:", "ModelError:"]
     assert "total_rank_budget=500 is infeasible" in " ".join(rows["AdaLoRA", "fp32"])
     assert rows["LoRA", "fp32"][6] == rows["GLoRA", "fp32"][6] == "ok"
+
+
+@pytest.mark.parametrize("launcher, ok", [("no", True), ("fp32", True), ("bf16", False), ("fp16", False)])
+def test_accelerate_mixed_precision_is_refused_unless_the_config_agrees(monkeypatch, tmp_path, launcher, ok):
+    """No Accelerator is built, so `accelerate launch --mixed_precision X` would be silently ignored: it must agree
+    with hardware.precision or the run stops before anything loads, naming both."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+    cfg = compose_run("comparative-2-DeBERTa-v3-base-86M--GLUE-SST-2", "mode=trial", f"results_dir={tmp_path}",
+                      "hardware.precision=fp32", "model.backbone=/nonexistent-not-reached")
+    if ok:
+        with pytest.raises(M.ModelError, match="nonexistent"):  # past the check, stopped by the model folder's
+            main.prepare(cfg)
+    else:
+        with pytest.raises(main.ConfigError, match=f"--mixed_precision {launcher} is not applied.*precision=fp32"):
+            main.prepare(cfg)
