@@ -300,7 +300,7 @@ def suggest(trial, key: str, spec: dict):
     return trial.suggest_float(key, spec["low"], spec["high"], step=spec.get("step"), log=spec.get("log", False))
 
 
-def make_study(cfg: DictConfig, study_dir: Path, name: str):
+def make_study(cfg: DictConfig, study_dir: Path, name: str, space: dict[str, tuple[str, dict]]):
     """Optuna's own storages: sqlite under the run folder by default (a killed study resumes), an RDB URL or a
     journal file (journal:///path) for many workers on many machines."""
     import optuna
@@ -328,7 +328,7 @@ def make_study(cfg: DictConfig, study_dir: Path, name: str):
     # study does not replay the first one's random start-up samples
     seed = cfg.seed + len(study.trials)
     if o.sampler.type == "grid":  # every combination of the categorical choices once (GridSampler skips done ones)
-        grid = {key: list(spec["choices"]) for key, (_, spec) in resolve_search_space(cfg).items()}
+        grid = {key: list(spec["choices"]) for key, (_, spec) in space.items()}
         study.sampler = optuna.samplers.GridSampler(grid, seed=seed)
     else:
         study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=o.sampler.n_startup_trials)
@@ -403,7 +403,7 @@ def tune(cfg: DictConfig, run_dir: Path, name: str, pruner=None, sweep_job: int 
 
     space = resolve_search_space(cfg)
     study_dir = study_dir_of(cfg)
-    study = make_study(cfg, study_dir, cfg.run_id)
+    study = make_study(cfg, study_dir, cfg.run_id, space)
     if pruner is not None:
         study.pruner = pruner
     metric = cfg.optuna.metric
