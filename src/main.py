@@ -35,7 +35,7 @@ POLL_S = 5.0  # how often a study waits on trials that other (or killed) workers
 # as src.train.SCHEDULE_KEYS (kept here too so that the type check runs before torch is imported)
 SCHEDULE_KEYS = ("training.lr_warmup_steps", "training.eval_every_steps", "training.checkpoint_every_steps",
                  "glo_ra.warmup_steps", "adalora.adaptation_start_step", "adalora.final_steps",
-                 "adalora.mask_interval")
+                 "adalora.mask_interval", "optuna.pruner.n_warmup_steps")
 
 
 class ConfigError(ValueError):
@@ -100,15 +100,12 @@ def prepare(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"accelerate launch --mixed_precision {launcher} is not applied here: precision comes from "
                           f"the config (hardware.precision={cfg.hardware.precision}); pass hardware.precision=bf16 "
                           f"(or fp32/tf32) on the command line and drop --mixed_precision, or make them agree")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg.mode == "full" and cfg.optuna.n_trials > 0:
-        raise ConfigError("optuna.n_trials > 0 under a multi-process launch: tune with one process per study worker "
-                          "(optuna.storage=<RDB URL>), then train the final run data-parallel with optuna.n_trials=0")
     from src import model as M
     from src import preprocess as P
 
     from src import train as T
 
-    for key in T.SCHEDULE_KEYS:
+    for key in (*T.SCHEDULE_KEYS, "optuna.trial_eval_every"):
         try:
             T.parse_schedule(key, OmegaConf.select(cfg, key, default=None))
         except ValueError as e:
@@ -189,6 +186,9 @@ def check_ranges(cfg: DictConfig) -> None:
         if not ok:
             raise ConfigError(f"training.{key}={value!r}: must be {rule}")
     # AdamW's first step size is lr / (1 - beta1), computed in float32 on the parameters' device
+    budget = cfg.optuna.trial_budget
+    if budget is not None and not (isinstance(budget, (int, float)) and not isinstance(budget, bool) and 0 < budget <= 1):
+        raise ConfigError(f"optuna.trial_budget={budget!r}: a share of the run's optimizer steps in (0, 1], or null")
     if t.learning_rate / (1 - betas[0]) > FLOAT32_MAX or t.learning_rate * t.weight_decay > FLOAT32_MAX:
         raise ConfigError(f"training.learning_rate={t.learning_rate!r} overflows AdamW's float32 step size "
                           f"(learning_rate / (1 - beta1) = {t.learning_rate / (1 - betas[0]):.3g} > {FLOAT32_MAX:.3g})")
@@ -315,24 +315,29 @@ def make_study(cfg: DictConfig, study_dir: Path, name: str, space: dict[str, tup
     else:
         storage = _rdb_storage(url)
     p = o.pruner
-    pruner = {"median": lambda: optuna.pruners.MedianPruner(p.n_startup_trials, p.n_warmup_steps),
-              "percentile": lambda: optuna.pruners.PercentilePruner(p.percentile, p.n_startup_trials,
-                                                                    p.n_warmup_steps),
+    # p.n_warmup_steps is a schedule value ("1 epoch", "30%"): the trial applies it (src.train's on_eval gate)
+    pruner = {"median": lambda: optuna.pruners.MedianPruner(p.n_startup_trials, 0),
+              "percentile": lambda: optuna.pruners.PercentilePruner(p.percentile, p.n_startup_trials, 0),
               "hyperband": lambda: optuna.pruners.HyperbandPruner(),
               "none": lambda: optuna.pruners.NopPruner()}
     if p.type not in pruner:
         raise ConfigError(f"optuna.pruner.type={p.type!r}: one of {sorted(pruner)}")
     study = optuna.create_study(study_name=name, storage=storage, direction=o.direction, load_if_exists=True,
                                 pruner=pruner[p.type]())
-    # seeded for reproducibility; offset by the trials already there so that a second worker or a resumed
-    # study does not replay the first one's random start-up samples
-    seed = cfg.seed + len(study.trials)
+    # seeded for reproducibility; offset by the trials already there and by the process's rank in a launch, so that
+    # a resumed study, or workers that start together, do not replay one another's random start-up samples
+    seed = cfg.seed + len(study.trials) + 1_000_003 * launch_rank()
     if o.sampler.type == "grid":  # every combination of the categorical choices once (GridSampler skips done ones)
         grid = {key: list(spec["choices"]) for key, (_, spec) in space.items()}
         study.sampler = optuna.samplers.GridSampler(grid, seed=seed)
     else:
         study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=o.sampler.n_startup_trials)
     return study
+
+
+def launch_rank() -> int:
+    """This process's rank in a multi-process launch (accelerate launch, torchrun); 0 otherwise."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def study_dir_of(cfg: DictConfig) -> Path:
@@ -393,7 +398,11 @@ def _rdb_storage(url: str, attempts: int = 5):
 
 
 def tune(cfg: DictConfig, run_dir: Path, name: str, pruner=None, sweep_job: int | None = None) -> dict:
-    """Run (or resume) the study and return its summary: best_params, best_trial_value, trial counts."""
+    """Run (or resume) the study and return its summary: best_params, best_trial_value, trial counts.
+
+    Under a multi-process launch every process is a worker of the same study: it runs whole trials alone on its own
+    device (src.train.Dist's `solo`) and returns once the study has all its trials, so that every process then
+    trains the data-parallel run with the same best values."""
     import optuna
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
@@ -424,12 +433,14 @@ def tune(cfg: DictConfig, run_dir: Path, name: str, pruner=None, sweep_job: int 
         tcfg.wandb.mode = "disabled"
         tcfg.training.epochs = cfg.optuna.trial_epochs or cfg.training.epochs
         tcfg.training.max_steps = cfg.optuna.trial_max_steps or cfg.training.max_steps
+        if cfg.optuna.trial_eval_every is not None:  # the trial's pruning points
+            tcfg.training.eval_every_steps = cfg.optuna.trial_eval_every
 
-        def on_eval(metrics: dict, step: int, adaptation_done: bool) -> None:
+        def on_eval(metrics: dict, step: int, prunable: bool) -> None:
             if metric not in metrics:
                 raise ConfigError(f"optuna.metric={metric!r} is not reported; choose one of {sorted(metrics)}")
             trial.report(metrics[metric], step)
-            if adaptation_done and trial.should_prune():  # never before the ranks are final
+            if prunable and trial.should_prune():  # from optuna.pruner.n_warmup_steps on, for every method
                 raise optuna.TrialPruned(f"pruned at step {step}")
 
         summary = T.train_run(tcfg, study_dir / f"trial-{trial.number:03d}", f"{name}/trial-{trial.number}",
@@ -466,7 +477,8 @@ def tune(cfg: DictConfig, run_dir: Path, name: str, pruner=None, sweep_job: int 
             ran = True
         else:  # the rest failed (ModelError): the study is what it is
             break
-    write_study_record(study, study_dir)
+    if launch_rank() == 0:  # every worker of a launch sees the same finished study; one writes its record
+        write_study_record(study, study_dir)
     states = [t.state for t in study.trials]
     if TrialState.COMPLETE not in states:
         raise ConfigError(f"optuna: no trial of {name} completed ({len(states)} trials); see {study_dir}")
@@ -560,7 +572,7 @@ class JobFailed(RuntimeError):
 
 @hydra.main(config_path="../config", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
-    worker = int(os.environ.get("RANK", "0")) > 0  # data parallel: the main process reports
+    worker = launch_rank() > 0  # data parallel: the main process reports
     logging.getLogger("src").setLevel(logging.WARNING if worker else logging.INFO)
     try:
         run(cfg)

@@ -6,6 +6,7 @@ import copy
 import datetime
 import csv
 import glob
+import hashlib
 import json
 import logging
 import math
@@ -14,6 +15,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -45,13 +47,20 @@ class Dist:
     and trains on its slice; gradients are summed with one all-reduce per optimizer step, before GLoRA's scores and
     AdaLoRA's allocator read them, so every process computes the same ranks. No DDP wrapper: GLoRA's rebuild
     replaces parameters mid-run, and DDP binds its buckets to the parameters it was built with. Only the main
-    process writes results, logs and shows progress bars."""
+    process writes results, logs and shows progress bars.
 
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
+    `solo`: an Optuna trial inside a multi-process launch. Each launched process is then a study worker that runs
+    whole trials alone on its own device (no collectives), writing its trial's folder itself."""
+
+    def __init__(self, solo: bool = False):
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        self.launched = launched > 1
+        self.world = 1 if solo else launched
+        self.rank = 0 if solo else int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.main = self.rank == 0
+        self.shows = int(os.environ.get("RANK", "0")) == 0  # progress bars: one process of the launch
+        self.checks: Counter = Counter()  # what check_same compared, and how often (the summary records it)
 
     def init(self, device: torch.device) -> None:
         """After `setup_process` (NCCL's object collectives use the current device, which it set)."""
@@ -59,7 +68,7 @@ class Dist:
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
     def device(self, name: str, sweep_job: int | None = None) -> torch.device:
-        return pick_device(name, self.local_rank if self.world > 1 else None, sweep_job)
+        return pick_device(name, self.local_rank if self.launched else None, sweep_job)
 
     def shard(self, batch: dict) -> tuple[dict, float]:
         """This process's slice of a global batch and its share of the global mean loss."""
@@ -117,6 +126,14 @@ class Dist:
         bad = [r for r, o in enumerate(objs) if o != objs[0]]
         if bad:
             raise TrainingError(f"{what} differ between processes at optimizer step {step} (process {bad[0]} vs 0)")
+        self.checks[what] += 1
+
+    def check_parameters(self, model, step: int) -> None:
+        """Every process must hold the main one's trainable parameters bit for bit (after the same all-reduced
+        updates they are): checked at the start, after each reallocation, at each evaluation and at the end, so a
+        divergence stops the run with its step instead of corrupting it."""
+        if self.world > 1:
+            self.check_same("trainable parameters", trainable_digest(model), step)
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -125,6 +142,16 @@ class Dist:
     def close(self) -> None:
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def trainable_digest(model) -> str:
+    """SHA-256 of the trainable parameters' names, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        if p.requires_grad:
+            h.update(f"{name}{tuple(p.shape)}".encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -445,7 +472,7 @@ def build_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
 # resolved to steps once the run's length is known: a config then transfers across tasks, batch sizes and trials.
 SCHEDULE_KEYS = ("training.lr_warmup_steps", "training.eval_every_steps", "training.checkpoint_every_steps",
                  "glo_ra.warmup_steps", "adalora.adaptation_start_step", "adalora.final_steps",
-                 "adalora.mask_interval")
+                 "adalora.mask_interval", "optuna.pruner.n_warmup_steps")
 _SCHEDULE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(%|epochs?)\s*$")
 
 
@@ -485,8 +512,29 @@ def schedule_steps(key: str, value, total_steps: int, steps_per_epoch: int) -> i
     return max(rounded, 1) if unit != "steps" and key in INTERVAL_KEYS else rounded
 
 
-def resolve_schedules(cfg, total_steps: int, steps_per_epoch: int) -> tuple:
-    """A copy of cfg with every schedule key in optimizer steps, and {key: {"given", "steps"}} for the record."""
+def scaled_steps(key: str, steps: int | None, share: Fraction) -> int | None:
+    """A step count of the run at `share` of its length (an Optuna trial's budget): rounded half up; an interval
+    and GLoRA's warm-up (its reallocation must still happen) stay at least 1."""
+    if steps is None:
+        return None
+    scaled = math.floor(steps * share + Fraction(1, 2))
+    return max(scaled, 1) if steps >= 1 and key in (*INTERVAL_KEYS, "glo_ra.warmup_steps") else scaled
+
+
+def trial_steps(total_steps: int, share: Fraction) -> int:
+    """An Optuna trial's optimizer steps at `share` of the run's (at least 1)."""
+    return max(1, math.floor(total_steps * share + Fraction(1, 2)))
+
+
+def trial_share(budget) -> Fraction | None:
+    """optuna.trial_budget as an exact fraction (from the decimal as written); None: a trial is the whole run."""
+    return None if budget is None else Fraction(str(budget))
+
+
+def resolve_schedules(cfg, total_steps: int, steps_per_epoch: int, share: Fraction | None = None) -> tuple:
+    """A copy of cfg with every schedule key in optimizer steps, and {key: {"given", "steps"}} for the record.
+    `share` (an Optuna trial's budget): every value is resolved against the whole run, then scaled to the trial's
+    length, so that the trial is the run compressed: its warm-ups, reallocation and phases at the same points."""
     resolved = copy.deepcopy(cfg)
     record = {}
     for key in SCHEDULE_KEYS:
@@ -494,8 +542,10 @@ def resolve_schedules(cfg, total_steps: int, steps_per_epoch: int) -> tuple:
         if OmegaConf.select(cfg, key.split(".")[0]) is None:
             continue  # a method section this run does not have
         steps = schedule_steps(key, value, total_steps, steps_per_epoch)
+        if share is not None:
+            steps = scaled_steps(key, steps, share)
         OmegaConf.update(resolved, key, steps, merge=False)
-        if value is not None:
+        if value is not None and (not key.startswith("optuna.") or share is not None):
             record[key] = {"given": value, "steps": steps}
     return resolved, record
 
@@ -572,7 +622,11 @@ def run_shape(cfg, n_train: int, n_eval: dict[str, int], tuning: bool = False, t
     epochs = (cfg.optuna.trial_epochs or t.epochs) if tuning else t.epochs
     cap = (cfg.optuna.trial_max_steps or t.max_steps) if tuning else t.max_steps
     total = per_epoch * epochs if cap is None else min(per_epoch * epochs, cap)
-    every = schedule_steps("training.eval_every_steps", t.eval_every_steps, total, per_epoch)
+    eval_every = (cfg.optuna.get("trial_eval_every") or t.eval_every_steps) if tuning else t.eval_every_steps
+    every = schedule_steps("training.eval_every_steps", eval_every, total, per_epoch)
+    share = trial_share(cfg.optuna.get("trial_budget")) if tuning else None
+    if share is not None:
+        total, every = trial_steps(total, share), scaled_steps("training.eval_every_steps", every, share)
     n = sum(1 for s in range(1, total + 1) if s % per_epoch == 0 or s == total or (every and s % every == 0))
     step_tokens = eval_tokens = 0.0
     if train_lengths is not None:
@@ -629,37 +683,53 @@ def batches_per_epoch(n_batches: int, t) -> int:
 
 
 @torch.no_grad()
-def evaluate_split(model, loader, spec: P.TaskSpec, device, autocast, progress: bool = True
+def evaluate_split(model, loader, spec: P.TaskSpec, device, autocast, dist: Dist | None = None
                    ) -> tuple[np.ndarray, np.ndarray, float]:
     """Predictions, labels and mean task loss on one eval split. The loss is computed here from the logits, not
     taken from the model: PEFT's AdaLoRA adds its orthogonal regulariser to any loss it returns, which would make
     validation losses incomparable across methods. Everything stays on the device until the end (one host sync per
-    split); the loss sums in float64, the same additions as Python floats would make."""
+    split); the loss sums in float64, batch by batch in order, the same additions as Python floats would make.
+    Data parallel: process r evaluates batches r, r + W, ... (the same batches as one process would, so the same
+    padding), and every process gets all of them back in order."""
+    dist = dist or Dist(solo=True)
     model.eval()
-    preds, labels, n = [], [], 0
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for batch in tqdm(loader, desc="eval", leave=False, mininterval=2, **quiet(progress)):
+    batches = []  # (batch number, predictions, labels, summed loss), on the device
+    for b, batch in enumerate(tqdm(loader, desc="eval", leave=False, mininterval=2, **quiet(dist.shows))):
+        if b % dist.world != dist.rank:
+            continue
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "idx"}
         y = batch.pop("labels")
         with autocast():
             logits = model(**batch).logits.float()
         if spec.is_regression:
-            preds.append(logits.squeeze(-1))
-            loss_sum += torch.nn.functional.mse_loss(preds[-1], y.float(), reduction="sum").double()
+            pred = logits.squeeze(-1)
+            loss = torch.nn.functional.mse_loss(pred, y.float(), reduction="sum")
         else:
-            preds.append(logits.argmax(-1))
-            loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").double()
-        labels.append(y)
-        n += len(y)
+            pred = logits.argmax(-1)
+            loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+        batches.append((b, pred, y, loss.double()))
     model.train()
-    return torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy(), loss_sum.item() / max(n, 1)
+    if batches:
+        losses = torch.stack([x[3] for x in batches]).cpu().tolist()
+        mine = [(b, pred.cpu().numpy(), y.cpu().numpy(), loss)
+                for (b, pred, y, _), loss in zip(batches, losses)]
+    else:
+        mine = []
+    every = sorted((x for part in dist.gather(mine) for x in part), key=lambda x: x[0])
+    if not every:
+        return np.array([]), np.array([]), 0.0
+    loss_sum = 0.0
+    for x in every:
+        loss_sum += x[3]
+    n = sum(len(x[2]) for x in every)
+    return np.concatenate([x[1] for x in every]), np.concatenate([x[2] for x in every]), loss_sum / max(n, 1)
 
 
-def run_evaluation(model, eval_loaders, spec, device, autocast, progress: bool = True) -> tuple[dict, dict]:
+def run_evaluation(model, eval_loaders, spec, device, autocast, dist: Dist | None = None) -> tuple[dict, dict]:
     """`validation_*` metrics of every eval split (MNLI's mismatched split gets the `_mm` suffix) and predictions."""
     metrics, predictions = {}, {}
     for split, loader in eval_loaders.items():
-        preds, labels, loss = evaluate_split(model, loader, spec, device, autocast, progress)
+        preds, labels, loss = evaluate_split(model, loader, spec, device, autocast, dist)
         suffix = "_mm" if split == "validation_mm" else ""
         for k, v in {**P.compute_metrics(spec, preds, labels), "loss": loss}.items():
             metrics[f"validation_{k}{suffix}"] = v
@@ -716,7 +786,7 @@ def train_run(cfg, run_dir: Path, run_name: str, on_eval=None, extra_summary: di
               sweep_job: int | None = None) -> dict:
     """Train one run of `cfg` into `run_dir` and return its summary (also written to summary.json).
 
-    `on_eval(metrics, step, adaptation_done)` makes this an Optuna trial: it trains on the training set minus a
+    `on_eval(metrics, step, prunable)` makes this an Optuna trial: it trains on the training set minus a
     held-out tuning split, evaluates on that split (never on the dev set that the final run reports), and saves no
     adapter or predictions. The callback may raise to prune. `sweep_job`: the run's job number in a Hydra sweep
     (its GPU, see pick_device).
@@ -791,7 +861,7 @@ def set_up_run(cfg, run_dir: Path, run_name: str, tuning: bool, sweep_job: int |
     """Process, data, backbone, loaders, step counts, run folder, adapter, optimizer, scheduler and hook. The order
     is part of the run: the task head, LoRA's A and GLoRA's added components are drawn from the CPU RNG in it."""
     d = cfg.dataset
-    dist = Dist()
+    dist = Dist(solo=tuning)  # a trial runs alone on its process's device, also inside a multi-process launch
     device, precision = setup_process(cfg, dist, sweep_job)
     dist.init(device)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
@@ -813,7 +883,10 @@ def set_up_run(cfg, run_dir: Path, run_name: str, tuning: bool, sweep_job: int |
     per_epoch = math.ceil(n_batches / t.gradient_accumulation_steps)
     total_steps = per_epoch * t.epochs if t.max_steps is None else min(per_epoch * t.epochs, t.max_steps)
     given = cfg  # what config.yaml records and a resume compares; `cfg` from here on has every schedule in steps
-    cfg, schedule = resolve_schedules(given, total_steps, per_epoch)
+    share = trial_share(cfg.optuna.get("trial_budget")) if tuning else None
+    cfg, schedule = resolve_schedules(given, total_steps, per_epoch, share)
+    if share is not None:  # the trial's budget: the run compressed to this share of its optimizer steps
+        total_steps = trial_steps(total_steps, share)
     t = cfg.training
     check_budget_resolved(cfg, base, total_steps, schedule)
     # only now: bad input leaves results untouched; the main process owns the folder
@@ -824,9 +897,20 @@ def set_up_run(cfg, run_dir: Path, run_name: str, tuning: bool, sweep_job: int |
     # EVA's data pass (timed as training) or, on resume, its saved result: before the optimizer sees the parameters
     init_file = run_dir / "eva_init.safetensors"
     saved_init, init_info = (read_init(init_file) if resuming and init_file.exists() else (None, {}))
-    init_tensors, fresh_info = M.prepare_adapter(
-        cfg, model, lambda size: P.make_loaders(data, tokenizer, size, d.eval_batch_size, cfg.seed)[0], device,
-        saved_init, dist.main)
+    init_tensors, fresh_info = {}, {}
+    if dist.main or saved_init is not None:
+        init_tensors, fresh_info = M.prepare_adapter(
+            cfg, model, lambda size: P.make_loaders(data, tokenizer, size, d.eval_batch_size, cfg.seed)[0], device,
+            saved_init, dist.shows)
+    if dist.world > 1 and saved_init is None:
+        # a data pass (EVA's) runs once, on the main process; the others take its result and the CPU RNG state
+        # after it (the stream later weights are drawn from), instead of a pass of their own that might differ
+        shared = dist.broadcast(({k: v.cpu() for k, v in init_tensors.items()}, fresh_info, torch.get_rng_state())
+                                if dist.main else None)
+        if not dist.main:
+            init_tensors, fresh_info = (M.prepare_adapter(cfg, model, None, device, shared[0], False)[0]
+                                        if shared[0] else {}), shared[1]
+            torch.set_rng_state(shared[2])
     init_info = init_info or fresh_info
     if init_tensors and saved_init is None and dist.main and not tuning:
         write_init(init_file, init_tensors, init_info)
@@ -972,6 +1056,8 @@ def finish_run(run: RunSetup, recorder: Recorder, summary: dict) -> None:
     dist = run.dist
     if dist.world > 1:
         summary["processes"] = dist.world
+        # what was compared across the processes and found identical, and how often
+        summary["cross_process_checks"] = dict(sorted(dist.checks.items()))
     if dist.main and run.hook.summary().get("realloc_step") is not None:
         write_json_atomic(run.run_dir / "rank_allocation.json", run.hook.event)
     if dist.main and not run.tuning:
@@ -1286,7 +1372,8 @@ def _loop(run: RunSetup, recorder: Recorder, on_eval=None, state: LoopState | No
     st = state or LoopState(train_time=init_seconds[0], cpu_time=init_seconds[1])
     last_predictions = {}
     running_loss = torch.tensor(st.running_loss if dist.main else 0.0, device=device)
-    pbar = tqdm(total=total_steps, initial=st.step, desc="train", mininterval=1, **quiet(dist.main))
+    pbar = tqdm(total=total_steps, initial=st.step, desc="train", mininterval=1, **quiet(dist.shows))
+    dist.check_parameters(model, st.step)
 
     clock = StepClock(st, device)
     forecast_due = forecast is not None and len(st.step_times) < FORECAST_AFTER_STEPS
@@ -1294,15 +1381,18 @@ def _loop(run: RunSetup, recorder: Recorder, on_eval=None, state: LoopState | No
     def evaluate():
         nonlocal last_predictions
         tic = time.perf_counter()
-        st.last_metrics, last_predictions = run_evaluation(model, eval_loaders, spec, device, autocast, dist.main)
+        st.last_metrics, last_predictions = run_evaluation(model, eval_loaders, spec, device, autocast, dist)
         st.eval_time += time.perf_counter() - tic
         st.evaluations += 1
         dist.check_same("ranks", M.current_ranks(model), st.step)
+        dist.check_parameters(model, st.step)
         recorder.log({"step": st.step, "epoch": st.step / per_epoch, **st.last_metrics})
         if st.best_value is None or st.last_metrics[primary] > st.best_value:
             st.best_value, st.best_step, st.best_metrics = st.last_metrics[primary], st.step, dict(st.last_metrics)
         if on_eval is not None:
-            on_eval(st.last_metrics, st.step, hook.adaptation_done(st.step))
+            # one rule for every method: no pruning before optuna.pruner.n_warmup_steps (GLoRA's reallocation or
+            # later in the shipped configs), the same point of every trial
+            on_eval(st.last_metrics, st.step, st.step >= (cfg.optuna.pruner.n_warmup_steps or 0))
 
     st.timed_from = st.timed_from or utc_now()
     clock.start()
@@ -1327,6 +1417,7 @@ def _loop(run: RunSetup, recorder: Recorder, on_eval=None, state: LoopState | No
             pbar.update(1)
             if event is not None:
                 dist.check_same("GLoRA's new ranks", event["new_ranks"], st.step)
+                dist.check_parameters(model, st.step)
                 recorder.log({"step": st.step, "event": "glora_reallocation",
                               **{k: event[k] for k in ("realloc_seconds", "trainable_params_before",
                                                        "trainable_params_after", "scores", "old_ranks",
@@ -1364,7 +1455,8 @@ def _loop(run: RunSetup, recorder: Recorder, on_eval=None, state: LoopState | No
     clock.stop()
     pbar.close()
     if not last_predictions and st.last_metrics:  # resumed after the final evaluation: redo it, unlogged
-        st.last_metrics, last_predictions = run_evaluation(model, eval_loaders, spec, device, autocast, dist.main)
+        st.last_metrics, last_predictions = run_evaluation(model, eval_loaders, spec, device, autocast, dist)
+    dist.check_parameters(model, st.step)
 
     out = {k.removeprefix("validation_"): v for k, v in st.last_metrics.items()}
     out["glue_metric"] = spec.glue_metric

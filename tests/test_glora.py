@@ -314,7 +314,7 @@ def test_adalora_validation_loss_excludes_the_orthogonal_regulariser(tiny_model)
     batch = _batch()
     loader = [{**batch, "idx": torch.arange(len(batch["labels"]))}]
     _, spec = P.task_spec("glue_sst2")
-    _, _, loss = T.evaluate_split(model, loader, spec, torch.device("cpu"), T.nullcontext, progress=False)
+    _, _, loss = T.evaluate_split(model, loader, spec, torch.device("cpu"), T.nullcontext)
     model.eval()
     with torch.no_grad():
         out = model(**batch)  # PEFT's loss: cross-entropy + orth_reg_weight x regulariser

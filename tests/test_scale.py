@@ -21,6 +21,8 @@ RUNS = {
                 ["adalora.total_rank_budget=40", "adalora.adaptation_start_step=2", "adalora.final_steps=4",
                  "adalora.mask_interval=1"]),
     "GLoRA": ("proposed-DeBERTa-v3-base-86M--GLUE-RTE", ["glo_ra.total_rank_budget=60", "glo_ra.warmup_steps=4"]),
+    # EVA's data pass over the 64 examples in one batch converges in a few passes
+    "EVA": ("comparative-3-DeBERTa-v3-base-86M--GLUE-RTE", ["eva.batch_size=64"]),
 }
 # global batch 7 over 2 processes: shards of 4 and 3; the last batch of SST-2's 96 examples has 5 (3 + 2), of RTE's
 # 64 examples 1 (1 + an empty shard)
@@ -50,7 +52,21 @@ def args(run_id, extra, tiny_model, glue_dir, results):
             f"results_dir={results}"]
 
 
-@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) for m in ("LoRA", "AdaLoRA")] + ["GLoRA"])
+def launch(launcher: str, argv: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """Two processes on the CPU (gloo), as the README's data-parallel lines start them. accelerate's --cpu flag
+    starts one process unless MPI is set up; --multi_gpu starts torch.distributed.run's processes, and
+    hardware.device=cpu makes them use gloo on the CPU."""
+    port = str(29500 + os.getpid() % 1000 + (0 if launcher == "accelerate" else 500))
+    head = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port]
+            if launcher == "accelerate" else
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port])
+    return subprocess.run([*head, "-m", "src.main", *argv], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) for m in ("LoRA", "AdaLoRA")]
+                         + ["GLoRA", "EVA"])
 def test_two_processes_match_one(no_dropout_model, glue_dir, tmp_path, method):
     run_id, extra = RUNS[method]
     tiny_model = no_dropout_model
@@ -59,19 +75,20 @@ def test_two_processes_match_one(no_dropout_model, glue_dir, tmp_path, method):
                                                                         tmp_path / "one")],
                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    # accelerate's --cpu flag starts one process unless MPI is set up; --multi_gpu starts torch.distributed.run's
-    # processes, and hardware.device=cpu makes them use gloo on the CPU
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                          "--main_process_port", str(29500 + os.getpid() % 1000), "-m", "src.main",
-                          *args(run_id, extra, tiny_model, glue_dir, tmp_path / "two")],
-                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    two = launch("accelerate", args(run_id, extra, tiny_model, glue_dir, tmp_path / "two"))
     assert two.returncode == 0, two.stderr[-3000:]
 
     want = json.loads((tmp_path / "one" / run_id / "summary.json").read_text())
     got = json.loads((tmp_path / "two" / run_id / "summary.json").read_text())
     assert got["processes"] == 2 and "processes" not in want
+    # both processes held the same ranks and bit-identical trainable parameters at the start, at every evaluation
+    # (every 5 steps and at the end) and after a reallocation, else the run would have stopped
+    checks = got["cross_process_checks"]
+    assert checks["trainable parameters"] >= got["evaluations"] + 2 and checks["ranks"] == got["evaluations"]
+    assert ("GLoRA's new ranks" in checks) == (method == "GLoRA")
     assert got["final_ranks"] == want["final_ranks"] and got["rank_budget_total"] == want["rank_budget_total"]
+    if method == "EVA":  # the data pass ran once, on process 0, and its redistributed ranks are the run's
+        assert got["eva_ranks"] == want["eva_ranks"] and len(set(want["eva_ranks"].values())) > 1
     assert got["total_steps"] == want["total_steps"]
     assert got["accuracy"] == pytest.approx(want["accuracy"], abs=TOLERANCE["accuracy"])
     w_one = load_file(tmp_path / "one" / run_id / "adapter" / "adapter_model.safetensors")
@@ -156,3 +173,40 @@ def test_rank_mismatch_between_processes_is_an_error():
     got = dict(results.get(timeout=5) for _ in procs)
     for rank in (0, 1):
         assert got[rank] == "ranks differ between processes at optimizer step 4 (process 1 vs 0)"
+
+
+@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
+def test_the_readme_data_parallel_commands_tune_then_train(tiny_model, glue_dir, tmp_path, launcher):
+    """The README's data-parallel lines with the run config's own Optuna study (n_trials > 0): each process is a
+    worker of the one study, running whole trials alone; once the study has its trials both train the final run
+    data-parallel with its best values. A second seed finds the study finished and runs no trial."""
+    run_id = RUNS["GLoRA"][0]
+    # the shipped space's batch sizes and warm-ups do not fit 64 examples: the learning rate alone (Hydra would
+    # merge a plain override into the shipped space: `~` drops it first)
+    tuning = ["optuna.n_trials=2", "optuna.trial_budget=0.5", "optuna.pruner.type=none", "~optuna.search_space",
+              "+optuna.search_space={learning_rate:{type:loguniform,low:1.0e-4,high:1.0e-3}}"]
+    base = [f"run={run_id}", f"results_dir={tmp_path}", "mode=full", "wandb.mode=disabled", "hardware.device=cpu",
+            f"model.backbone={tiny_model}", f"dataset.data_dir={glue_dir}", "training.epochs=1",
+            "dataset.batch_size=8", "glo_ra.total_rank_budget=60", "glo_ra.warmup_steps=2",
+            "training.lr_warmup_steps=0", *tuning]
+    first = launch(launcher, base)
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = json.loads((tmp_path / run_id / "summary.json").read_text())
+    trials = json.loads((tmp_path / "optuna" / run_id / "trials.json").read_text())
+    assert [t["state"] for t in trials] == ["COMPLETE", "COMPLETE"]
+    best = max(trials, key=lambda t: t["value"])
+    assert summary["processes"] == 2 and summary["tuning"]["n_trials"] == 2
+    assert summary["tuning"]["values"] == best["params"] == summary["best_params"]
+    # half the run's steps on the tuning split's 57 examples (8 a run, 8 an epoch there): 4, GLoRA's warm-up at 1
+    assert summary["tuning"]["trial_steps"] == [4]
+    trial = json.loads((tmp_path / "optuna" / run_id / "trial-000" / "summary.json").read_text())
+    assert trial["schedule_steps"]["glo_ra.warmup_steps"] == {"given": 2, "steps": 1} and trial["realloc_step"] == 1
+    assert summary["total_steps"] == 8 and summary["cross_process_checks"]["GLoRA's new ranks"] == 1
+    config = (tmp_path / run_id / "config.yaml").read_text()
+    assert f"learning_rate: {best['params']['learning_rate']}" in config
+
+    second = launch(launcher, [*base, "seed=7"])
+    assert second.returncode == 0, second.stderr[-3000:]
+    again = json.loads((tmp_path / f"{run_id}-seed7" / "summary.json").read_text())
+    assert again["tuning"]["trials_run_here"] == 0 and again["tuning"]["values"] == best["params"]
+    assert len(json.loads((tmp_path / "optuna" / run_id / "trials.json").read_text())) == 2

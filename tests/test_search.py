@@ -62,7 +62,7 @@ def test_full_paths_are_accepted():
 def tiny_full_cfg(run_id, tiny_model, glue_dir, results, *extra):
     cfg = compose_run(run_id, "mode=full", "wandb.mode=disabled", f"model.backbone={tiny_model}",
                       f"dataset.data_dir={glue_dir}", f"results_dir={results}", "training.epochs=1",
-                      "training.lr_warmup_steps=0", "optuna.n_trials=2", *extra)
+                      "training.lr_warmup_steps=0", "optuna.n_trials=2", "optuna.trial_budget=null", *extra)
     return main.prepare(cfg)
 
 
@@ -111,16 +111,55 @@ class AlwaysPrune(optuna.pruners.BasePruner):
         return True
 
 
-def test_pruning_waits_for_the_glora_reallocation(tiny_model, glue_dir, tmp_path):
-    cfg = tiny_full_cfg(GLORA, tiny_model, glue_dir, tmp_path, "glo_ra.total_rank_budget=40",
-                        "glo_ra.warmup_steps=2", "training.eval_every_steps=1", "dataset.batch_size=16")
+@pytest.mark.parametrize("run_id", [GLORA, "comparative-2-DeBERTa-v3-base-86M--GLUE-RTE"])
+def test_pruning_starts_at_one_point_for_every_method(tiny_model, glue_dir, tmp_path, run_id):
+    """optuna.pruner.n_warmup_steps, a schedule value like GLoRA's warm-up, gates every method's pruning alike:
+    reported at steps 1 and 2, pruned only at step 2 (50% of the 4 steps), LoRA as GLoRA."""
+    cfg = tiny_full_cfg(run_id, tiny_model, glue_dir, tmp_path, "training.eval_every_steps=1", "dataset.batch_size=16",
+                        "optuna.pruner.n_warmup_steps=50%",
+                        *(["glo_ra.total_rank_budget=40", "glo_ra.warmup_steps=2"] if run_id == GLORA else []))
     cfg.optuna.search_space = {"learning_rate": {"type": "loguniform", "low": 1e-4, "high": 1e-3}}
     with pytest.raises(main.ConfigError, match="no trial .* completed"):
         main.tune(cfg, tmp_path / "run", "study", pruner=AlwaysPrune())
     study = optuna.load_study(study_name=cfg.run_id, storage=f"sqlite:///{main.study_dir_of(cfg) / 'study.db'}")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.PRUNED] * 2
-    for t in study.trials:  # reported at steps 1 and 2, pruned only once the ranks were final (step 2)
+    for t in study.trials:
         assert sorted(t.intermediate_values) == [1, 2]
+
+
+def test_a_trial_is_the_run_compressed_to_its_budget(tiny_model, glue_dir, tmp_path):
+    """optuna.trial_budget=0.5: half the run's optimizer steps, every schedule value resolved against the run and
+    halved (GLoRA's warm-up, the lr warm-up, the evaluation interval), the lr back at 0 at the trial's end."""
+    cfg = tiny_full_cfg(GLORA, tiny_model, glue_dir, tmp_path, "glo_ra.total_rank_budget=40", "optuna.n_trials=1",
+                        "training.epochs=2", "dataset.batch_size=8", "glo_ra.warmup_steps=1 epoch",
+                        "training.lr_warmup_steps=25%", "optuna.trial_budget=0.5", "optuna.trial_eval_every=2",
+                        "optuna.pruner.type=none", "training.log_every_steps=1")
+    cfg.optuna.search_space = {"learning_rate": {"type": "categorical", "choices": [1e-3]}}
+    result = main.tune(cfg, tmp_path / "run", "study")
+    assert result["tuning"]["trial_steps"] == [8]  # 57 tuning-split examples: 8 steps an epoch, 16 a run
+    trial = main.study_dir_of(cfg) / "trial-000"
+    summary = json.loads((trial / "summary.json").read_text())
+    assert summary["schedule_steps"]["glo_ra.warmup_steps"] == {"given": "1 epoch", "steps": 4}
+    assert summary["schedule_steps"]["training.lr_warmup_steps"] == {"given": "25%", "steps": 2}
+    assert summary["schedule_steps"]["training.eval_every_steps"] == {"given": 2, "steps": 1}
+    assert summary["realloc_step"] == 4 and summary["evaluations"] == 8
+    rows = [json.loads(r) for r in (trial / "history.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    assert len(lrs) == 8 and lrs[-1] == 0.0 and max(lrs) == pytest.approx(1e-3)
+
+
+def test_trial_budget_and_scaled_steps():
+    from fractions import Fraction
+
+    from src import train as T
+
+    half = T.trial_share(0.5)
+    assert half == Fraction(1, 2) and T.trial_share(None) is None and T.trial_share(0.3) == Fraction(3, 10)
+    assert [T.trial_steps(n, half) for n in (1, 2, 3, 16)] == [1, 1, 2, 8]  # half up, at least 1
+    assert T.scaled_steps("glo_ra.warmup_steps", 5, half) == 3 and T.scaled_steps("glo_ra.warmup_steps", 0, half) == 0
+    assert T.scaled_steps("training.eval_every_steps", 1, Fraction(1, 10)) == 1  # an interval stays >= 1
+    assert T.scaled_steps("glo_ra.warmup_steps", 1, Fraction(1, 10)) == 1  # so does GLoRA's reallocation
+    assert T.scaled_steps("training.lr_warmup_steps", 1, Fraction(1, 10)) == 0 and T.scaled_steps("x", None, half) is None
 
 
 def test_trial_mode_never_creates_a_study(tiny_model, glue_dir, tmp_path):
