@@ -735,10 +735,6 @@ class AdapterHook:
     def on_optimizer_step(self, step: int) -> dict | None:
         return None
 
-    def adaptation_done(self, step: int) -> bool:
-        """Whether the ranks are final: before that, validation scores are not comparable across trials."""
-        return True
-
     def summary(self) -> dict:
         return {}
 
@@ -771,10 +767,6 @@ class AdaLoraHook(AdapterHook):
             setattr(allocator, kind, {k.removeprefix(f"{kind}/"): v.to(device) for k, v in tensors.items()
                                       if k.startswith(f"{kind}/")})
         self.model.peft_config[ADAPTER].rank_pattern = meta["rank_pattern"]
-
-    def adaptation_done(self, step: int) -> bool:
-        config = self.model.peft_config[ADAPTER]
-        return step >= config.total_step - config.tfinal
 
 
 @dataclass
@@ -831,9 +823,6 @@ class GloraHook(AdapterHook):
         if self.event is not None or step != self.warmup_steps:
             return None
         return self.reallocate(step)
-
-    def adaptation_done(self, step: int) -> bool:
-        return self.event is not None
 
     def allocation_scores(self) -> tuple[dict[str, float], list[str] | None]:
         """The scores the allocation uses, and for glo_ra.score=shuffled the permutation: matrix k gets the real EMA
