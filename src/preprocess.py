@@ -270,19 +270,32 @@ def padded_tokens(lengths, batch_size: int) -> int:
 
 
 def make_loaders(ds: DatasetDict, tokenizer, batch_size: int, eval_batch_size: int, seed: int,
-                 num_workers: int = 0, pin_memory: bool = False) -> tuple[DataLoader, dict[str, DataLoader]]:
+                 num_workers: int = 0, pin_memory: bool = False, group_by_length: bool = False
+                 ) -> tuple[DataLoader, dict[str, DataLoader]]:
     """Shuffled train loader driven by its own seeded generator, so every method sees the same data order for a
     given seed whatever its parameter initialisation consumed from the global RNG. The eval loaders get their own
     generator too: a loader without one draws a seed from the global RNG at every pass, so evaluating during
     training would shift the dropout masks of every later step. The order does not depend on `num_workers` (the
     sampler runs in this process); `pin_memory` (for a GPU) lets the batches be copied without blocking. No
     persistent workers: a persistent iterator skips the seed draw a fresh one makes from the generator at every
-    epoch, so the order of later epochs (and of a resumed run) would depend on it."""
+    epoch, so the order of later epochs (and of a resumed run) would depend on it.
+
+    `group_by_length`: transformers' LengthGroupedSampler on the same generator: a random order cut into
+    mega-batches of 50 batches, each sorted by length, so a batch pads to about its own examples' length (less
+    padding on tasks whose lengths vary, e.g. MNLI); still one order per seed and epoch."""
     collate = DataCollatorWithPadding(tokenizer)
-    ds = ds.with_format("torch")
     generator = torch.Generator().manual_seed(seed)
     workers = dict(num_workers=num_workers, pin_memory=pin_memory)
-    train = DataLoader(ds["train"], batch_size=batch_size, shuffle=True, generator=generator, collate_fn=collate,
+    if group_by_length:
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        lengths = [len(ids) for ids in ds["train"]["input_ids"]]
+        ds = ds.with_format("torch")
+        order = dict(sampler=LengthGroupedSampler(batch_size, lengths=lengths, generator=generator))
+    else:
+        ds = ds.with_format("torch")
+        order = dict(shuffle=True)
+    train = DataLoader(ds["train"], batch_size=batch_size, generator=generator, collate_fn=collate, **order,
                        **workers)
     evals = {split: DataLoader(ds[split], batch_size=eval_batch_size, shuffle=False, collate_fn=collate,
                                generator=torch.Generator().manual_seed(seed), **workers)

@@ -305,7 +305,7 @@ def truncate_history(path: Path, step: int) -> None:
     atomic_write(path, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in keep), encoding="utf-8"))
 
 
-PRECISIONS = ("fp32", "tf32", "bf16")
+PRECISIONS = ("fp32", "tf32", "bf16", "auto")
 
 
 def native_bf16_tf32(device: torch.device) -> bool:
@@ -321,12 +321,15 @@ def check_precision(precision: str, device: torch.device) -> str:
 
     fp32: IEEE float32 (always on CPUs); tf32: float32 matmuls in TensorFloat-32 on GPUs that have it (compute
     capability >= 8.0), fp32 elsewhere, CPUs included; bf16: autocast to bfloat16 (its float32 matmuls in TF32), only
-    on GPUs with native bf16, else an error. The CUDA flags are set either way, so an earlier run in the same
-    process leaves nothing behind; a CPU run touches no flag."""
+    on GPUs with native bf16, else an error; auto: bf16 where it is native, else tf32 (so fp32 on CPUs and older
+    GPUs). The CUDA flags are set either way, so an earlier run in the same process leaves nothing behind; a CPU run
+    touches no flag."""
     if precision not in PRECISIONS:
         raise TrainingError(f"hardware.precision={precision!r}: one of {list(PRECISIONS)}")
     native = native_bf16_tf32(device)
     rocm_bf16 = device.type == "cuda" and torch.version.hip is not None  # every ROCm GPU torch runs on has bf16
+    if precision == "auto":
+        precision = "bf16" if native or rocm_bf16 else "tf32"
     if precision == "bf16" and not (native or rocm_bf16):
         what = (f"{torch.cuda.get_device_name(device)}, compute capability "
                 f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}" if device.type == "cuda" else "a CPU")
@@ -849,6 +852,7 @@ class RunSetup:
     total_steps: int
     schedule: dict                  # {key: {"given", "steps"}} of the schedule keys set
     model: torch.nn.Module
+    forward: Callable               # the training forward: the model, or hardware.compile's compiled model
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     hook: M.AdapterHook
@@ -875,7 +879,8 @@ def set_up_run(cfg, run_dir: Path, run_name: str, tuning: bool, sweep_job: int |
     data = P.tokenize(data, tokenizer, d.max_length)
     tokenize_s = time.perf_counter() - tokenize_tic
     train_loader, eval_loaders = P.make_loaders(data, tokenizer, d.batch_size, d.eval_batch_size, cfg.seed,
-                                                d.num_workers, pin_memory=device.type == "cuda")
+                                                d.num_workers, pin_memory=device.type == "cuda",
+                                                group_by_length=d.group_by_length)
 
     # the run's length, which relative schedule values ("20%", "1 epoch") resolve against
     t = cfg.training
@@ -894,6 +899,7 @@ def set_up_run(cfg, run_dir: Path, run_name: str, tuning: bool, sweep_job: int |
     dist.barrier()
 
     model = build_model(cfg, base, total_steps, device)
+    forward = compiled(model) if cfg.hardware.get("compile") else model
     # EVA's data pass (timed as training) or, on resume, its saved result: before the optimizer sees the parameters
     init_file = run_dir / "eva_init.safetensors"
     saved_init, init_info = (read_init(init_file) if resuming and init_file.exists() else (None, {}))
@@ -926,7 +932,7 @@ def set_up_run(cfg, run_dir: Path, run_name: str, tuning: bool, sweep_job: int |
         device=device, precision=precision, autocast=autocast, task=task, spec=spec, data=data, available=available,
         pools=pools, tokenizer=tokenizer, stored_dtype=stored, tokenize_s=tokenize_s, train_loader=train_loader,
         eval_loaders=eval_loaders, n_batches=n_batches, per_epoch=per_epoch, total_steps=total_steps,
-        schedule=schedule, model=model, optimizer=optimizer, scheduler=scheduler, hook=hook, checkpoints=checkpoints,
+        schedule=schedule, model=model, forward=forward, optimizer=optimizer, scheduler=scheduler, hook=hook, checkpoints=checkpoints,
         init_info=init_info, initial_ranks=M.current_ranks(model))
     log_start(run)
     return run
@@ -967,6 +973,21 @@ def check_budget_resolved(cfg, base, total_steps: int, schedule: dict) -> None:
         relative = [f"{k}={v['given']!r} -> {v['steps']} steps" for k, v in schedule.items()
                     if not isinstance(v["given"], int)]
         raise M.ModelError(f"{e}{' (resolved: ' + '; '.join(relative) + ')' if relative else ''}") from None
+
+
+def compiled(model: torch.nn.Module):
+    """hardware.compile: torch.compile of the training forward (and so its backward), with dynamic shapes (batches
+    are padded to their longest example). GLoRA's rebuild swaps the adapter's modules, which recompiles once;
+    evaluation runs eager. The model itself is what checkpoints, the hooks and the optimizer see."""
+    return torch.compile(model, dynamic=True)
+
+
+def compile_record() -> dict:
+    """What torch.compile did in this process (dynamo's counters): graphs compiled (GLoRA's rebuild adds the
+    recompiled ones) and graph breaks."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": int(counters["stats"]["unique_graphs"]), "graph_breaks": int(sum(counters["graph_break"].values()))}
 
 
 def build_model(cfg, base, total_steps: int, device: torch.device) -> torch.nn.Module:
@@ -1058,6 +1079,8 @@ def finish_run(run: RunSetup, recorder: Recorder, summary: dict) -> None:
         summary["processes"] = dist.world
         # what was compared across the processes and found identical, and how often
         summary["cross_process_checks"] = dict(sorted(dist.checks.items()))
+    if run.forward is not run.model:
+        summary["compile"] = compile_record()
     if dist.main and run.hook.summary().get("realloc_step") is not None:
         write_json_atomic(run.run_dir / "rank_allocation.json", run.hook.event)
     if dist.main and not run.tuning:
@@ -1406,7 +1429,7 @@ def _loop(run: RunSetup, recorder: Recorder, on_eval=None, state: LoopState | No
                 break
             part, share = dist.shard(batch)
             clock.count(part)
-            running_loss += forward_backward(model, part, device, autocast, accum, share)
+            running_loss += forward_backward(run.forward, part, device, autocast, accum, share)
             st.running_n += 1
             st.batches_done = i + 1
             if (i + 1) % accum and i + 1 != n_batches:

@@ -175,6 +175,7 @@ def test_precision_on_a_cpu_is_fp32_and_touches_no_cuda_flag(cuda_flags):
     with pytest.raises(T.TrainingError, match="'fp16'"):
         T.check_precision("fp16", cpu)
     assert T.environment(cpu, 1, "fp32")["precision"] == "fp32"
+    assert T.check_precision("auto", cpu) == "fp32" and torch.backends.cuda.matmul.fp32_precision == before
 
 
 def test_tf32_and_bf16_follow_the_chosen_gpus_compute_capability(monkeypatch, cuda_flags):
@@ -189,6 +190,9 @@ def test_tf32_and_bf16_follow_the_chosen_gpus_compute_capability(monkeypatch, cu
     assert T.check_precision("tf32", gpu1) == "fp32" and torch.backends.cuda.matmul.fp32_precision == "ieee"
     with pytest.raises(T.TrainingError, match=r"bf16 needs .* Fake GPU, compute capability 7\.0"):
         T.check_precision("bf16", gpu1)
+    assert T.check_precision("auto", gpu1) == "fp32"  # the DeBERTa configs' auto on a V100: no bf16, no TF32
+    fake_gpus(monkeypatch, capability=(9, 0))  # H100/H200: auto is bf16
+    assert T.check_precision("auto", gpu1) == "bf16" and torch.backends.cuda.matmul.fp32_precision == "tf32"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -269,7 +273,7 @@ def test_the_device_is_set_before_any_cuda_work(monkeypatch, cuda_flags):
     monkeypatch.setattr(torch.cuda, "manual_seed", lambda s: calls.append(("manual_seed", s)))
     cfg = compose_run(RUNS["LoRA"][0], "mode=trial")
     device, precision = T.setup_process(cfg, T.Dist(), sweep_job=4)
-    assert device == torch.device("cuda", 1) and precision == "tf32"  # the shipped DeBERTa configs: tf32
+    assert device == torch.device("cuda", 1) and precision == "bf16"  # the DeBERTa configs: auto -> bf16 (8.0)
     assert calls == [("set_device", torch.device("cuda", 1)), ("manual_seed", cfg.seed)]
 
 
@@ -371,6 +375,31 @@ def test_loader_workers_and_pinned_memory_do_not_change_the_data_order(glue_dir,
         assert order(pin_memory=True) == order()
 
 
+def test_length_grouped_batches_pad_less_and_keep_one_order_per_seed_and_epoch(glue_dir, tiny_model):
+    """dataset.group_by_length: every example once an epoch, one order per (seed, epoch) whatever the loader
+    workers (so a resumed run replays it), another order in the next epoch, and less padding than a random order."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ds = P.tokenize(P.load_glue("mnli", str(glue_dir), "unused"), tok, 64)
+
+    def epochs(**kwargs):
+        loader = P.make_loaders(ds, tok, 8, 8, 3, **kwargs)[0]
+        out = []
+        for epoch in range(2):
+            loader.generator.manual_seed(T.epoch_seed(3, epoch))
+            out.append([(b["idx"].tolist(), b["input_ids"].numel()) for b in loader])
+        return out
+
+    grouped = epochs(group_by_length=True)
+    assert grouped == epochs(group_by_length=True, num_workers=2)
+    for epoch in grouped:
+        assert sorted(i for ids, _ in epoch for i in ids) == list(range(len(ds["train"])))
+    assert [ids for ids, _ in grouped[0]] != [ids for ids, _ in grouped[1]]
+    padded = {name: sum(n for _, n in run[0]) for name, run in (("grouped", grouped), ("random", epochs()))}
+    assert padded["grouped"] < padded["random"], padded
+
+
 def test_data_parallel_shards_of_a_pinned_batch_stay_pinned_and_contiguous(monkeypatch):
     batch = {"input_ids": torch.arange(12).view(6, 2), "labels": torch.arange(6)}
     monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: True)
@@ -446,3 +475,39 @@ def test_accelerate_mixed_precision_is_refused_unless_the_config_agrees(monkeypa
     else:
         with pytest.raises(main.ConfigError, match=f"--mixed_precision {launcher} is not applied.*precision=fp32"):
             main.prepare(cfg)
+
+
+@pytest.mark.slow  # torch.compile's first compile takes tens of seconds on a CPU
+def test_hardware_compile_matches_eager_and_recompiles_once_at_the_rebuild(tiny_model, glue_dir, tmp_path):
+    """hardware.compile=true: the same run as eager within 1e-6 on the CPU (no dropout: compiled code draws other
+    masks), GLoRA's rebuild inside it; GLoRA's run compiles at most twice LoRA's graphs (one recompile)."""
+    from tests.conftest import run_cli
+
+    folder = tmp_path / "no-dropout"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update({k: 0.0 for k in config if k.endswith("dropout_prob") or k.endswith("dropout")})
+    (folder / "config.json").write_text(json.dumps(config))
+    summaries = {}
+    for method, run_id, extra in (("LoRA", "comparative-2-DeBERTa-v3-base-86M--GLUE-RTE", []),
+                                  ("GLoRA", "proposed-DeBERTa-v3-base-86M--GLUE-RTE",
+                                   ["glo_ra.total_rank_budget=60", "glo_ra.warmup_steps=3"])):
+        for compiled in (False, True):
+            out = tmp_path / f"{method}-{compiled}"
+            proc = run_cli(f"run={run_id}", "mode=full", "wandb.mode=disabled", "optuna.n_trials=0",
+                           "hardware.device=cpu", f"model.backbone={folder}", f"dataset.data_dir={glue_dir}",
+                           f"results_dir={out}", "training.epochs=1", "dataset.batch_size=8",
+                           "training.lr_warmup_steps=0", "model.peft.lora_dropout=0.0", "training.eval_every_steps=4",
+                           f"hardware.compile={str(compiled).lower()}", *extra, timeout=900)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            summaries[method, compiled] = json.loads((out / run_id / "summary.json").read_text())
+    for method in ("LoRA", "GLoRA"):
+        eager, comp = summaries[method, False], summaries[method, True]
+        assert "compile" not in eager and comp["compile"]["graphs"] >= 1
+        assert comp["loss"] == pytest.approx(eager["loss"], abs=1e-6)
+        assert comp["final_ranks"] == eager["final_ranks"]
+        w_eager = load_file(tmp_path / f"{method}-False" / eager["run_id"] / "adapter" / "adapter_model.safetensors")
+        w_comp = load_file(tmp_path / f"{method}-True" / comp["run_id"] / "adapter" / "adapter_model.safetensors")
+        assert all(torch.allclose(w_eager[k], w_comp[k], atol=1e-6, rtol=0) for k in w_eager)
+    assert summaries["GLoRA", True]["realloc_step"] == 3
+    assert summaries["GLoRA", True]["compile"]["graphs"] <= 2 * summaries["LoRA", True]["compile"]["graphs"]
