@@ -459,23 +459,23 @@ def tune(cfg: DictConfig, run_dir: Path, name: str, pruner=None, sweep_job: int 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     else:
         log.info("optuna: study already has %d finished trials; training with its best parameters", before)
-    ran = False
     while True:
         by_state = Counter(t.state for t in study.get_trials(deepcopy=False))
         done, running, waiting = (sum(by_state[s] for s in done_states), by_state[TrialState.RUNNING],
                                   by_state[TrialState.WAITING])
         if done >= n:
             break
-        if (not ran and done + running < n) or waiting:  # waiting: a killed trial re-queued with its values
-            # a trial whose drawn values the method cannot run (an infeasible budget) fails alone, not the study
-            study.optimize(objective, n_trials=max(n - done - running, waiting), gc_after_trial=True,
+        # trials this process started that failed (values the method cannot run, or a study another worker filled)
+        failed_here = sum(t.number in started_here and t.state == TrialState.FAIL for t in study.trials)
+        if (done + running < n or waiting) and failed_here < n:  # waiting: a killed trial re-queued, its values kept
+            # a trial whose drawn values the method cannot run (an infeasible budget) fails alone, not the study; a
+            # killed trial failed by the heartbeat when this one starts takes its place, so go round until done
+            study.optimize(objective, n_trials=max(n - done - running, waiting, 1), gc_after_trial=True,
                            catch=(StudyFull, M.ModelError), callbacks=[MaxTrialsCallback(n, states=done_states)])
-            ran = True
         elif running:  # another worker's trial, or a killed one that the heartbeat will fail and re-queue
             optuna.storages.fail_stale_trials(study)
             time.sleep(POLL_S)
-            ran = True
-        else:  # the rest failed (ModelError): the study is what it is
+        else:  # as many trials failed here as the study has: the study is what it is
             break
     if launch_rank() == 0:  # every worker of a launch sees the same finished study; one writes its record
         write_study_record(study, study_dir)

@@ -281,10 +281,13 @@ def test_a_grid_that_cannot_be_covered_exactly_is_refused(tiny_model, glue_dir, 
         main.prepare(cfg)
 
 
-@pytest.mark.slow  # waits for Optuna's heartbeat grace period (2 minutes); -m slow
-def test_a_killed_grid_trial_is_retried_with_its_own_values(tiny_model, glue_dir, tmp_path):
+@pytest.mark.slow  # each re-run trains its trials in full (the stale case about 2.5 min, the fresh one longer)
+@pytest.mark.parametrize("stale", [False, True])
+def test_a_killed_grid_trial_is_retried_with_its_own_values(tiny_model, glue_dir, tmp_path, stale):
     """A trial killed mid-run is failed by the heartbeat and re-queued with its cell's values: the re-run covers
-    the grid exactly (a failed cell is not taken as visited)."""
+    the grid exactly (a failed cell is not taken as visited). Killed a moment ago (slow: the re-run waits out the
+    heartbeat's 2-minute grace period after its other trial) or long ago (its heartbeat backdated: it is failed and
+    re-queued as the re-run starts its first trial, which must not end the study one cell short)."""
     args = [sys.executable, "-u", "-m", "src.main", f"run={LORA}", "mode=full", "wandb.mode=disabled",
             f"model.backbone={tiny_model}", f"dataset.data_dir={glue_dir}", f"results_dir={tmp_path}",
             "training.epochs=30", "training.lr_warmup_steps=0", "dataset.batch_size=8", "optuna.n_trials=2",
@@ -303,6 +306,11 @@ def test_a_killed_grid_trial_is_retried_with_its_own_values(tiny_model, glue_dir
     proc.wait()
     killed = optuna.load_study(study_name=LORA, storage=storage).trials
     assert [t.state for t in killed] == [optuna.trial.TrialState.RUNNING]
+    if stale:
+        import sqlite3
+
+        with sqlite3.connect(tmp_path / "optuna" / LORA / "study.db") as db:
+            db.execute("UPDATE trial_heartbeats SET heartbeat = '2000-01-01 00:00:00'")
     done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     trials = optuna.load_study(study_name=LORA, storage=storage).trials
