@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
+import os
+import shutil
+import tempfile
 import math
 import time
 from dataclasses import dataclass
@@ -250,6 +254,54 @@ def tokenize(ds: DatasetDict, tokenizer, max_length: int) -> DatasetDict:
     drop = [c for c in ("text_a", "text_b") if c in ds["train"].column_names]
     out = ds.map(encode, batched=True, remove_columns=drop, desc="tokenize")
     return out.rename_column("label", "labels")
+
+
+TOKENIZED_FORMAT = 1  # bump when tokenize() changes what it writes: older cache entries are then not read
+
+
+def tokenized_key(ds: DatasetDict, tokenizer, max_length: int) -> str:
+    """The tokenised splits' cache key: every split's content (its datasets fingerprint, which hashes the rows and
+    every subsampling step), the tokenizer (its full serialisation, taken before its first call, which sets
+    truncation state) and max_length."""
+    from datasets.fingerprint import Hasher
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    tok = backend.to_str() if backend is not None else Hasher.hash(tokenizer)
+    h = hashlib.sha256(f"v{TOKENIZED_FORMAT}|{type(tokenizer).__name__}|{max_length}|".encode())
+    h.update(tok.encode())
+    for split in sorted(ds):
+        h.update(f"|{split}:{ds[split]._fingerprint}:{len(ds[split])}".encode())
+    return h.hexdigest()[:32]
+
+
+def tokenize_cached(ds: DatasetDict, tokenizer, max_length: int, cache_dir: str | Path | None,
+                    write: bool = True) -> tuple[DatasetDict, str]:
+    """tokenize(), read from `{cache_dir}/tokenized/{key}/` when an earlier run (a trial, another seed, another
+    process) wrote it. `write`: tokenise and store it when absent (to a temp folder renamed into place, so a reader
+    never sees half of one and concurrent writers keep one); False: read only, tokenising here when absent (a
+    data-parallel process that is not the writer, after the writer). Returns the splits and 'read', 'written' or
+    'tokenized' (no cache_dir)."""
+    if cache_dir is None:
+        return tokenize(ds, tokenizer, max_length), "tokenized"
+    from datasets import load_from_disk
+
+    folder = Path(cache_dir) / "tokenized" / tokenized_key(ds, tokenizer, max_length)
+    if (folder / "dataset_dict.json").exists():
+        return load_from_disk(str(folder)), "read"
+    out = tokenize(ds, tokenizer, max_length)
+    if not write:
+        return out, "tokenized"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        out.save_to_disk(str(tmp))
+        os.rename(tmp, folder)
+    except OSError:  # another process renamed its copy first: keep that one
+        if not (folder / "dataset_dict.json").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return load_from_disk(str(folder)), "written"
 
 
 def sample_lengths(ds: Dataset, tokenizer, max_length: int, n: int = 1024, seed: int = 0) -> tuple[np.ndarray, float]:

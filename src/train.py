@@ -845,6 +845,7 @@ class RunSetup:
     tokenizer: object
     stored_dtype: str | None        # the backbone's on disk (it is loaded in float32)
     tokenize_s: float
+    tokenized: str                  # the tokenised splits were 'read' from the cache, 'written' to it or 'tokenized'
     train_loader: torch.utils.data.DataLoader
     eval_loaders: dict
     n_batches: int                  # micro-batches per epoch
@@ -876,7 +877,14 @@ def set_up_run(cfg, run_dir: Path, run_name: str, tuning: bool, sweep_job: int |
     tokenizer, base = M.load_backbone(cfg.model.backbone, spec.num_labels, cfg.model.cache_dir)
     stored = backbone_stored_dtype(cfg, precision)
     tokenize_tic = time.perf_counter()
-    data = P.tokenize(data, tokenizer, d.max_length)
+    # tokenised once per (splits, tokenizer, max_length) and cached: a data-parallel launch's main process writes
+    # it while the others wait, then they read it
+    cache = d.cache_dir if d.get("tokenized_cache", True) else None
+    if dist.main:
+        data, tokenized = P.tokenize_cached(data, tokenizer, d.max_length, cache)
+    dist.barrier()
+    if not dist.main:
+        data, tokenized = P.tokenize_cached(data, tokenizer, d.max_length, cache, write=False)
     tokenize_s = time.perf_counter() - tokenize_tic
     train_loader, eval_loaders = P.make_loaders(data, tokenizer, d.batch_size, d.eval_batch_size, cfg.seed,
                                                 d.num_workers, pin_memory=device.type == "cuda",
@@ -930,7 +938,8 @@ def set_up_run(cfg, run_dir: Path, run_name: str, tuning: bool, sweep_job: int |
     run = RunSetup(
         cfg=cfg, given=given, run_dir=run_dir, run_name=run_name, tuning=tuning, resuming=bool(resuming), dist=dist,
         device=device, precision=precision, autocast=autocast, task=task, spec=spec, data=data, available=available,
-        pools=pools, tokenizer=tokenizer, stored_dtype=stored, tokenize_s=tokenize_s, train_loader=train_loader,
+        pools=pools, tokenizer=tokenizer, stored_dtype=stored, tokenize_s=tokenize_s, tokenized=tokenized,
+        train_loader=train_loader,
         eval_loaders=eval_loaders, n_batches=n_batches, per_epoch=per_epoch, total_steps=total_steps,
         schedule=schedule, model=model, forward=forward, optimizer=optimizer, scheduler=scheduler, hook=hook, checkpoints=checkpoints,
         init_info=init_info, initial_ranks=M.current_ranks(model))
@@ -1051,6 +1060,7 @@ def run_record(run: RunSetup, final_ranks: dict[str, int], env: dict, extra_summ
         epochs=cfg.training.epochs, **M.parameter_counts(run.model), rank_budget_total=sum(final_ranks.values()),
         rank_budget_initial=sum(run.initial_ranks.values()), final_ranks=final_ranks, variant=cfg.get("variant"),
         **run.hook.summary(), **run.init_info, environment=env, backbone_stored_dtype=run.stored_dtype,
+        tokenized={"source": run.tokenized, "seconds": run.tokenize_s},
         **(extra_summary or {}))
 
 

@@ -188,3 +188,17 @@ def test_resume_false_moves_the_old_run_aside(tiny_model, glue_dir, tmp_path):
     aside = list(tmp_path.glob(f"{run_id}.old-*"))
     assert len(aside) == 1 and (aside[0] / "summary.json").read_text() == first
     assert "moved aside" in proc.stdout + proc.stderr and (tmp_path / run_id / "summary.json").exists()
+
+
+def test_a_second_run_reads_the_tokenised_splits_the_first_wrote(tiny_model, glue_dir, tmp_path):
+    run_id = "comparative-2-DeBERTa-v3-base-86M--GLUE-RTE"
+    summaries = {}
+    for name, extra in (("first", []), ("second", ["seed=7"]), ("uncached", ["seed=7", "dataset.tokenized_cache=false"])):
+        proc = run_cli(f"run={run_id}", "mode=trial", f"model.backbone={tiny_model}", f"dataset.data_dir={glue_dir}",
+                       f"results_dir={tmp_path / name}", f"dataset.cache_dir={tmp_path / 'cache'}", *extra)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        folder = tmp_path / name / (run_id if not extra else f"{run_id}-seed7")
+        summaries[name] = json.loads((folder / "summary.json").read_text())
+    assert [summaries[n]["tokenized"]["source"] for n in summaries] == ["written", "read", "tokenized"]
+    assert summaries["second"]["loss"] == summaries["uncached"]["loss"]
+    assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == 1

@@ -223,3 +223,27 @@ def test_bundled_glue_files_are_the_official_ones():
         assert hashlib.sha256((root / name).read_bytes()).hexdigest() == digest, name
         assert digest in (root / "SOURCES.md").read_text(), name
     assert (root / "MRPC" / "Microsoft Shared Source License.htm").exists()
+
+
+def test_tokenised_splits_are_cached_by_content_tokenizer_and_length(glue_dir, tiny_model, tmp_path):
+    """The first call tokenises and writes, the next reads the same rows back; other rows (a subsample), another
+    max_length or no cache folder make their own; a reader that may not write tokenises itself."""
+    from transformers import AutoTokenizer
+
+    def fresh():  # a run loads its tokenizer fresh; calling it sets truncation state that the key must not see
+        return AutoTokenizer.from_pretrained(tiny_model)
+
+    raw = P.load_glue("rte", str(glue_dir), "unused")
+    first, how = P.tokenize_cached(raw, fresh(), 32, tmp_path)
+    assert how == "written" and len(list((tmp_path / "tokenized").iterdir())) == 1
+    again, how = P.tokenize_cached(P.load_glue("rte", str(glue_dir), "unused"), fresh(), 32, tmp_path)
+    assert how == "read"
+    plain = P.tokenize(raw, fresh(), 32)
+    for split in plain:
+        assert again[split].to_dict() == plain[split].to_dict() == first[split].to_dict()
+    sub = P.DatasetDict({**raw, "train": P.subsample(raw["train"], 10)})
+    assert P.tokenize_cached(sub, fresh(), 32, tmp_path)[1] == "written"
+    assert P.tokenize_cached(raw, fresh(), 16, tmp_path, write=False)[1] == "tokenized"
+    assert P.tokenize_cached(raw, fresh(), 16, tmp_path)[1] == "written"
+    assert len(list((tmp_path / "tokenized").iterdir())) == 3
+    assert P.tokenize_cached(raw, fresh(), 32, None)[1] == "tokenized"
