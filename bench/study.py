@@ -77,6 +77,11 @@ def parse_args(argv=None):
     p.add_argument("--no-train", action="store_true", help="evaluate and tabulate the finished runs only")
     p.add_argument("--gpus", default="auto", help="parallel runs, one per GPU: 'auto' (every visible GPU when the "
                                                   "runs are not on the CPU), a number, or 0 (one at a time)")
+    p.add_argument("--runs-per-gpu", type=int, default=1,
+                   help="runs that share one GPU at a time (each its own process and log): a DeBERTa-base run with "
+                        "LoRA leaves most of an 80-140 GiB GPU's memory and much of its compute idle (bench/"
+                        "gpu_check.py gives a run's peak memory); seeds of one config that start together are "
+                        "workers of its one Optuna study")
     p.add_argument("--csv", default=None, help="per-run table (default: {results_dir}/study-{backbone}.csv)")
     p.add_argument("--timing", action="store_true",
                    help="after training, per task the interleaved timer H3 is judged from (bench/overhead.py "
@@ -376,7 +381,10 @@ def train(runs: list[Run], args) -> list[str]:
         return []
     cached = {r.rid: json.loads(p.read_text()).get("forecast_full_run_s")
               for r in todo if (p := Path(args.results_dir) / ".plan" / r.rid / "summary.json").exists()}
-    workers = gpu_count(args, runs)
+    gpus = gpu_count(args, runs)
+    if args.runs_per_gpu < 1:
+        sys.exit("bench/study.py: --runs-per-gpu must be 1 or more")
+    workers = gpus * args.runs_per_gpu
     progress = Progress(runs, cached, workers)
     pending: queue.Queue = queue.Queue()
     for r in todo:
@@ -411,8 +419,8 @@ def train(runs: list[Run], args) -> list[str]:
             else:
                 progress.finished(r, time.perf_counter() - start)
 
-    gpus = visible_gpus(workers) if workers else [None]
-    threads = [threading.Thread(target=worker, args=(g,)) for g in gpus]
+    slots = [g for g in visible_gpus(gpus) for _ in range(args.runs_per_gpu)] if gpus else [None]
+    threads = [threading.Thread(target=worker, args=(g,)) for g in slots]
     for t in threads:
         t.start()
     for t in threads:

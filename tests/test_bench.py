@@ -255,6 +255,34 @@ def test_study_runs_one_run_per_gpu(tmp_path, monkeypatch):
     assert bench.visible_gpus(2) == ["4", "6"]
 
 
+def test_study_packs_runs_per_gpu(tmp_path, monkeypatch):
+    """--gpus 2 --runs-per-gpu 3: six runs at once, three on each GPU, every run trained once."""
+    import threading
+
+    bench = load_study_bench()
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    lock, barrier, seen = threading.Lock(), threading.Barrier(6, timeout=30), []
+
+    def fake_run(cmd, cwd=None, env=None, stdout=None, stderr=None, **kw):
+        folder = Path(next(a for a in cmd if a.startswith("results_dir=")).split("=", 1)[1])
+        seed = int(next(a for a in cmd if a.startswith("seed=")).split("=", 1)[1])
+        rid = next(a for a in cmd if a.startswith("run=")).split("=", 1)[1]
+        with lock:
+            seen.append(env["CUDA_VISIBLE_DEVICES"])
+        barrier.wait()  # the six first runs are all running at once, else this times out
+        out = bench.run_folder(folder, rid, seed)
+        out.mkdir(parents=True)
+        (out / "summary.json").write_text("{}")
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    args = bench.parse_args(["--results-dir", str(tmp_path), "--tasks", "SST-2", "--methods", "comparative-2",
+                             "proposed", "--seeds", "1", "2", "3", "--gpus", "2", "--runs-per-gpu", "3",
+                             "--set", "hardware.device=cuda"])
+    assert bench.train(bench.matrix(args), args) == []
+    assert sorted(seen) == ["0", "0", "0", "1", "1", "1"]
+
+
 
 def fake_study(bench, monkeypatch, decided_at: int | None, fail_seed: int | None = None):
     """train: writes each run's summary.json (seed `fail_seed`'s runs fail); evaluate: every primary verdict
