@@ -142,7 +142,8 @@ def main_(argv=None) -> int:
     ap.add_argument("--runs", nargs="+", default=RUNS, help="run ids (one per method; default: the DeBERTa SST-2 ones)")
     ap.add_argument("--backbone", help="model.backbone (hub id or save_pretrained folder); default: the run config's")
     ap.add_argument("--device", default="auto", help="hardware.device (auto | cpu | cuda | cuda:N)")
-    ap.add_argument("--precisions", nargs="+", default=list(T.PRECISIONS), choices=T.PRECISIONS)
+    ap.add_argument("--precisions", nargs="+", default=[x for x in T.PRECISIONS if x != "auto"],
+                    choices=T.PRECISIONS)
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps per row (the first is not timed)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run")
     args = ap.parse_args(argv)

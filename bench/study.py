@@ -324,7 +324,8 @@ def gpu_count(args, runs: list[Run]) -> int:
     if devices <= {"cpu"} or any(o == "hardware.device=cpu" for o in args.set):
         return 0
     import torch  # only here: a CPU study never needs CUDA initialised in this process
-    return torch.cuda.device_count() if torch.cuda.device_count() > 1 else 0
+    n = torch.cuda.device_count()
+    return n if n > 1 or (n == 1 and args.runs_per_gpu > 1) else 0
 
 
 def visible_gpus(n: int) -> list[str]:

@@ -96,7 +96,8 @@ def prepare(cfg: DictConfig) -> DictConfig:
     if cfg.wandb.mode == "online":
         check_wandb_reachable()
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")  # `accelerate launch --mixed_precision X` sets it
-    if launcher not in ("no", cfg.hardware.precision):  # no Accelerator is built: the config decides, so say so
+    agree = ("no", cfg.hardware.precision) + (("bf16",) if cfg.hardware.precision == "auto" else ())
+    if launcher not in agree:  # no Accelerator is built: the config decides, so say so
         raise ConfigError(f"accelerate launch --mixed_precision {launcher} is not applied here: precision comes from "
                           f"the config (hardware.precision={cfg.hardware.precision}); pass hardware.precision=bf16 "
                           f"(or fp32/tf32) on the command line and drop --mixed_precision, or make them agree")
@@ -459,6 +460,7 @@ def tune(cfg: DictConfig, run_dir: Path, name: str, pruner=None, sweep_job: int 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     else:
         log.info("optuna: study already has %d finished trials; training with its best parameters", before)
+    o_grid = cfg.optuna.sampler.type == "grid"
     while True:
         by_state = Counter(t.state for t in study.get_trials(deepcopy=False))
         done, running, waiting = (sum(by_state[s] for s in done_states), by_state[TrialState.RUNNING],
@@ -467,7 +469,8 @@ def tune(cfg: DictConfig, run_dir: Path, name: str, pruner=None, sweep_job: int 
             break
         # trials this process started that failed (values the method cannot run, or a study another worker filled)
         failed_here = sum(t.number in started_here and t.state == TrialState.FAIL for t in study.trials)
-        if (done + running < n or waiting) and failed_here < n:  # waiting: a killed trial re-queued, its values kept
+        exhausted = o_grid and not waiting and study.sampler.is_exhausted(study)  # every cell tried (a FAIL too)
+        if (done + running < n or waiting) and failed_here < n and not exhausted:  # waiting: a killed trial, re-queued
             # a trial whose drawn values the method cannot run (an infeasible budget) fails alone, not the study; a
             # killed trial failed by the heartbeat when this one starts takes its place, so go round until done
             study.optimize(objective, n_trials=max(n - done - running, waiting, 1), gc_after_trial=True,

@@ -272,6 +272,7 @@ def open_run_dir(cfg, run_dir: Path, can_resume: bool = True) -> bool:
 
 
 RESUME_MAY_DIFFER = ("resume", "wandb.")
+CONFIG_YAML = Path(__file__).resolve().parent.parent / "config" / "config.yaml"
 
 
 def check_same_config(cfg, saved_path: Path) -> None:
@@ -284,8 +285,11 @@ def check_same_config(cfg, saved_path: Path) -> None:
 
     saved = flat(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)) if saved_path.exists() else {}
     now = flat(OmegaConf.to_container(cfg, resolve=True))
+    # a setting added to config.yaml after the checkpoint was written, left at its default, changes nothing
+    defaults = flat(OmegaConf.to_container(OmegaConf.load(CONFIG_YAML)))
+    added = {k for k in now if k not in saved and k in defaults and now[k] == defaults[k]}
     diff = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
-            if saved.get(k) != now.get(k) and not k.startswith(RESUME_MAY_DIFFER)]
+            if saved.get(k) != now.get(k) and not k.startswith(RESUME_MAY_DIFFER) and k not in added]
     if diff:
         raise CheckpointError(f"{saved_path.parent} holds a checkpoint of a different config ({'; '.join(diff[:5])}"
                               f"{' ...' if len(diff) > 5 else ''}); pass resume=false to start over")
@@ -539,18 +543,36 @@ def resolve_schedules(cfg, total_steps: int, steps_per_epoch: int, share: Fracti
     `share` (an Optuna trial's budget): every value is resolved against the whole run, then scaled to the trial's
     length, so that the trial is the run compressed: its warm-ups, reallocation and phases at the same points."""
     resolved = copy.deepcopy(cfg)
+    given = {key: OmegaConf.select(cfg, key, default=None) for key in SCHEDULE_KEYS
+             if OmegaConf.select(cfg, key.split(".")[0]) is not None}  # not a method section this run lacks
+    steps = {key: schedule_steps(key, value, total_steps, steps_per_epoch) for key, value in given.items()}
+    if share is not None:
+        steps = compress_schedule(steps, total_steps, share)
     record = {}
-    for key in SCHEDULE_KEYS:
-        value = OmegaConf.select(cfg, key, default=None)
-        if OmegaConf.select(cfg, key.split(".")[0]) is None:
-            continue  # a method section this run does not have
-        steps = schedule_steps(key, value, total_steps, steps_per_epoch)
-        if share is not None:
-            steps = scaled_steps(key, steps, share)
-        OmegaConf.update(resolved, key, steps, merge=False)
+    for key, value in given.items():
+        OmegaConf.update(resolved, key, steps[key], merge=False)
         if value is not None and (not key.startswith("optuna.") or share is not None):
-            record[key] = {"given": value, "steps": steps}
+            record[key] = {"given": value, "steps": steps[key]}
     return resolved, record
+
+
+def compress_schedule(steps: dict[str, int | None], total: int, share: Fraction) -> dict[str, int | None]:
+    """A run's schedule (in steps) at `share` of its length: every value scaled (scaled_steps), with the orderings
+    the methods need kept where the run had them, which separate rounding could break: GLoRA's reallocation before
+    the trial's last step, and AdaLoRA's final phase scaled by where it starts (total - final_steps) rather than by
+    its length, its budgeting phase at least a step long."""
+    out = {key: scaled_steps(key, value, share) for key, value in steps.items()}
+    trial = trial_steps(total, share)
+    warm = steps.get("glo_ra.warmup_steps")
+    if warm is not None and 1 <= warm < total:
+        out["glo_ra.warmup_steps"] = max(1, min(out["glo_ra.warmup_steps"], trial - 1))
+    final, start = steps.get("adalora.final_steps"), steps.get("adalora.adaptation_start_step")
+    if final is not None:
+        boundary = scaled_steps("adalora.final_steps", total - final, share)  # where the final phase starts
+        out["adalora.final_steps"] = max(0, trial - boundary)
+        if start is not None and start < total - final:
+            out["adalora.adaptation_start_step"] = max(0, min(out["adalora.adaptation_start_step"], boundary - 1))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -900,6 +922,8 @@ def set_up_run(cfg, run_dir: Path, run_name: str, tuning: bool, sweep_job: int |
     cfg, schedule = resolve_schedules(given, total_steps, per_epoch, share)
     if share is not None:  # the trial's budget: the run compressed to this share of its optimizer steps
         total_steps = trial_steps(total_steps, share)
+    if dist.world > 1 and cfg.optuna.get("best_params") is not None:  # each process read the study on its own
+        dist.check_same("Optuna's best values", OmegaConf.to_container(cfg.optuna.best_params), 0)
     t = cfg.training
     check_budget_resolved(cfg, base, total_steps, schedule)
     # only now: bad input leaves results untouched; the main process owns the folder

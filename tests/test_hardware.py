@@ -462,18 +462,21 @@ def test_gpu_check_reports_a_rows_first_fault_and_goes_on(tiny_model, capsys):
     assert rows["LoRA", "fp32"][6] == rows["GLoRA", "fp32"][6] == "ok"
 
 
-@pytest.mark.parametrize("launcher, ok", [("no", True), ("fp32", True), ("bf16", False), ("fp16", False)])
-def test_accelerate_mixed_precision_is_refused_unless_the_config_agrees(monkeypatch, tmp_path, launcher, ok):
+@pytest.mark.parametrize("launcher, precision, ok", [("no", "fp32", True), ("fp32", "fp32", True),
+                                                     ("bf16", "fp32", False), ("fp16", "fp32", False),
+                                                     ("bf16", "auto", True), ("fp16", "auto", False)])
+def test_accelerate_mixed_precision_is_refused_unless_the_config_agrees(monkeypatch, tmp_path, launcher, precision,
+                                                                        ok):
     """No Accelerator is built, so `accelerate launch --mixed_precision X` would be silently ignored: it must agree
-    with hardware.precision or the run stops before anything loads, naming both."""
+    with hardware.precision (auto: bf16 where native) or the run stops before anything loads, naming both."""
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
     cfg = compose_run("comparative-2-DeBERTa-v3-base-86M--GLUE-SST-2", "mode=trial", f"results_dir={tmp_path}",
-                      "hardware.precision=fp32", "model.backbone=/nonexistent-not-reached")
+                      f"hardware.precision={precision}", "model.backbone=/nonexistent-not-reached")
     if ok:
         with pytest.raises(M.ModelError, match="nonexistent"):  # past the check, stopped by the model folder's
             main.prepare(cfg)
     else:
-        with pytest.raises(main.ConfigError, match=f"--mixed_precision {launcher} is not applied.*precision=fp32"):
+        with pytest.raises(main.ConfigError, match=f"--mixed_precision {launcher} is not applied.*precision={precision}"):
             main.prepare(cfg)
 
 

@@ -144,3 +144,19 @@ def test_evaluating_during_training_does_not_change_training(tiny_model, glue_di
         assert summary["evaluations"] >= (2 if every == "2" else 1)
         finals.append(summary["loss"])
     assert finals[0] == finals[1]
+
+
+def test_a_setting_added_later_at_its_default_does_not_block_a_resume(tmp_path):
+    """A checkpoint written before config.yaml gained a key (e.g. hardware.compile) resumes when the key is at its
+    default; set to anything else, it is a different config."""
+    from omegaconf import OmegaConf
+
+    from src import train as T
+
+    now = OmegaConf.create({"training": {"learning_rate": 1e-3}, "hardware": {"compile": False},
+                            "dataset": {"group_by_length": False, "tokenized_cache": True}})
+    OmegaConf.save(OmegaConf.create({"training": {"learning_rate": 1e-3}}), tmp_path / "config.yaml")
+    T.check_same_config(now, tmp_path / "config.yaml")
+    now.hardware.compile = True
+    with pytest.raises(T.CheckpointError, match=r"hardware.compile: None -> True"):
+        T.check_same_config(now, tmp_path / "config.yaml")

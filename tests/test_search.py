@@ -148,6 +148,25 @@ def test_a_trial_is_the_run_compressed_to_its_budget(tiny_model, glue_dir, tmp_p
     assert len(lrs) == 8 and lrs[-1] == 0.0 and max(lrs) == pytest.approx(1e-3)
 
 
+def test_a_compressed_schedule_keeps_the_orders_the_methods_need():
+    """Rounded one by one, a valid run's values could give an invalid trial (the review's cases): GLoRA's warm-up 9
+    of 10 at half is 5 of 5; AdaLoRA's tinit 3, tfinal 5 of 9 at half are 2 and 3 of 5 (2 + 3 = 5: no budgeting)."""
+    from fractions import Fraction
+
+    from src import train as T
+
+    half = Fraction(1, 2)
+    assert T.compress_schedule({"glo_ra.warmup_steps": 9}, 10, half) == {"glo_ra.warmup_steps": 4}
+    ada = T.compress_schedule({"adalora.adaptation_start_step": 3, "adalora.final_steps": 5}, 9, half)
+    assert ada == {"adalora.adaptation_start_step": 1, "adalora.final_steps": 3}  # budgeting: step 2 of 5
+    assert ada["adalora.adaptation_start_step"] < T.trial_steps(9, half) - ada["adalora.final_steps"]
+    # where nothing collides, each value is its own share
+    assert T.compress_schedule({"glo_ra.warmup_steps": 100, "training.lr_warmup_steps": 30}, 400, half) == {
+        "glo_ra.warmup_steps": 50, "training.lr_warmup_steps": 15}
+    assert T.compress_schedule({"adalora.adaptation_start_step": 100, "adalora.final_steps": 100}, 400, half) == {
+        "adalora.adaptation_start_step": 50, "adalora.final_steps": 50}
+
+
 def test_trial_budget_and_scaled_steps():
     from fractions import Fraction
 
@@ -319,3 +338,17 @@ def test_a_killed_grid_trial_is_retried_with_its_own_values(tiny_model, glue_dir
     assert [t.number for t in trials if t.state == optuna.trial.TrialState.FAIL] == [0]
     summary = json.loads((tmp_path / LORA / "summary.json").read_text())
     assert summary["tuning"]["n_trials"] == 2 and summary["tuning"]["trials_run_here"] == 2
+
+
+def test_a_grid_cell_the_method_cannot_run_fails_once_and_is_not_replaced_by_a_repeat(tiny_model, glue_dir,
+                                                                                     tmp_path):
+    """An infeasible cell (a rank budget the tiny model cannot hold) fails alone; the study then has every cell
+    tried and stops with one complete trial, instead of re-running the feasible cell to make up the count."""
+    cfg = tiny_full_cfg(GLORA, tiny_model, glue_dir, tmp_path, "glo_ra.warmup_steps=1", "dataset.batch_size=16",
+                        "optuna.sampler.type=grid", "optuna.pruner.type=none", "~optuna.search_space",
+                        "+optuna.search_space={total_rank_budget:{type:categorical,choices:[40,100000]}}")
+    result = main.tune(cfg, tmp_path / "run", "study")
+    study = optuna.load_study(study_name=cfg.run_id, storage=f"sqlite:///{main.study_dir_of(cfg) / 'study.db'}")
+    assert sorted((t.state.name, t.params["total_rank_budget"]) for t in study.trials) == [
+        ("COMPLETE", 40), ("FAIL", 100000)]
+    assert result["best_params"] == {"total_rank_budget": 40}
