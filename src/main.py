@@ -474,7 +474,9 @@ def tune(cfg: DictConfig, run_dir: Path, name: str, pruner=None, sweep_job: int 
             # a trial whose drawn values the method cannot run (an infeasible budget) fails alone, not the study; a
             # killed trial failed by the heartbeat when this one starts takes its place, so go round until done
             study.optimize(objective, n_trials=max(n - done - running, waiting, 1), gc_after_trial=True,
-                           catch=(StudyFull, M.ModelError), callbacks=[MaxTrialsCallback(n, states=done_states)])
+                           catch=(StudyFull, M.ModelError),
+                           # no new trial while others' running ones would fill the study (a worker of a launch)
+                           callbacks=[MaxTrialsCallback(n, states=(*done_states, TrialState.RUNNING))])
         elif running:  # another worker's trial, or a killed one that the heartbeat will fail and re-queue
             optuna.storages.fail_stale_trials(study)
             time.sleep(POLL_S)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import math
 import os
 import shutil
+import sys
 import tempfile
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -338,6 +339,8 @@ def make_loaders(ds: DatasetDict, tokenizer, batch_size: int, eval_batch_size: i
     collate = DataCollatorWithPadding(tokenizer)
     generator = torch.Generator().manual_seed(seed)
     workers = dict(num_workers=num_workers, pin_memory=pin_memory)
+    if num_workers and sys.platform == "linux":  # Linux's default, named: a joblib (loky) sweep job replaces the
+        workers["multiprocessing_context"] = "fork"  # default context with one that cannot start loader processes
     if group_by_length:
         from transformers.trainer_pt_utils import LengthGroupedSampler
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -56,7 +57,9 @@ def launch(launcher: str, argv: list[str], timeout: int = 300) -> subprocess.Com
     """Two processes on the CPU (gloo), as the README's data-parallel lines start them. accelerate's --cpu flag
     starts one process unless MPI is set up; --multi_gpu starts torch.distributed.run's processes, and
     hardware.device=cpu makes them use gloo on the CPU."""
-    port = str(29500 + os.getpid() % 1000 + (0 if launcher == "accelerate" else 500))
+    with socket.socket() as probe:  # a free port: parallel test workers must not share one
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
     head = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port]
             if launcher == "accelerate" else
@@ -65,8 +68,8 @@ def launch(launcher: str, argv: list[str], timeout: int = 300) -> subprocess.Com
                           timeout=timeout)
 
 
-@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) for m in ("LoRA", "AdaLoRA")]
-                         + ["GLoRA", "EVA"])
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) for m in ("LoRA", "AdaLoRA", "EVA")]
+                         + ["GLoRA"])
 def test_two_processes_match_one(no_dropout_model, glue_dir, tmp_path, method):
     run_id, extra = RUNS[method]
     tiny_model = no_dropout_model
@@ -175,7 +178,7 @@ def test_rank_mismatch_between_processes_is_an_error():
         assert got[rank] == "ranks differ between processes at optimizer step 4 (process 1 vs 0)"
 
 
-@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
+@pytest.mark.parametrize("launcher", ["accelerate", pytest.param("torchrun", marks=pytest.mark.slow)])
 def test_the_readme_data_parallel_commands_tune_then_train(tiny_model, glue_dir, tmp_path, launcher):
     """The README's data-parallel lines with the run config's own Optuna study (n_trials > 0): each process is a
     worker of the one study, running whole trials alone; once the study has its trials both train the final run
@@ -193,8 +196,9 @@ def test_the_readme_data_parallel_commands_tune_then_train(tiny_model, glue_dir,
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads((tmp_path / run_id / "summary.json").read_text())
     trials = json.loads((tmp_path / "optuna" / run_id / "trials.json").read_text())
-    assert [t["state"] for t in trials] == ["COMPLETE", "COMPLETE"]
-    best = max(trials, key=lambda t: t["value"])
+    # (a trial that finds the study filled by the other worker's would be recorded as failed: not counted)
+    assert [t["state"] for t in trials].count("COMPLETE") == 2
+    best = max((t for t in trials if t["state"] == "COMPLETE"), key=lambda t: t["value"])
     assert summary["processes"] == 2 and summary["tuning"]["n_trials"] == 2
     assert summary["tuning"]["values"] == best["params"] == summary["best_params"]
     # half the run's steps on the tuning split's 57 examples (8 a run, 8 an epoch there): 4, GLoRA's warm-up at 1
@@ -209,4 +213,4 @@ def test_the_readme_data_parallel_commands_tune_then_train(tiny_model, glue_dir,
     assert second.returncode == 0, second.stderr[-3000:]
     again = json.loads((tmp_path / f"{run_id}-seed7" / "summary.json").read_text())
     assert again["tuning"]["trials_run_here"] == 0 and again["tuning"]["values"] == best["params"]
-    assert len(json.loads((tmp_path / "optuna" / run_id / "trials.json").read_text())) == 2
+    assert json.loads((tmp_path / "optuna" / run_id / "trials.json").read_text()) == trials
