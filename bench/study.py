@@ -698,9 +698,12 @@ def until_decided(args) -> tuple[list[Run], list[str], dict | None]:
         done, agg = evaluate(runs, args, look_overrides(seeds, args))
         print(look_line(seeds, agg, args), flush=True)
         primary = primary_verdicts(agg)
-        if not primary or all(e["status"] in DECIDED for e in primary) or len(seeds) >= args.max_seeds:
+        # "not testable" is settled too: its reason (AdaLoRA's gain shown <= 0, incomparable step times) does not go
+        # away with more seeds, so waiting for it would only run the study to --max-seeds
+        settled = all(e["status"] in DECIDED or e["status"] == "not testable" for e in primary)
+        if not primary or settled or len(seeds) >= args.max_seeds:
             why = ("no primary verdict (no task has the hypotheses' groups)" if not primary else
-                   "every primary verdict is decided" if all(e["status"] in DECIDED for e in primary) else
+                   "every primary verdict is decided or not testable" if settled else
                    f"--max-seeds {args.max_seeds} reached")
             print(f"[study] the looks stop at n = {len(seeds)}: {why}", flush=True)
             return done, failed, agg

@@ -2823,7 +2823,7 @@ def verdict_line(e: dict) -> str:
     needed = e.get("seeds_needed") or {}
     status = f"**{e['status']}**" + (f" ({e['reason']})" if e["reason"] else "") + (
         f"; {e['detail']}" if e.get("detail") else "") + (
-        "" if e["status"] == "not testable" or not needed else
+        "" if e["status"] in ("not testable", "supported", "contradicted") or not needed else
         f"; {needed.get('unit', 'seeds')} to decide at this level (prospective: power {needed['power']:g}, if the "
         f"{needed['assumes']}): "
         + (str(needed["n"]) if needed["n"] is not None else needed["reason"])) + (

@@ -284,7 +284,8 @@ def test_study_packs_runs_per_gpu(tmp_path, monkeypatch):
 
 
 
-def fake_study(bench, monkeypatch, decided_at: int | None, fail_seed: int | None = None):
+def fake_study(bench, monkeypatch, decided_at: int | None, fail_seed: int | None = None,
+               h4: str = "contradicted"):
     """train: writes each run's summary.json (seed `fail_seed`'s runs fail); evaluate: every primary verdict
     undecided before n = decided_at seeds, then decided. Returns (seeds trained, looks evaluated: their arguments)."""
     trained, looks = [], []
@@ -304,7 +305,7 @@ def fake_study(bench, monkeypatch, decided_at: int | None, fail_seed: int | None
         status = "supported" if decided_at and n >= decided_at else "undecided"
         seq = {"alpha_this_look": 0.01, "alpha_spent": 0.02, "alpha": 0.05}
         return runs, {"hypotheses": [{"id": h, "task": "GLUE average", "status": s, "primary": True,
-                                      "sequential": seq} for h, s in (("H1", status), ("H4", "contradicted"))]
+                                      "sequential": seq} for h, s in (("H1", status), ("H4", h4))]
                                     + [{"id": "H1", "task": "sst2", "status": "undecided", "primary": False}]}
 
     monkeypatch.setattr(bench, "train", train)
@@ -327,7 +328,7 @@ def test_until_decided_adds_seeds_until_every_primary_verdict_is_decided_and_res
     assert "[study] look 1 of at most 6: n = 5 seeds (42..46), intervals at 99% (α this look 0.01, spent 0.02 of " \
            "0.05): H1 undecided, H4 contradicted" in out
     assert "look 3 of at most 6: n = 7 seeds (42..48)" in out and "H1 supported, H4 contradicted" in out
-    assert "the looks stop at n = 7: every primary verdict is decided" in out
+    assert "the looks stop at n = 7: every primary verdict is decided or not testable" in out
 
     trained.clear(), looks.clear()  # re-run: nothing to train, the three looks recomputed from the finished seeds
     assert len(bench.until_decided(bench.parse_args(argv))[0]) == 28
@@ -449,3 +450,15 @@ def test_plan_forecasts_the_tune_phase_once_per_config(tmp_path):
     runs.append(bench.Run("comparative-2", "SST-2", 42, other, "lora", tmp_path / other))
     assert bench.tune_phase(runs, args) == {rid: (1, 3, 60.0)}
     assert bench.study_trials(tmp_path, other) == 0
+
+
+def test_until_decided_counts_a_not_testable_verdict_as_settled(tmp_path, monkeypatch, capsys):
+    """A primary verdict that is not testable (e.g. AdaLoRA's gain shown <= 0) does not keep the study adding
+    seeds to --max-seeds: the looks stop once the others are decided; while one is undecided they go on."""
+    bench = load_study_bench()
+    argv = ["--results-dir", str(tmp_path), "--tasks", "SST-2", "--methods", "comparative-2", "proposed",
+            "--seeds", "42", "43", "44", "--until-decided", "--max-seeds", "8"]
+    trained, looks = fake_study(bench, monkeypatch, decided_at=4, h4="not testable")
+    bench.until_decided(bench.parse_args(argv))
+    assert len(looks) == 2  # n = 3 (H1 undecided), n = 4 (H1 supported, H4 not testable): stop
+    assert "the looks stop at n = 4: every primary verdict is decided or not testable" in capsys.readouterr().out
