@@ -30,6 +30,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import queue
 import statistics
@@ -40,6 +41,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,6 +77,10 @@ def parse_args(argv=None):
     p.add_argument("--plan", action="store_true", help="list the runs, which are done, and forecast the rest; "
                                                        "train nothing")
     p.add_argument("--no-train", action="store_true", help="evaluate and tabulate the finished runs only")
+    p.add_argument("--gpu-check", default=None, metavar="FILE",
+                   help="with --plan: forecast in GPU-hours from bench/gpu_check.py's measured rates (its --out "
+                        "JSON) instead of trial runs on this machine; --gpus N: the node's GPUs (auto: visible, "
+                        "else 1)")
     p.add_argument("--gpus", default="auto", help="parallel runs, one per GPU: 'auto' (every visible GPU when the "
                                                   "runs are not on the CPU), a number, or 0 (one at a time)")
     p.add_argument("--runs-per-gpu", type=int, default=1,
@@ -262,20 +268,45 @@ def study_trials(results_dir: str | Path, rid: str) -> int:
 
 def tune_phase(runs: list[Run], args) -> dict[str, tuple[int, int, float | None]]:
     """rid -> (trials finished, trials planned, forecast of one trial) for every config that tunes (optuna.n_trials
-    > 0 with mode=full): its study runs once, in the first seed that trains it, and every later seed reuses it."""
+    > 0 with mode=full, as its run config and --set give it): its study runs once, in the first seed that trains it,
+    and every later seed reuses it. The forecast comes from the config's trial run, when one ran."""
     out = {}
-    for rid in dict.fromkeys(r.rid for r in runs):
-        summary = Path(args.results_dir) / ".plan" / rid / "summary.json"
-        planned = json.loads(summary.read_text()).get("forecast_n_trials", 0) if summary.exists() else 0
+    for r in {r.rid: r for r in runs}.values():
+        planned = int(next((o.split("=", 1)[1] for o in reversed(args.set) if o.startswith("optuna.n_trials=")),
+                           None) or config_of(r, args).optuna.n_trials or 0)
+        summary = Path(args.results_dir) / ".plan" / r.rid / "summary.json"
         if planned:
-            out[rid] = (study_trials(args.results_dir, rid), planned,
-                        json.loads(summary.read_text()).get("forecast_trial_s"))
+            out[r.rid] = (study_trials(args.results_dir, r.rid), planned,
+                          json.loads(summary.read_text()).get("forecast_trial_s") if summary.exists() else None)
     return out
 
 
+def config_of(run: Run, args):
+    """A run's config (its run config over config.yaml, unresolved) with the --set overrides that reach it."""
+    cfg = run_config(run.method, suffix=f"{args.backbone}--GLUE-{run.task}")
+    for o in args.set:
+        if applies(o, run.kind):
+            key, value = o.split("=", 1)
+            OmegaConf.update(cfg, key, OmegaConf.create({"v": value}).v if value else None, merge=True)
+    return cfg
+
+
 def plan(runs: list[Run], args) -> float:
-    """Print every run with its state and the forecast of what is left; returns the seconds left (forecast)."""
-    forecasts = {r.rid: forecast(r, args) for r in {r.rid: r for r in runs}.values()}
+    """Print every run with its state and the forecast of what is left; returns the seconds left (forecast). With
+    --gpu-check: the GPU forecast from its rates instead of trial runs here."""
+    if args.gpu_check:
+        rates = json.loads(Path(args.gpu_check).read_text())
+        return print_gpu_forecast(runs, args, rates, gpus=forecast_gpus(args))
+    forecasts, failed = {}, {}
+    for r in {r.rid: r for r in runs}.values():
+        if r.task in failed:  # its data and backbone are those that failed: say so once, not once per config
+            forecasts[r.rid] = None
+            continue
+        forecasts[r.rid] = forecast(r, args)
+        if forecasts[r.rid] is None:
+            failed[r.task] = r.rid
+            print(f"[study] no trial runs for {r.task}'s other configs (the same data and backbone); "
+                  f"bench/gpu_check.py's rates forecast without them: --gpu-check FILE", flush=True)
     left, scaled, unknown = 0.0, 0.0, []
     ratios = overrun(runs, forecasts)
     tuning = tune_phase(runs, args)
@@ -312,6 +343,134 @@ def plan(runs: list[Run], args) -> float:
         print(f"finished runs' train + evaluation time over their forecast, median per task (runs): {per_task}; "
               f"scaled by its task's ratio (all tasks' where it has none), what is left takes about {hms(scaled)}")
     return left
+
+
+def phase_shares(kind: str, cfg, total: int) -> dict[str, float]:
+    """The share of a run's `total` optimizer steps in each cost regime bench/gpu_check.py times (cfg's schedules
+    resolved to steps): GLoRA's warm-up (scores kept) and after it; AdaLoRA's budgeting (importance every step,
+    masks every mask_interval) and its final phase at fixed ranks; one phase otherwise."""
+    if kind == "glora":
+        warm = min(total, cfg.glo_ra.warmup_steps)
+        return {"warm-up": warm / total, "after": 1 - warm / total}
+    if kind == "adalora":
+        final = min(total, cfg.adalora.final_steps)
+        return {"budgeting": 1 - final / total, "final": final / total}
+    return {"train": 1.0}
+
+
+def forecast_gpus(args) -> int:
+    """The GPUs a GPU forecast spreads the runs over: --gpus N, else the visible ones, else 1."""
+    if args.gpus != "auto":
+        return max(1, int(args.gpus))
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def gpu_run_seconds(run: Run, args, rates: dict, tuning: bool) -> tuple[float | None, dict | str]:
+    """One run's (tuning: one Optuna trial's) forecast seconds on the gpu_check's device, and its shape; or None and
+    why not. Steps and evaluations from the config and the task's split sizes, padded tokens per step from the
+    task's length sample, seconds per padded token per phase from the method's timed steps, weighted by the
+    run's share of steps in each phase."""
+    from src import train as T
+
+    task, method = rates.get("tasks", {}).get(run.task), rates.get("methods", {}).get(run.kind)
+    if task is None:
+        return None, f"no sizes or lengths of {run.task} (bench/gpu_check.py --tasks ... {run.task})"
+    if method is None:
+        return None, f"no {run.kind} rates (bench/gpu_check.py --runs ... with the {run.kind} config)"
+    cfg = config_of(run, args)
+    train_lengths, eval_lengths = (np.array(task[k]) for k in ("train_lengths", "eval_lengths"))
+    n_eval = {k: v for k, v in task["sizes"].items() if k != "train"}
+    shape = T.run_shape(cfg, task["sizes"]["train"], n_eval, tuning, train_lengths, eval_lengths)
+    d, t = cfg.dataset, cfg.training
+    train = min(task["sizes"]["train"], d.max_train_samples or task["sizes"]["train"])
+    per_epoch = math.ceil(T.batches_per_epoch(math.ceil(train / d.batch_size), t) / t.gradient_accumulation_steps)
+    full = T.run_shape(cfg, task["sizes"]["train"], n_eval)  # a trial's phases are the run's, compressed
+    resolved, _ = T.resolve_schedules(cfg, full.total_steps, per_epoch)
+    shares = phase_shares(run.kind, resolved, full.total_steps)
+    missing = [p for p in shares if p not in method["phases"]]
+    if missing:
+        return None, f"no {run.kind} rate for its {', '.join(missing)} phase"
+    step_rate = sum(share * method["phases"][p]["step_s_per_token"] for p, share in shares.items())
+    setup = rates.get("load_s", 0.0) + method.get("init_s", 0.0) + (method.get("reallocation_s") or 0.0)
+    seconds = T.forecast_seconds(shape, {"step_s_per_token": step_rate, "eval_s_per_token": method["eval_s_per_token"],
+                                         "tokenize_s_per_example": task["tokenize_s_per_example"]}, setup)
+    return seconds, {"steps": shape.total_steps, "evaluations": shape.evaluations, "step_tokens": shape.step_tokens}
+
+
+def schedule_node(jobs: list[tuple[str, float, str | None]], slots: int) -> float:
+    """Wall seconds of jobs (name, seconds, the job it must follow or None) on `slots` GPUs, greedily in the given
+    order, each job on the first GPU free once what it follows has finished."""
+    free, done = [0.0] * max(1, slots), {}
+    for name, seconds, after in jobs:
+        i = min(range(len(free)), key=free.__getitem__)
+        start = max(free[i], done.get(after, 0.0))
+        free[i] = done[name] = start + seconds
+    return max(free)
+
+
+def print_gpu_forecast(runs: list[Run], args, rates: dict, gpus: int) -> float:
+    """The study's tune phase and seeds in GPU-hours on the gpu_check's device, what is left only; returns its
+    GPU-seconds. The trials of a config's study run one after another in its first seed's process, then that seed
+    trains; its other seeds start after it (an upper bound twice over: pruning aside, every trial runs to its budget,
+    and seeds that start while the study runs would be its workers)."""
+    env = rates.get("environment", {})
+    noun = "GPU" if env.get("device") == "cuda" else env.get("device", "device").upper()  # a CPU check: CPU-hours
+    unit = f"{noun}-hours"
+    precisions = sorted({m.get("precision", "?") for m in rates.get("methods", {}).values()})
+    print(f"forecast from {args.gpu_check}: {env.get('device_name', '?')} ({rates.get('backbone')}, torch "
+          f"{env.get('torch')}, {'/'.join(precisions)}); rates measured on {rates.get('checked_task')}'s batches, "
+          f"other tasks per padded token")
+    for name, t in rates.get("tasks", {}).items():
+        if name in args.tasks and not t["source"].startswith("files"):
+            print(f"  {name}: sizes from the official split table, lengths from {t['source']}")
+    tuning = tune_phase(runs, args)
+    total, jobs, unknown, tune_left, counted = 0.0, [], [], {}, {"trials": 0, "runs": 0}
+    if tuning:
+        print(f"\n{'tune (one study per config, shared by its seeds)':<58} {'trials':>9} {'steps/trial':>11} "
+              f"{unit:>10}")
+    for rid, (finished, planned, _) in tuning.items():
+        run = next(r for r in runs if r.rid == rid)
+        per_trial, shape = gpu_run_seconds(run, args, rates, tuning=True)
+        if per_trial is None:
+            unknown.append(f"{rid} tuning: {shape}")
+            print(f"{rid:<58} {finished:>4}/{planned:<4} {'-':>11} {'-':>10}")
+            continue
+        rest = (planned - finished) * per_trial
+        total += rest
+        tune_left[rid] = rest
+        counted["trials"] += planned - finished
+        print(f"{rid:<58} {finished:>4}/{planned:<4} {shape['steps']:>11} {rest / 3600:>10.2f}")
+    print(f"\n{'run':<58} {'seed':>5} {'state':<10} {'steps':>8} {unit:>10}")
+    for r in runs:
+        state, _ = r.state()
+        seconds, shape = gpu_run_seconds(r, args, rates, tuning=False)
+        if seconds is None:
+            unknown.append(f"{r.rid}: {shape}")
+        elif state != "done":
+            total += seconds
+            counted["runs"] += 1
+            if r.rid in tune_left and not any(name == f"tune {r.rid}" for name, *_ in jobs):
+                # the config's first seed left runs its study, then trains: its later seeds follow it
+                jobs.append((f"tune {r.rid}", tune_left[r.rid] + seconds, None))
+            else:
+                jobs.append((r.folder.name, seconds, f"tune {r.rid}" if r.rid in tune_left else None))
+        print(f"{r.rid:<58} {r.seed:>5} {state:<10} {shape['steps'] if seconds else '-':>8} "
+              f"{'-' if seconds is None else f'{seconds / 3600:.2f}':>10}")
+    wall = schedule_node(jobs, gpus)
+    trials = sum(p - f for f, p, _ in tuning.values())
+    left = sum(r.state()[0] != "done" for r in runs)
+    print(f"\nwhat is left: {trials} tuning trials and {left} runs; the {counted['trials']} trials and "
+          f"{counted['runs']} runs with rates: {total / 3600:.1f} {unit}, on {gpus} {noun}{'s' if gpus > 1 else ''} "
+          f"of this kind about {wall / 3600:.1f} h wall (a study's trials one after another, then its seeds; "
+          f"pruning aside)")
+    if args.runs_per_gpu > 1:
+        print(f"--runs-per-gpu {args.runs_per_gpu}: no gain from sharing a GPU is assumed (gpu_check does not "
+              f"measure one); each run's peak memory is in its table")
+    if unknown:
+        print(f"no forecast for {len(unknown)}: " + "; ".join(unknown[:4]) + (" ..." if len(unknown) > 4 else ""))
+    return total
 
 
 def gpu_count(args, runs: list[Run]) -> int:

@@ -1527,7 +1527,8 @@ def sequential_lines(agg: dict) -> list[str]:
             f"(first look at {look['first_look']}, at most {look['max_seeds']}; t = {look['information_fraction']:.2f})"
             f"; {SPENDING_NAMES[look['spending']]}: α spent by this look {look['alpha_spent']:.4g} of "
             f"{look['alpha']:g}, so this look's intervals are at {100 * (1 - look['alpha_this_look']):.4g}% (per task "
-            f"÷ its tasks) and a one-sided p reads against {look['alpha_this_look'] / 2:.4g}, not α/2.", "",
+            f"÷ its tasks) and a one-sided p reads against {look['alpha_this_look'] / 2:.4g} (per task ÷ its tasks too: "
+            f"each verdict's rule_p_max), not α/2.", "",
             SEQUENTIAL_RULE, ""]
 
 

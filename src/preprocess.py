@@ -87,6 +87,17 @@ TASKS: dict[str, TaskSpec] = {
                      ("0", "1"), _DEV, "accuracy"),
 }
 HUB_EVAL_SPLITS = {"validation": "validation", "validation_mm": "validation_mismatched"}
+# Rows of the official GLUE splits (train.tsv and each dev file, as read_glue_tsv reads them; the hub's nyu-mll/glue has
+# the same): what a forecast takes for a task whose files are not at hand. tests/test_data.py checks the tasks whose
+# official files this repository can reach against them.
+GLUE_SIZES: dict[str, dict[str, int]] = {
+    "cola": {"train": 8551, "validation": 1043}, "sst2": {"train": 67349, "validation": 872},
+    "mrpc": {"train": 3668, "validation": 408}, "qqp": {"train": 363846, "validation": 40430},
+    "stsb": {"train": 5749, "validation": 1500},
+    "mnli": {"train": 392702, "validation": 9815, "validation_mm": 9832},
+    "qnli": {"train": 104743, "validation": 5463}, "rte": {"train": 2490, "validation": 277},
+    "wnli": {"train": 635, "validation": 71},
+}
 
 
 def task_spec(dataset_name: str) -> tuple[str, TaskSpec]:

@@ -445,11 +445,14 @@ def test_plan_forecasts_the_tune_phase_once_per_config(tmp_path):
     (tmp_path / "optuna" / rid).mkdir(parents=True)
     study = optuna.create_study(study_name=rid, storage=f"sqlite:///{tmp_path / 'optuna' / rid / 'study.db'}")
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
-    args = argparse.Namespace(results_dir=str(tmp_path))
-    runs = [bench.Run("proposed-long", "SST-2", s, rid, "lora", tmp_path / f"{rid}-seed{s}") for s in (42, 43)]
+    args = argparse.Namespace(results_dir=str(tmp_path), set=[], backbone="MiniLM-L6-22M")
+    runs = [bench.Run("proposed-long", "SST-2", s, rid, "glora", tmp_path / f"{rid}-seed{s}") for s in (42, 43)]
     runs.append(bench.Run("comparative-2", "SST-2", 42, other, "lora", tmp_path / other))
-    assert bench.tune_phase(runs, args) == {rid: (1, 3, 60.0)}
+    assert bench.tune_phase(runs, args) == {rid: (1, 2, 60.0)}  # the config's n_trials: 2, not a trial run's
     assert bench.study_trials(tmp_path, other) == 0
+    # --set reaches every config (no trial run needed to know it): the demo config then tunes too, unforecast
+    args.set = ["optuna.n_trials=3"]
+    assert bench.tune_phase(runs, args) == {rid: (1, 3, 60.0), other: (0, 3, None)}
 
 
 def test_until_decided_counts_a_not_testable_verdict_as_settled(tmp_path, monkeypatch, capsys):
@@ -462,3 +465,85 @@ def test_until_decided_counts_a_not_testable_verdict_as_settled(tmp_path, monkey
     bench.until_decided(bench.parse_args(argv))
     assert len(looks) == 2  # n = 3 (H1 undecided), n = 4 (H1 supported, H4 not testable): stop
     assert "the looks stop at n = 4: every primary verdict is decided or not testable" in capsys.readouterr().out
+
+
+def deberta_rates(length: int = 100) -> dict:
+    """gpu_check rates built by hand: every token length `length` (so a batch pads to it), known per-token costs."""
+    tasks = {name: {"source": "files", "sizes": dict(sizes), "train_lengths": [length] * 50,
+                    "eval_lengths": [length] * 50, "tokenize_s_per_example": 1e-4}
+             for name, sizes in (("MNLI", {"train": 392702, "validation": 9815, "validation_mm": 9832}),
+                                 ("SST-2", {"train": 67349, "validation": 872}),
+                                 ("RTE", {"train": 2490, "validation": 277}))}
+
+    def method(phases, **extra):
+        return {"precision": "bf16", "phases": {p: {"step_s_per_token": r} for p, r in phases.items()},
+                "eval_s_per_token": 1e-7, "init_s": 0.0, "reallocation_s": None, **extra}
+
+    return {"environment": {"device": "cuda", "device_name": "GPU X", "torch": "2"}, "backbone": "deberta",
+            "load_s": 10.0,
+            "checked_task": "MNLI", "tasks": tasks,
+            "methods": {"lora": method({"train": 1e-6}), "adalora": method({"budgeting": 3e-6, "final": 1.5e-6}),
+                        "glora": method({"warm-up": 2e-6, "after": 1e-6}, reallocation_s=5.0),
+                        "eva": method({"train": 1e-6}, init_s=30.0)}}
+
+
+def test_gpu_forecast_of_a_run_on_known_rates():
+    """Seconds = set-up + tokenising + steps x padded tokens x the phase-weighted rate + evaluations x eval tokens x
+    rate, with the MNLI configs' own schedule: 3 epochs of ceil(392,702 / 32) = 12,272 steps, one evaluation an
+    epoch, GLoRA's warm-up and AdaLoRA's final phase one epoch each (a third of the steps)."""
+    bench = load_study_bench()
+    args = bench.parse_args(["--backbone", "DeBERTa-v3-base-86M", "--tasks", "MNLI", "--seeds", "1",
+                             "--methods", "comparative-2", "comparative-1", "proposed", "comparative-3"])
+    runs = {r.kind: r for r in bench.matrix(args)}
+    rates = deberta_rates()
+    tokens, evals = 392702 + 9815 + 9832, 3 * (9815 + 9832) * 100 * 1e-7
+    steps = 36816 * 32 * 100
+    want = {"lora": 10 + tokens * 1e-4 + steps * 1e-6 + evals,
+            "adalora": 10 + tokens * 1e-4 + steps * (2 / 3 * 3e-6 + 1 / 3 * 1.5e-6) + evals,
+            "glora": 10 + 5 + tokens * 1e-4 + steps * (1 / 3 * 2e-6 + 2 / 3 * 1e-6) + evals,
+            "eva": 10 + 30 + tokens * 1e-4 + steps * 1e-6 + evals}
+    for kind, run in runs.items():
+        seconds, shape = bench.gpu_run_seconds(run, args, rates, tuning=False)
+        assert seconds == pytest.approx(want[kind], rel=1e-12), kind
+        assert (shape["steps"], shape["evaluations"], shape["step_tokens"]) == (36816, 3, 3200)
+    # a trial: a quarter of the run on the training split less its 10% held out (353,431 examples, 11,045 steps an
+    # epoch), its evaluations on the held-out split, at the same phase-weighted rate
+    seconds, shape = bench.gpu_run_seconds(runs["lora"], args, rates, tuning=True)
+    from src import train as T
+    from fractions import Fraction
+
+    assert shape["steps"] == T.trial_steps(3 * 11045, Fraction(1, 4))
+    held = 392702 - 353431
+    trial_evals = shape["evaluations"] * held * 100 * 1e-7
+    assert seconds == pytest.approx(10 + (353431 + held) * 1e-4 + shape["steps"] * 3200 * 1e-6 + trial_evals,
+                                    rel=1e-12)
+    missing = {**rates, "methods": {k: v for k, v in rates["methods"].items() if k != "eva"}}
+    assert bench.gpu_run_seconds(runs["eva"], args, missing, tuning=False)[0] is None
+
+
+def test_the_node_schedule_puts_each_job_on_the_first_free_gpu_after_what_it_follows():
+    bench = load_study_bench()
+    jobs = [("tune a", 10.0, None), ("b", 3.0, None), ("a2", 5.0, "tune a"), ("c", 4.0, None)]
+    # 2 GPUs: tune a [0, 10] | b [0, 3]; a2 on GPU 2 at max(3, 10) = 10 -> 15; c on GPU 1 at 10 -> 14
+    assert bench.schedule_node(jobs, 2) == 15.0
+    assert bench.schedule_node(jobs, 1) == 22.0 and bench.schedule_node(jobs, 8) == 15.0
+
+
+def test_plan_with_a_gpu_check_prints_the_tune_and_seed_phases_in_gpu_hours(tmp_path, capsys):
+    """The issue's command with --gpu-check: no trial run here, one tune row per config (25 trials each), every
+    seed's run, and the total in GPU-hours."""
+    bench = load_study_bench()
+    (tmp_path / "rates.json").write_text(json.dumps(deberta_rates()))
+    code = bench.main(["--plan", "--backbone", "DeBERTa-v3-base-86M", "--tasks", "MNLI", "SST-2", "RTE",
+                       "--methods", "comparative-2", "comparative-1", "proposed", "comparative-3",
+                       "--seeds", "1", "2", "3", "4", "5", "--gpu-check", str(tmp_path / "rates.json"),
+                       "--gpus", "8", "--results-dir", str(tmp_path / "study")])
+    out = capsys.readouterr().out
+    assert code == 0 and "[study] forecasting" not in out and not (tmp_path / "study" / ".plan").exists()
+    tune_rows = re.findall(r"^(\S+--GLUE-\S+)\s+0/25\s+(\d+)\s+([\d.]+)$", out, re.M)
+    run_rows = re.findall(r"^(\S+--GLUE-\S+)\s+(\d) todo\s+(\d+)\s+([\d.]+)$", out, re.M)
+    assert len(tune_rows) == 12 and len(run_rows) == 60
+    total = float(re.search(r"what is left: 300 tuning trials and 60 runs; the 300 trials and 60 runs with rates: "
+                            r"([\d.]+) GPU-hours, on 8 GPUs", out)[1])
+    assert total == pytest.approx(sum(float(r[2]) for r in tune_rows) + sum(float(r[3]) for r in run_rows),
+                                  abs=0.1)

@@ -6,10 +6,12 @@ the CPU with torch.cuda's functions patched, exactly as a GPU node calls them.""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -424,42 +426,107 @@ def load_gpu_check():
     return module
 
 
-def table(out: str) -> dict[tuple[str, str], list[str]]:
+def table(out: str) -> dict[tuple[str, str, str], list[str]]:
     rows = {}
     for line in out.splitlines():
         parts = line.split()
-        if len(parts) > 8 and parts[0] in ("LoRA", "AdaLoRA", "GLoRA", "EVA"):
-            rows[parts[0], parts[1]] = parts[2:]
+        if len(parts) > 5 and parts[0] in ("LoRA", "AdaLoRA", "GLoRA", "EVA"):
+            rows[parts[0], parts[1], parts[2]] = parts[3:]
     return rows
 
 
+MNLI_RUNS = [f"{m}-DeBERTa-v3-base-86M--GLUE-MNLI" for m in ("comparative-2", "comparative-1", "proposed",
+                                                              "comparative-3")]
+
+
 @pytest.mark.parametrize("stored", [pytest.param("float32", marks=pytest.mark.slow), "float16"])
-def test_gpu_check_runs_every_method_on_the_cpu(stored, tiny_model, tiny_fp16, capsys):
+def test_gpu_check_tries_what_the_study_does_and_writes_its_rates(stored, tiny_model, tiny_fp16, glue_dir,
+                                                                    tmp_path, capsys):
+    """Every method on the task's own batches (MNLI's files, the run's loader), with GLoRA's reallocation inside
+    the timed window, AdaLoRA's budgeting and final phase both timed, an evaluation, a checkpoint saved and the
+    step after it retaken exactly (CPU); the rates JSON; and the study's forecast from it."""
     backbone = tiny_model if stored == "float32" else tiny_fp16
-    code = load_gpu_check().main_(["--device", "cpu", "--backbone", str(backbone), "--steps", "3",
+    out_file = tmp_path / "rates.json"
+    code = load_gpu_check().main_(["--device", "cpu", "--backbone", str(backbone), "--data-dir", str(glue_dir),
+                                   "--steps", "8", "--out", str(out_file), "--seeds", "1", "2",
                                    "--set", "adalora.total_rank_budget=48", "dataset.max_length=16"])
     out = capsys.readouterr().out
     rows = table(out)
     assert code == 0 and f"stored {stored}, loaded as float32" in out
-    for method in ("LoRA", "AdaLoRA", "GLoRA"):
-        s_step, peak, syncs, stored_col, trainable, state, status = rows[method, "fp32"][:7]
+    assert "MNLI: batches of 32 (max_length 16, group_by_length True) from files" in out
+    for method, phase in (("LoRA", "train"), ("AdaLoRA", "budgeting"), ("GLoRA", "warm-up"), ("EVA", "train")):
+        s_step, tokens, peak, syncs, stored_col, trainable, state, status = rows[method, "auto", phase][:8]
         assert float(s_step) > 0 and (peak, syncs) == ("-", "-")  # memory and syncs: GPU only
         assert (stored_col, trainable, state, status) == (stored, "float32", "float32", "ok")
-        assert rows[method, "tf32"][6:8] == ["skipped:", "cpu"] and rows[method, "bf16"][6] == "skipped:"
-    assert "reallocated at step 1" in " ".join(rows["GLoRA", "fp32"])
-    assert rows["EVA", "fp32"][3:7] == [stored, "float32", "float32", "ok"]  # its data pass ran first
-    assert "EVA pass:" in " ".join(rows["EVA", "fp32"])
+        assert "retaken step equal within 0e+00" in " ".join(rows[method, "auto", phase])  # CPU: exact
+    assert ("AdaLoRA", "auto", "final") in rows and ("GLoRA", "auto", "after") in rows
+    assert "reallocated at step 4" in " ".join(rows["GLoRA", "auto", "warm-up"])  # the middle of the window
+    assert "EVA pass:" in " ".join(rows["EVA", "auto", "train"])
+    rates = json.loads(out_file.read_text())
+    assert set(rates["methods"]) == {"lora", "adalora", "glora", "eva"}
+    glora = rates["methods"]["glora"]
+    assert glora["phases"]["warm-up"]["steps"] == 2 and glora["phases"]["after"]["steps"] == 4  # step 1, 4 apart
+    assert glora["reallocation_s"] > 0 and glora["resume"]["loss_rdiff"] == 0.0
+    assert rates["methods"]["eva"]["init_s"] > 0 and rates["methods"]["lora"]["init_s"] == 0.0
+    for name, task in rates["tasks"].items():  # sizes from the files themselves
+        key = next(k for k, spec in P.TASKS.items() if spec.folder == name)
+        assert task["source"] == "files"
+        assert task["sizes"] == {s: len(d) for s, d in P.load_glue(key, str(glue_dir), "unused").items()}
+        assert len(task["train_lengths"]) == task["sizes"]["train"] and max(task["train_lengths"]) <= 16
+    assert "data parallel: not checked (0 GPU visible" in out
+    assert "tune (one study per config" in out and "what is left: 300 tuning trials and 24 runs; the 300 trials and 24 runs with rates" in out
 
 
-def test_gpu_check_reports_a_rows_first_fault_and_goes_on(tiny_model, capsys):
-    code = load_gpu_check().main_(["--device", "cpu", "--backbone", str(tiny_model), "--steps", "3",
-                                   "--precisions", "fp32", "--set", "adalora.total_rank_budget=500",
+def test_gpu_check_reports_a_rows_first_fault_and_goes_on(tiny_model, glue_dir, tmp_path, capsys):
+    code = load_gpu_check().main_(["--device", "cpu", "--backbone", str(tiny_model), "--steps", "6",
+                                   "--data-dir", str(glue_dir), "--out", str(tmp_path / "r.json"),
+                                   "--runs", *MNLI_RUNS[:3], "--set", "adalora.total_rank_budget=500",
                                    "dataset.max_length=16"])
     rows = table(capsys.readouterr().out)
     assert code == 1
-    assert rows["AdaLoRA", "fp32"][6:8] == ["FAULT:", "ModelError:"]
-    assert "total_rank_budget=500 is infeasible" in " ".join(rows["AdaLoRA", "fp32"])
-    assert rows["LoRA", "fp32"][6] == rows["GLoRA", "fp32"][6] == "ok"
+    assert rows["AdaLoRA", "auto", "-"][7:9] == ["FAULT:", "ModelError:"]
+    assert "total_rank_budget=500 is infeasible" in " ".join(rows["AdaLoRA", "auto", "-"])
+    assert rows["LoRA", "auto", "train"][7] == rows["GLoRA", "auto", "warm-up"][7] == "ok"
+    assert set(json.loads((tmp_path / "r.json").read_text())["methods"]) == {"lora", "glora"}
+
+
+@pytest.mark.slow  # about 50 s here: the hub is asked for each task before the length model is used
+def test_gpu_check_without_the_task_files_uses_the_length_model_and_the_official_sizes(tiny_model, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """No GLUE folder and no hub: random tokens at the MNLI-like model's lengths, GLUE_SIZES, said in the output."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    gc = load_gpu_check()
+    code = gc.main_(["--device", "cpu", "--backbone", str(tiny_model), "--steps", "6", "--runs", MNLI_RUNS[0],
+                     "--tasks", "MNLI", "RTE", "--out", str(tmp_path / "r.json"), "--seeds", "1",
+                     "--study-tasks", "MNLI", "--study-methods", "comparative-2", "--set", "dataset.max_length=256"])
+    out = capsys.readouterr().out
+    rates = json.loads((tmp_path / "r.json").read_text())
+    assert code == 0 and "from length model (median 38, p95 85 tokens)" in out
+    for name, key in (("MNLI", "mnli"), ("RTE", "rte")):
+        assert rates["tasks"][name]["sizes"] == P.GLUE_SIZES[key] and rates["tasks"][name]["source"].startswith(
+            "length model")
+    # MNLI's 3 epochs at batch 32: ceil(392,702 / 32) = 12,272 steps an epoch
+    assert re.search(r"comparative-2-DeBERTa-v3-base-86M--GLUE-MNLI\s+1 todo\s+36816 ", out)
+
+
+def test_the_length_model_has_its_stated_quantiles():
+    gc = load_gpu_check()
+    lengths = gc.model_lengths(20000, 512)
+    assert abs(np.median(lengths) - gc.LENGTH_MODEL["median"]) <= 1
+    assert abs(np.percentile(lengths, 95) - gc.LENGTH_MODEL["p95"]) <= 3
+    assert gc.model_lengths(1000, 64).max() == 64 and gc.model_lengths(1000, 64).min() >= 3  # truncated, specials
+
+
+@pytest.mark.slow  # two processes start, each loads torch
+def test_gpu_check_runs_the_reallocation_data_parallel_when_asked(tiny_model, glue_dir, tmp_path, capsys):
+    code = load_gpu_check().main_(["--device", "cpu", "--backbone", str(tiny_model), "--steps", "6",
+                                   "--data-dir", str(glue_dir), "--out", str(tmp_path / "r.json"),
+                                   "--runs", MNLI_RUNS[2], "--data-parallel", "on", "--set", "dataset.max_length=16"])
+    out = capsys.readouterr().out
+    dp = json.loads((tmp_path / "r.json").read_text())["data_parallel"]
+    assert code == 0 and dp["status"] == "ok" and dp["processes"] == 2
+    assert dp["cross_process_checks"]["GLoRA's new ranks"] == 1 and dp["cross_process_checks"]["trainable parameters"] >= 3
+    assert "data parallel, 2 processes" in out
 
 
 @pytest.mark.parametrize("launcher, precision, ok", [("no", "fp32", True), ("fp32", "fp32", True),

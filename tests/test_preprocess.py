@@ -225,6 +225,15 @@ def test_bundled_glue_files_are_the_official_ones():
     assert (root / "MRPC" / "Microsoft Shared Source License.htm").exists()
 
 
+def test_the_official_split_sizes_table_matches_the_official_files():
+    """GLUE_SIZES (a forecast's sizes for a task whose files are absent) against the four official tasks here."""
+    for task in ("sst2", "cola", "mrpc", "stsb"):
+        data = P.load_glue(task, str(REPO / "data" / "glue"), "unused")
+        assert {split: len(ds) for split, ds in data.items()} == P.GLUE_SIZES[task], task
+    assert set(P.GLUE_SIZES) == set(P.TASKS)
+    assert all(set(sizes) == {"train", *P.TASKS[t].dev_files} for t, sizes in P.GLUE_SIZES.items())
+
+
 def test_tokenised_splits_are_cached_by_content_tokenizer_and_length(glue_dir, tiny_model, tmp_path):
     """The first call tokenises and writes, the next reads the same rows back; other rows (a subsample), another
     max_length or no cache folder make their own; a reader that may not write tokenises itself."""
