@@ -190,6 +190,7 @@ def test_resume_false_moves_the_old_run_aside(tiny_model, glue_dir, tmp_path):
     assert "moved aside" in proc.stdout + proc.stderr and (tmp_path / run_id / "summary.json").exists()
 
 
+@pytest.mark.slow  # two CLI runs: the README's test command stays within 6 minutes
 def test_a_second_run_reads_the_tokenised_splits_the_first_wrote(tiny_model, glue_dir, tmp_path):
     run_id = "comparative-2-DeBERTa-v3-base-86M--GLUE-RTE"
     summaries = {}

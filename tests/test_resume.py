@@ -47,9 +47,8 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
         if (run_dir / "checkpoint").exists() else []
 
 
-# -m slow; the suite keeps the cases with a rebuild (AdaLoRA's budgeting, GLoRA's reallocation, EVA's ranks from its
-# saved pass)
-SLOW_CASES = {"LoRA-epoch-end", "GLoRA-before-realloc", "LoRA"}
+# -m slow; the suite keeps GLoRA's (a rebuild of the ranks and the optimizer state on resume)
+SLOW_CASES = {"LoRA-epoch-end", "GLoRA-before-realloc", "LoRA", "AdaLoRA-budgeting", "EVA"}
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c
@@ -95,6 +94,7 @@ def test_killed_run_resumes_to_the_same_result(tiny_model, glue_dir, tmp_path, c
     assert losses(run_dir) == losses(tmp_path / "ref" / run_id)
 
 
+@pytest.mark.slow  # about 25-35 s: the README's test command stays within 6 minutes
 def test_checkpoint_of_another_config_is_refused_and_a_corrupt_one_skipped(tiny_model, glue_dir, tmp_path):
     run_id, extra, _ = CASES["LoRA"]
     cmd = command(run_id, extra, tiny_model, glue_dir, tmp_path)
@@ -130,6 +130,7 @@ def test_wandb_id_is_kept_on_resume_and_fresh_after_a_restart(tmp_path):
     assert T.wandb_run_id(run_dir, "run", resuming=True) == fresh
 
 
+@pytest.mark.slow  # about 25-35 s: the README's test command stays within 6 minutes
 def test_evaluating_during_training_does_not_change_training(tiny_model, glue_dir, tmp_path):
     """Evaluation must not draw from the RNG that drives dropout: the same run with and without evaluations in
     between ends with the same weights (a loader without its own generator draws a seed from the global RNG)."""
