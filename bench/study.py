@@ -333,9 +333,14 @@ def plan(runs: list[Run], args) -> float:
         print(f"{r.rid:<58} {r.seed:>5} {label:<14} {'-' if f is None else hms(f):>10}")
     done = sum(r.state()[0] == "done" for r in runs)
     trials_left = sum(planned - finished for finished, planned, _ in tuning.values())
-    print(f"\n{len(runs)} runs: {done} done, {len(runs) - done} left"
-          f"{f', and {trials_left} tuning trials' if trials_left else ''}; forecast for what is left: {hms(left)} "
-          f"on this device, one run at a time{f' (no forecast for {len(unknown)} runs)' if unknown else ''}")
+    head = (f"\n{len(runs)} runs: {done} done, {len(runs) - done} left"
+            f"{f', and {trials_left} tuning trials' if trials_left else ''}; ")
+    if unknown and len(unknown) == len(runs) - done:  # nothing forecast: not "0 min"
+        print(head + "no forecast on this device (its trial runs failed, above); bench/gpu_check.py's rates "
+              "forecast from anywhere: --gpu-check FILE")
+    else:
+        print(head + f"forecast for what is left: {hms(left)} on this device, one run at a time"
+              f"{f' (no forecast for {len(unknown)} runs)' if unknown else ''}")
     print("(forecasts come from trial runs in {}/.plan/; a machine busy with other work inflates them)"
           .format(args.results_dir))
     if ratios and left:  # overrun lists only tasks with a finished run

@@ -547,3 +547,18 @@ def test_plan_with_a_gpu_check_prints_the_tune_and_seed_phases_in_gpu_hours(tmp_
                             r"([\d.]+) GPU-hours, on 8 GPUs", out)[1])
     assert total == pytest.approx(sum(float(r[2]) for r in tune_rows) + sum(float(r[3]) for r in run_rows),
                                   abs=0.1)
+
+
+def test_plan_tries_one_trial_run_per_task_when_they_fail_and_says_there_is_no_forecast(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """Without the data or backbone (e.g. DeBERTa configs on a machine without the hub), a task's first failed
+    trial run stands for its other configs, and the total says "no forecast", not 0 minutes."""
+    bench = load_study_bench()
+    tried = []
+    monkeypatch.setattr(bench, "forecast", lambda run, args: tried.append(run.rid))  # every trial run fails
+    bench.main(["--plan", "--backbone", "DeBERTa-v3-base-86M", "--tasks", "MNLI", "RTE", "--methods",
+                "comparative-2", "proposed", "--seeds", "1", "2", "--results-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert tried == ["comparative-2-DeBERTa-v3-base-86M--GLUE-MNLI", "comparative-2-DeBERTa-v3-base-86M--GLUE-RTE"]
+    assert "8 runs: 0 done, 8 left, and 100 tuning trials; no forecast on this device" in out
+    assert len(re.findall(r"^\S+--GLUE-\S+\s+0/25\s+-$", out, re.M)) == 4
