@@ -849,6 +849,7 @@ def until_decided(args) -> tuple[list[Run], list[str], dict | None]:
     decided or --max-seeds is reached. Re-running recomputes the looks made from the finished seeds and goes on.
     Returns (the last complete look's runs, the failed runs, its aggregated metrics or None when none was made)."""
     seeds, done, agg, failed = list(args.seeds), [], None, []
+    kept: dict[str, tuple[str, int]] = {}  # primary verdict -> (status, n) at the look that first decided it
     while True:
         runs = matrix(argparse.Namespace(**{**vars(args), "seeds": seeds}))
         new = [r for r in runs if r.seed not in {d.seed for d in done}]
@@ -862,14 +863,22 @@ def until_decided(args) -> tuple[list[Run], list[str], dict | None]:
         done, agg = evaluate(runs, args, look_overrides(seeds, args))
         print(look_line(seeds, agg, args), flush=True)
         primary = primary_verdicts(agg)
+        for e in primary:  # a decided verdict is kept: the union bound covers every look's verdicts (the rule)
+            if e["status"] in DECIDED and e["id"] not in kept:
+                kept[e["id"]] = (e["status"], len(seeds))
         # "not testable" is settled too: its reason (AdaLoRA's gain shown <= 0, incomparable step times) does not go
         # away with more seeds, so waiting for it would only run the study to --max-seeds
-        settled = all(e["status"] in DECIDED or e["status"] == "not testable" for e in primary)
+        settled = all(e["id"] in kept or e["status"] == "not testable" for e in primary)
         if not primary or settled or len(seeds) >= args.max_seeds:
             why = ("no primary verdict (no task has the hypotheses' groups)" if not primary else
                    "every primary verdict is decided or not testable" if settled else
                    f"--max-seeds {args.max_seeds} reached")
             print(f"[study] the looks stop at n = {len(seeds)}: {why}", flush=True)
+            earlier = [f"{e['id']} {kept[e['id']][0]} at n = {kept[e['id']][1]} ({e['status']} at n = {len(seeds)})"
+                       for e in primary if e["id"] in kept and kept[e["id"]][0] != e["status"]]
+            if earlier:
+                print(f"[study] kept from the look that decided them: {'; '.join(earlier)}", flush=True)
+            agg["sequential_decisions"] = {h: {"status": st, "n": n} for h, (st, n) in kept.items()}
             return done, failed, agg
         seeds = [*seeds, max(seeds) + 1]
 

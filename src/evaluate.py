@@ -1451,7 +1451,8 @@ SEQUENTIAL_RULE = (
     "α(t) = α·ln(1 + (e − 1)·t). Look k's intervals are read at 1 − (α(t_k) − α(t_{k−1})), the increment (per task "
     "divided by its tasks, as above): the increments add up to α, so by a union bound over the looks the chance that "
     "any look gives a wrong verdict is at most α (α/2 at each end), whatever stops the study and at any number of "
-    "seeds (exact for t-intervals, no normal approximation). It is conservative: exact group-sequential boundaries "
+    "seeds (exact for t-intervals, no normal approximation); so a verdict decided at one look is kept (the study "
+    "prints it if a later look reads it otherwise) and the looks stop once every primary verdict has been decided. It is conservative: exact group-sequential boundaries "
     "use the correlation between looks and would be narrower, but they assume normal statistics and a study that "
     "stops on that one statistic, while this one stops when every primary verdict is decided.")
 

@@ -467,6 +467,38 @@ def test_until_decided_counts_a_not_testable_verdict_as_settled(tmp_path, monkey
     assert "the looks stop at n = 4: every primary verdict is decided or not testable" in capsys.readouterr().out
 
 
+def test_until_decided_keeps_a_verdict_from_the_look_that_decided_it(tmp_path, monkeypatch, capsys):
+    """H1 supported at n = 4, undecided again at n = 5; H4 decided only at n = 5: the looks stop at n = 5 (both have
+    been decided), H1's decision is the n = 4 one and the study says so (the rule bounds every look's verdicts)."""
+    bench = load_study_bench()
+    status = {3: ("undecided", "undecided"), 4: ("supported", "undecided"), 5: ("undecided", "contradicted")}
+    looks = []
+
+    def train(runs, args):
+        for r in runs:
+            if r.state()[0] != "done":
+                r.folder.mkdir(parents=True)
+                (r.folder / "summary.json").write_text("{}")
+        return []
+
+    def evaluate(runs, args, extra=()):
+        n = len(json.loads(extra[0].split("=", 1)[1]))
+        looks.append(n)
+        return runs, {"hypotheses": [{"id": h, "task": "GLUE average", "status": s, "primary": True}
+                                     for h, s in zip(("H1", "H4"), status[n])]}
+
+    monkeypatch.setattr(bench, "train", train)
+    monkeypatch.setattr(bench, "evaluate", evaluate)
+    _, _, agg = bench.until_decided(bench.parse_args(
+        ["--results-dir", str(tmp_path), "--tasks", "SST-2", "--methods", "comparative-2", "proposed", "--seeds",
+         "42", "43", "44", "--until-decided", "--max-seeds", "8"]))
+    out = capsys.readouterr().out
+    assert looks == [3, 4, 5] and "the looks stop at n = 5: every primary verdict is decided" in out
+    assert agg["sequential_decisions"] == {"H1": {"status": "supported", "n": 4},
+                                           "H4": {"status": "contradicted", "n": 5}}
+    assert "kept from the look that decided them: H1 supported at n = 4 (undecided at n = 5)" in out
+
+
 def deberta_rates(length: int = 100) -> dict:
     """gpu_check rates built by hand: every token length `length` (so a batch pads to it), known per-token costs."""
     tasks = {name: {"source": "files", "sizes": dict(sizes), "train_lengths": [length] * 50,
