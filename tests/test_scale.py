@@ -64,8 +64,13 @@ def launch(launcher: str, argv: list[str], timeout: int = 300) -> subprocess.Com
              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port]
             if launcher == "accelerate" else
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port])
-    return subprocess.run([*head, "-m", "src.main", *argv], cwd=REPO, env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
+    try:
+        return subprocess.run([*head, "-m", "src.main", *argv], cwd=REPO, env=ENV, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as e:  # seen once (2026-12-05, 1 of 5 suite runs): say where it stood
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        raise AssertionError(f"{launcher} launch of 2 processes timed out after {timeout} s; its stderr ended:\n"
+                             f"{err[-4000:]}") from None
 
 
 @pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) for m in ("LoRA", "AdaLoRA", "EVA")]
