@@ -334,8 +334,8 @@ def padded_tokens(lengths, batch_size: int) -> int:
 
 
 def make_loaders(ds: DatasetDict, tokenizer, batch_size: int, eval_batch_size: int, seed: int,
-                 num_workers: int = 0, pin_memory: bool = False, group_by_length: bool = False
-                 ) -> tuple[DataLoader, dict[str, DataLoader]]:
+                 num_workers: int = 0, pin_memory: bool = False, group_by_length: bool = False,
+                 start_method: str = "fork") -> tuple[DataLoader, dict[str, DataLoader]]:
     """Shuffled train loader driven by its own seeded generator, so every method sees the same data order for a
     given seed whatever its parameter initialisation consumed from the global RNG. The eval loaders get their own
     generator too: a loader without one draws a seed from the global RNG at every pass, so evaluating during
@@ -346,12 +346,14 @@ def make_loaders(ds: DatasetDict, tokenizer, batch_size: int, eval_batch_size: i
 
     `group_by_length`: transformers' LengthGroupedSampler on the same generator: a random order cut into
     mega-batches of 50 batches, each sorted by length, so a batch pads to about its own examples' length (less
-    padding on tasks whose lengths vary, e.g. MNLI); still one order per seed and epoch."""
+    padding on tasks whose lengths vary, e.g. MNLI); still one order per seed and epoch. `start_method`: how loader
+    processes start on Linux ("fork"; "forkserver" from a data-parallel process, whose communication threads a fork
+    would copy into the child mid-lock)."""
     collate = DataCollatorWithPadding(tokenizer)
     generator = torch.Generator().manual_seed(seed)
     workers = dict(num_workers=num_workers, pin_memory=pin_memory)
-    if num_workers and sys.platform == "linux":  # Linux's default, named: a joblib (loky) sweep job replaces the
-        workers["multiprocessing_context"] = "fork"  # default context with one that cannot start loader processes
+    if num_workers and sys.platform == "linux":  # named: a joblib (loky) sweep job replaces the default context
+        workers["multiprocessing_context"] = start_method  # with one that cannot start loader processes
     if group_by_length:
         from transformers.trainer_pt_utils import LengthGroupedSampler
 

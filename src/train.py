@@ -908,9 +908,12 @@ def set_up_run(cfg, run_dir: Path, run_name: str, tuning: bool, sweep_job: int |
     if not dist.main:
         data, tokenized = P.tokenize_cached(data, tokenizer, d.max_length, cache, write=False)
     tokenize_s = time.perf_counter() - tokenize_tic
+    # a data-parallel process has communication threads running: its loader processes start from a fork server
+    # (a fork copies a thread's held lock into a child that then waits on it forever: one such hang seen on gloo)
     train_loader, eval_loaders = P.make_loaders(data, tokenizer, d.batch_size, d.eval_batch_size, cfg.seed,
                                                 d.num_workers, pin_memory=device.type == "cuda",
-                                                group_by_length=d.group_by_length)
+                                                group_by_length=d.group_by_length,
+                                                start_method="forkserver" if dist.world > 1 else "fork")
 
     # the run's length, which relative schedule values ("20%", "1 epoch") resolve against
     t = cfg.training
