@@ -33,6 +33,7 @@ import copy
 import gc
 import json
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -204,7 +205,10 @@ def check_one(cfg, base, tokenizer, device: torch.device, steps: int, task: dict
     batches = []
     while len(batches) < steps + 1:  # the run's batches, in its order (an epoch of the check's examples repeats)
         batches += list(train_loader)
+    # the loader's grouping sorts each mega-batch longest first: shuffled (fixed seed), so that no phase of the
+    # window gets the long batches and the per-token rates compare phases, not lengths
     batches = batches[:steps + 1]
+    random.Random(0).shuffle(batches)
     model = M.build_adapter(cfg, copy.deepcopy(base), steps).to(device)
     model.train()
     tic = time.perf_counter()
@@ -303,7 +307,7 @@ def checkpoint_resume(model, optimizer, scheduler, hook, device, precision, batc
             "weights_rdiff": weight_diff}
 
 
-def data_parallel_check(run_id: str, overrides: list[str], device: torch.device) -> dict:
+def data_parallel_check(run_id: str, overrides: list[str], device: torch.device, timeout: int = 900) -> dict:
     """The run config in mode=trial on 2 processes (torchrun; NCCL on GPUs, gloo on the CPU): rc, and what the run
     compared across its processes."""
     with tempfile.TemporaryDirectory() as results, socket.socket() as probe:
@@ -313,8 +317,13 @@ def data_parallel_check(run_id: str, overrides: list[str], device: torch.device)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
                "-m", "src.main", f"run={run_id}", "mode=trial", f"results_dir={results}", *overrides]
         tic = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                              env={**os.environ, "TQDM_DISABLE": "1"})
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                                  env={**os.environ, "TQDM_DISABLE": "1"})
+        except subprocess.TimeoutExpired as e:  # a hang is this check's finding, not the end of the script
+            err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+            tail = (err.strip().splitlines() or ["no output"])[-1]
+            return {"status": f"FAULT: no result after {timeout} s (last output: {tail})", "seconds": timeout}
         seconds = time.perf_counter() - tic
         summary = Path(results) / run_id / "summary.json"
         if proc.returncode or not summary.exists():
@@ -447,7 +456,9 @@ def main_(argv=None) -> int:
     want_dp = args.data_parallel == "on" or (args.data_parallel == "auto" and torch.cuda.device_count() >= 2)
     glora = next((c for c in cfgs if M.adapter_kind(c) == "glora"), None)
     if want_dp and glora is not None:
-        dp = data_parallel_check(glora.run_id, [o for o in overrides if not o.startswith("hardware.device=")]
+        sections = set(glora)  # an override reaches the GLoRA run only where its section exists (adalora.* not)
+        dp = data_parallel_check(glora.run_id, [o for o in overrides if not o.startswith("hardware.device=")
+                                                and o.split(".")[0] in sections]
                                  + ([f"hardware.device={args.device}"] if device.type == "cpu" else []), device)
         faults += dp["status"].startswith("FAULT")
         checks = dp.get("cross_process_checks") or {}

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parent.parent
@@ -287,7 +288,7 @@ def config_of(run: Run, args):
     for o in args.set:
         if applies(o, run.kind):
             key, value = o.split("=", 1)
-            OmegaConf.update(cfg, key, OmegaConf.create({"v": value}).v if value else None, merge=True)
+            OmegaConf.update(cfg, key, yaml.safe_load(value) if value else None, merge=True)  # "16" -> 16
     return cfg
 
 

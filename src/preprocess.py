@@ -88,7 +88,7 @@ TASKS: dict[str, TaskSpec] = {
 }
 HUB_EVAL_SPLITS = {"validation": "validation", "validation_mm": "validation_mismatched"}
 # Rows of the official GLUE splits (train.tsv and each dev file, as read_glue_tsv reads them; the hub's nyu-mll/glue has
-# the same): what a forecast takes for a task whose files are not at hand. tests/test_data.py checks the tasks whose
+# the same): what a forecast takes for a task whose files are not at hand. tests/test_preprocess.py checks the tasks whose
 # official files this repository can reach against them.
 GLUE_SIZES: dict[str, dict[str, int]] = {
     "cola": {"train": 8551, "validation": 1043}, "sst2": {"train": 67349, "validation": 872},

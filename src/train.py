@@ -623,11 +623,20 @@ class RunShape:
     eval_tokens: float = 0.0  # expected padded tokens per evaluation
 
 
-def expected_batch_max(lengths: np.ndarray, batch_size: int, draws: int = 256, seed: int = 0) -> float:
-    """E[longest example of a random batch]: what dynamic padding pads a batch to."""
+def expected_batch_max(lengths: np.ndarray, batch_size: int, draws: int = 256, seed: int = 0,
+                       grouped: bool = False) -> float:
+    """E[longest example of a batch]: what dynamic padding pads a batch to. Random batches, or `grouped`: those of
+    transformers' LengthGroupedSampler (dataset.group_by_length: mega-batches of 50 batches, each sorted by length,
+    so a batch pads to about its own examples' length), drawn from the length sample with replacement."""
     rng = np.random.default_rng(seed)
     k = min(batch_size, len(lengths))
-    return float(np.mean([lengths[rng.choice(len(lengths), k, replace=False)].max() for _ in range(draws)]))
+    if not grouped:
+        return float(np.mean([lengths[rng.choice(len(lengths), k, replace=False)].max() for _ in range(draws)]))
+    maxima = []
+    for _ in range(max(1, draws // 50)):
+        mega = np.sort(lengths[rng.choice(len(lengths), 50 * k, replace=True)])[::-1]
+        maxima += [mega[i] for i in range(0, 50 * k, k)]  # sorted: a batch's first example is its longest
+    return float(np.mean(maxima))
 
 
 def run_shape(cfg, n_train: int, n_eval: dict[str, int], tuning: bool = False, train_lengths=None,
@@ -656,7 +665,7 @@ def run_shape(cfg, n_train: int, n_eval: dict[str, int], tuning: bool = False, t
     step_tokens = eval_tokens = 0.0
     if train_lengths is not None:
         step_tokens = min(d.batch_size, train) * t.gradient_accumulation_steps * expected_batch_max(
-            train_lengths, d.batch_size)
+            train_lengths, d.batch_size, grouped=bool(d.get("group_by_length", False)))
     if eval_lengths is not None:
         eval_tokens = evals * expected_batch_max(eval_lengths, d.eval_batch_size)
     return RunShape(train, evals, total, n, step_tokens, eval_tokens)

@@ -553,6 +553,19 @@ def test_gpu_forecast_of_a_run_on_known_rates():
     assert bench.gpu_run_seconds(runs["eva"], args, missing, tuning=False)[0] is None
 
 
+def test_set_values_reach_the_forecast_typed():
+    """--set values are YAML (as Hydra's): a number is a number, null is None, in the config the forecast reads."""
+    bench = load_study_bench()
+    args = bench.parse_args(["--backbone", "DeBERTa-v3-base-86M", "--tasks", "RTE", "--seeds", "1", "--methods",
+                             "comparative-2", "--set", "dataset.batch_size=16", "training.max_steps=null",
+                             "training.epochs=1"])
+    run = bench.matrix(args)[0]
+    cfg = bench.config_of(run, args)
+    assert (cfg.dataset.batch_size, cfg.training.max_steps, cfg.training.epochs) == (16, None, 1)
+    seconds, shape = bench.gpu_run_seconds(run, args, deberta_rates(), tuning=False)
+    assert shape["steps"] == -(-2490 // 16) and seconds > 0  # one epoch of ceil(2,490 / 16) steps
+
+
 def test_the_node_schedule_puts_each_job_on_the_first_free_gpu_after_what_it_follows():
     bench = load_study_bench()
     jobs = [("tune a", 10.0, None), ("b", 3.0, None), ("a2", 5.0, "tune a"), ("c", 4.0, None)]

@@ -88,6 +88,24 @@ def test_run_shape_counts_steps_and_evaluations():
         32 * 50)  # every batch of 32 from these 32 lengths holds the longest
 
 
+def test_length_grouped_batches_pad_to_about_their_own_length():
+    """Half the examples 10 tokens, half 100, batches of 2: random batches pad to 100 unless both are short
+    (E = 0.75 x 100 + 0.25 x 10 = 77.5); grouped ones (sorted mega-batches) hold two alike, so half pad to 100 and half
+    to 10 (E = 55); the forecast of a run with dataset.group_by_length uses the grouped value."""
+    lengths = np.array([10, 100] * 500)
+    assert T.expected_batch_max(lengths, 2, draws=4000) == pytest.approx(77.5, abs=1.5)
+    assert T.expected_batch_max(lengths, 2, draws=4000, grouped=True) == pytest.approx(55, abs=2)
+    assert T.expected_batch_max(np.array([7] * 64), 8, grouped=True) == 7.0
+    cfg = OmegaConf.create({
+        "dataset": {"max_train_samples": None, "max_eval_samples": None, "batch_size": 2, "eval_batch_size": 2,
+                    "group_by_length": True},
+        "training": {"epochs": 1, "max_steps": None, "max_train_batches": None, "gradient_accumulation_steps": 1,
+                     "eval_every_steps": None},
+        "optuna": {"holdout_fraction": 0.1, "trial_epochs": None, "trial_max_steps": None}})
+    assert T.run_shape(cfg, 1000, {"validation": 10}, train_lengths=lengths).step_tokens == pytest.approx(
+        2 * T.expected_batch_max(lengths, 2, grouped=True))
+
+
 def test_padded_tokens_pad_each_batch_to_its_longest():
     assert P.padded_tokens([3, 5, 2, 7, 1], 2) == 2 * 5 + 2 * 7 + 1 * 1
 
