@@ -6,6 +6,7 @@ import csv
 import hashlib
 import logging
 import math
+import multiprocessing
 import os
 import shutil
 import sys
@@ -354,6 +355,8 @@ def make_loaders(ds: DatasetDict, tokenizer, batch_size: int, eval_batch_size: i
     workers = dict(num_workers=num_workers, pin_memory=pin_memory)
     if num_workers and sys.platform == "linux":  # named: a joblib (loky) sweep job replaces the default context
         workers["multiprocessing_context"] = start_method  # with one that cannot start loader processes
+        if start_method == "forkserver":  # the server imports these once; its workers are forked with them loaded
+            multiprocessing.set_forkserver_preload(["torch", "transformers", "datasets", "src.preprocess"])
     if group_by_length:
         from transformers.trainer_pt_utils import LengthGroupedSampler
 

@@ -120,6 +120,7 @@ def multirun(ids, tmp_path, tiny_model, glue_dir, *extra):
     return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # 30-45 s: the README's test command stays within 6 minutes
 def test_multirun_with_joblib_makes_every_run_folder_and_skips_finished_runs(tiny_model, glue_dir, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="needs `uv sync --group launchers`")
     ids = [RUNS["LoRA"][0], "comparative-2-DeBERTa-v3-base-86M--GLUE-RTE"]
