@@ -273,8 +273,7 @@ def tune_phase(runs: list[Run], args) -> dict[str, tuple[int, int, float | None]
     and every later seed reuses it. The forecast comes from the config's trial run, when one ran."""
     out = {}
     for r in {r.rid: r for r in runs}.values():
-        planned = int(next((o.split("=", 1)[1] for o in reversed(args.set) if o.startswith("optuna.n_trials=")),
-                           None) or config_of(r, args).optuna.n_trials or 0)
+        planned = int(config_of(r, args).optuna.n_trials or 0)  # --set included
         summary = Path(args.results_dir) / ".plan" / r.rid / "summary.json"
         if planned:
             out[r.rid] = (study_trials(args.results_dir, r.rid), planned,
