@@ -448,9 +448,12 @@ def print_gpu_forecast(runs: list[Run], args, rates: dict, gpus: int) -> float:
         counted["trials"] += planned - finished
         print(f"{rid:<58} {finished:>4}/{planned:<4} {shape['steps']:>11} {rest / 3600:>10.2f}")
     print(f"\n{'run':<58} {'seed':>5} {'state':<10} {'steps':>8} {unit:>10}")
+    per_config = {}  # every seed of a config has the same forecast: computed once
     for r in runs:
         state, _ = r.state()
-        seconds, shape = gpu_run_seconds(r, args, rates, tuning=False)
+        if r.rid not in per_config:
+            per_config[r.rid] = gpu_run_seconds(r, args, rates, tuning=False)
+        seconds, shape = per_config[r.rid]
         if seconds is None:
             unknown.append(f"{r.rid}: {shape}")
         elif state != "done":
