@@ -821,9 +821,6 @@ def print_report(finished: list[Run], agg: dict, args) -> None:
 
 # Sequential (--until-decided): a look after every added seed; the rule is src.evaluate's (SEQUENTIAL_RULE).
 
-DECIDED = ("supported", "contradicted")
-
-
 def look_overrides(seeds: list[int], args) -> tuple[str, ...]:
     """src.evaluate's arguments for the look at these seeds: only their runs, at the level this look is allotted."""
     seq = {"look_n": len(seeds), "first_look": len(args.seeds), "max_seeds": args.max_seeds,
@@ -852,7 +849,6 @@ def until_decided(args) -> tuple[list[Run], list[str], dict | None]:
     decided or --max-seeds is reached. Re-running recomputes the looks made from the finished seeds and goes on.
     Returns (the last complete look's runs, the failed runs, its aggregated metrics or None when none was made)."""
     seeds, done, agg, failed = list(args.seeds), [], None, []
-    kept: dict[str, tuple[str, int]] = {}  # primary verdict -> (status, n) at the look that first decided it
     while True:
         runs = matrix(argparse.Namespace(**{**vars(args), "seeds": seeds}))
         new = [r for r in runs if r.seed not in {d.seed for d in done}]
@@ -866,22 +862,19 @@ def until_decided(args) -> tuple[list[Run], list[str], dict | None]:
         done, agg = evaluate(runs, args, look_overrides(seeds, args))
         print(look_line(seeds, agg, args), flush=True)
         primary = primary_verdicts(agg)
-        for e in primary:  # a decided verdict is kept: the union bound covers every look's verdicts (the rule)
-            if e["status"] in DECIDED and e["id"] not in kept:
-                kept[e["id"]] = (e["status"], len(seeds))
-        # "not testable" is settled too: its reason (AdaLoRA's gain shown <= 0, incomparable step times) does not go
-        # away with more seeds, so waiting for it would only run the study to --max-seeds
-        settled = all(e["id"] in kept or e["status"] == "not testable" for e in primary)
+        # a decided verdict is kept (src.evaluate recomputes the earlier looks: `sequential_decision`); "not testable"
+        # is settled too: its reason (AdaLoRA's gain shown <= 0, incomparable step times) does not go away with more
+        # seeds, so waiting for it would only run the study to --max-seeds
+        settled = all(e.get("sequential_decision") or e["status"] == "not testable" for e in primary)
         if not primary or settled or len(seeds) >= args.max_seeds:
             why = ("no primary verdict (no task has the hypotheses' groups)" if not primary else
                    "every primary verdict is decided or not testable" if settled else
                    f"--max-seeds {args.max_seeds} reached")
             print(f"[study] the looks stop at n = {len(seeds)}: {why}", flush=True)
-            earlier = [f"{e['id']} {kept[e['id']][0]} at n = {kept[e['id']][1]} ({e['status']} at n = {len(seeds)})"
-                       for e in primary if e["id"] in kept and kept[e["id"]][0] != e["status"]]
+            earlier = [f"{e['id']} {e['status']} at n = {e['sequential_decision']['n']} ({e['status_this_look']} "
+                       f"at n = {len(seeds)})" for e in primary if e.get("status_this_look")]
             if earlier:
                 print(f"[study] kept from the look that decided them: {'; '.join(earlier)}", flush=True)
-            agg["sequential_decisions"] = {h: {"status": st, "n": n} for h, (st, n) in kept.items()}
             return done, failed, agg
         seeds = [*seeds, max(seeds) + 1]
 

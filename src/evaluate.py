@@ -1451,8 +1451,9 @@ SEQUENTIAL_RULE = (
     "α(t) = α·ln(1 + (e − 1)·t). Look k's intervals are read at 1 − (α(t_k) − α(t_{k−1})), the increment (per task "
     "divided by its tasks, as above): the increments add up to α, so by a union bound over the looks the chance that "
     "any look gives a wrong verdict is at most α (α/2 at each end), whatever stops the study and at any number of "
-    "seeds (exact for t-intervals, no normal approximation); so a verdict decided at one look is kept (the study "
-    "prints it if a later look reads it otherwise) and the looks stop once every primary verdict has been decided. It is conservative: exact group-sequential boundaries "
+    "seeds (exact for t-intervals, no normal approximation); so a primary verdict decided at one look is kept "
+    "(each look recomputes the earlier ones from its runs; a later look's own reading is shown beside it) and the "
+    "looks stop once every primary verdict has been decided. It is conservative: exact group-sequential boundaries "
     "use the correlation between looks and would be narrower, but they assume normal statistics and a study that "
     "stops on that one statistic, while this one stops when every primary verdict is decided.")
 
@@ -1857,6 +1858,39 @@ def nonfinite_values(runs: dict[str, list[dict]], names: list[str], key: str, va
             for s, vs in values.items() for n, v in zip(names, vs) if not math.isfinite(v)]
 
 
+DECIDED = ("supported", "contradicted")
+
+
+def keep_sequential_decisions(entries: list[dict], rows: list[dict], settings: dict, timing: list[dict] | None,
+                              skipped: list[dict] | tuple) -> None:
+    """The rule's keeping, in place: each primary verdict's status is the one of the first look that decided it.
+    The earlier looks are recomputed from this look's runs: look m reads the m smallest seeds (bench/study.py adds
+    seeds above the first look's), at look m's level. Each decided primary entry gets `sequential_decision` {status,
+    look, n}; where this look reads otherwise, its own reading is `status_this_look`."""
+    look = sequential_look(settings["statistics"])
+    if not look:
+        return
+    seeds, kept = sorted({r["seed"] for r in rows if r["seed"] is not None}), {}
+    confidence = 1 - settings["statistics"]["alpha"]
+    for m in range(look["first_look"], min(look["n"], len(seeds) + 1)):  # the looks before this one
+        part = [r for r in rows if r["seed"] in seeds[:m]]
+        earlier = {**settings["statistics"], "sequential": {**settings["statistics"]["sequential"], "look_n": m}}
+        groups = group_stats(part)
+        for e in hypotheses(groups, derived_metrics(groups, part, confidence), part,
+                            {**settings, "statistics": earlier}, timing, skipped):
+            if e["primary"] and e["status"] in DECIDED:
+                kept.setdefault(e["id"], {"status": e["status"], "look": m - look["first_look"] + 1, "n": m})
+    for e in entries:
+        if not e["primary"]:
+            continue
+        if e["id"] not in kept and e["status"] in DECIDED:
+            kept[e["id"]] = {"status": e["status"], "look": look["look"], "n": look["n"]}
+        if e["id"] in kept:
+            e["sequential_decision"] = kept[e["id"]]
+            if e["status"] != kept[e["id"]]["status"]:
+                e["status_this_look"], e["status"] = e["status"], kept[e["id"]]["status"]
+
+
 def judge(hid: str, values: dict, margin: float, confidence: float) -> dict:
     if hid == "H1":
         return judge_h1(values, margin, confidence)
@@ -2050,8 +2084,10 @@ def aggregate(records: list[RunRecord], settings: dict | None = None, timing: li
     ablated = ablation(groups, derived, pair_tests, alpha)
     ablation_families(ablated, seed_level, margin, alpha)
     pooled = pooled_tests(rows, derived, confidence, st["n_resamples"], st["permutation_seed"])
+    verdicts = hypotheses(groups, derived, rows, settings, timing, skipped)
+    keep_sequential_decisions(verdicts, rows, settings, timing, skipped)
     return {"settings": settings, "verdict_rule": VERDICT_RULE,
-            "hypotheses": hypotheses(groups, derived, rows, settings, timing, skipped), "skipped_runs": list(skipped),
+            "hypotheses": verdicts, "skipped_runs": list(skipped),
             "scope": scope_notes(rows, groups),
             "checkpoint_rule": CHECKPOINT_RULE, "runs": rows, "groups": groups, "derived": derived,
             "glue_average": glue_average(groups, rows, confidence), "rank_histograms": rank_histograms(records),
@@ -2830,10 +2866,19 @@ def verdict_line(e: dict) -> str:
         f"{needed['assumes']}): "
         + (str(needed["n"]) if needed["n"] is not None else needed["reason"])) + (
         "; seeds left out: " + "; ".join(f"{x['seed']} ({x['why']})" for x in e["excluded"])
-        if e.get("excluded") else "")
+        if e.get("excluded") else "") + fmt_decision(e)
     where = TASKS.get(e["task"], e["task"]) + (" (primary)" if e["primary"] else "")
     return (f"- **{hid}** {where}: {fmt_estimate(hid, e['estimate'])}, {level}{ci}, claim {fmt_claim(e)}, {n}{p} "
             f"→ {status}{fmt_instrument(e)}")
+
+
+def fmt_decision(e: dict) -> str:
+    """A sequential verdict's look of decision, and this look's own reading where the rule kept another."""
+    d = e.get("sequential_decision")
+    if not d:
+        return ""
+    return f"; decided at look {d['look']} (n = {d['n']})" + (
+        f", kept: this look alone reads {e['status_this_look']}" if e.get("status_this_look") else "")
 
 
 def fmt_instrument(e: dict) -> str:

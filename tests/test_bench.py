@@ -284,6 +284,11 @@ def test_study_packs_runs_per_gpu(tmp_path, monkeypatch):
 
 
 
+def decision(status: str, n: int) -> dict:
+    """src.evaluate's `sequential_decision` on a decided primary entry (here: as if decided at this look)."""
+    return {"sequential_decision": {"status": status, "n": n}} if status in ("supported", "contradicted") else {}
+
+
 def fake_study(bench, monkeypatch, decided_at: int | None, fail_seed: int | None = None,
                h4: str = "contradicted"):
     """train: writes each run's summary.json (seed `fail_seed`'s runs fail); evaluate: every primary verdict
@@ -305,7 +310,7 @@ def fake_study(bench, monkeypatch, decided_at: int | None, fail_seed: int | None
         status = "supported" if decided_at and n >= decided_at else "undecided"
         seq = {"alpha_this_look": 0.01, "alpha_spent": 0.02, "alpha": 0.05}
         return runs, {"hypotheses": [{"id": h, "task": "GLUE average", "status": s, "primary": True,
-                                      "sequential": seq} for h, s in (("H1", status), ("H4", h4))]
+                                      "sequential": seq, **decision(s, n)} for h, s in (("H1", status), ("H4", h4))]
                                     + [{"id": "H1", "task": "sst2", "status": "undecided", "primary": False}]}
 
     monkeypatch.setattr(bench, "train", train)
@@ -469,10 +474,15 @@ def test_until_decided_counts_a_not_testable_verdict_as_settled(tmp_path, monkey
 
 def test_until_decided_keeps_a_verdict_from_the_look_that_decided_it(tmp_path, monkeypatch, capsys):
     """H1 supported at n = 4, undecided again at n = 5; H4 decided only at n = 5: the looks stop at n = 5 (both have
-    been decided), H1's decision is the n = 4 one and the study says so (the rule bounds every look's verdicts)."""
+    been decided), H1's decision is the n = 4 one (src.evaluate keeps it: test_sequential) and the study says so."""
     bench = load_study_bench()
     status = {3: ("undecided", "undecided"), 4: ("supported", "undecided"), 5: ("undecided", "contradicted")}
     looks = []
+
+    def entry(h: str, s: str, n: int) -> dict:  # what src.evaluate writes at look n with H1 decided at n = 4
+        if h == "H1" and n > 4:
+            return {"status": "supported", "status_this_look": s, **decision("supported", 4)}
+        return {"status": s, **decision(s, n)}
 
     def train(runs, args):
         for r in runs:
@@ -484,7 +494,7 @@ def test_until_decided_keeps_a_verdict_from_the_look_that_decided_it(tmp_path, m
     def evaluate(runs, args, extra=()):
         n = len(json.loads(extra[0].split("=", 1)[1]))
         looks.append(n)
-        return runs, {"hypotheses": [{"id": h, "task": "GLUE average", "status": s, "primary": True}
+        return runs, {"hypotheses": [{"id": h, "task": "GLUE average", "primary": True, **entry(h, s, n)}
                                      for h, s in zip(("H1", "H4"), status[n])]}
 
     monkeypatch.setattr(bench, "train", train)
@@ -494,8 +504,7 @@ def test_until_decided_keeps_a_verdict_from_the_look_that_decided_it(tmp_path, m
          "42", "43", "44", "--until-decided", "--max-seeds", "8"]))
     out = capsys.readouterr().out
     assert looks == [3, 4, 5] and "the looks stop at n = 5: every primary verdict is decided" in out
-    assert agg["sequential_decisions"] == {"H1": {"status": "supported", "n": 4},
-                                           "H4": {"status": "contradicted", "n": 5}}
+    assert [e["status"] for e in agg["hypotheses"]] == ["supported", "contradicted"]
     assert "kept from the look that decided them: H1 supported at n = 4 (undecided at n = 5)" in out
 
 

@@ -165,3 +165,30 @@ def test_one_look_through_evaluates_command_line_reads_only_its_seeds(tmp_path):
                                                            "spending": "obrien-fleming"}
     with pytest.raises(E.EvaluationError, match="seeds must be a non-empty list of integers"):
         E.parse_args([f"results_dir={tmp_path}", ids, "seeds=42"])
+
+
+def test_a_verdict_decided_at_an_earlier_look_is_kept_and_recomputed_from_the_runs():
+    """GLoRA − LoRA: +1.5 points on seeds 0–2 (sd 0.01), then −3 points on seed 3. Look 1 (n = 3 of at most 6)
+    supports H1; look 2 alone reads undecided, and evaluate, recomputing look 1 from the same runs, keeps the
+    decision (status supported, decided at look 1, this look's reading recorded); the fixed design reads undecided."""
+    from tests.test_evaluate import score_record
+
+    diffs = [0.0150, 0.0151, 0.0149, -0.0300]
+    records = [rec for s, d in enumerate(diffs) for rec in (
+        score_record("LoRA", "sst2", s, 0.80), score_record("GLoRA", "sst2", s, 0.80 + d),
+        score_record("AdaLoRA", "sst2", s, 0.81))]
+
+    def look(n: int) -> dict:
+        settings = E.load_settings({"statistics": {"sequential": {"look_n": n, "first_look": 3, "max_seeds": 6}}})
+        return verdicts(E.aggregate([r for r in records if r.summary["seed"] < n], settings), "H1")["sst2"]
+
+    first, second = look(3), look(4)
+    assert first["status"] == "supported" and "status_this_look" not in first
+    assert first["sequential_decision"] == {"status": "supported", "look": 1, "n": 3}
+    assert second["status"] == "supported" and second["status_this_look"] == "undecided"
+    assert second["sequential_decision"] == {"status": "supported", "look": 1, "n": 3}
+    assert second["ci"][0] < 0.005 < second["ci"][1]  # the look's own interval, as computed
+    assert verdicts(E.aggregate(records), "H1")["sst2"]["status"] == "undecided"
+    assert "sequential_decision" not in verdicts(E.aggregate(records), "H1")["sst2"]
+    line = E.verdict_line(second)
+    assert "→ **supported**" in line and "decided at look 1 (n = 3), kept: this look alone reads undecided" in line
