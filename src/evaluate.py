@@ -1683,13 +1683,14 @@ def judge_h4(values: dict, margin: float, confidence: float) -> dict:
         return {"estimate": None, "ci": None, "n": len(values), "bounds": bounds,
                 "reason": "a parameter count of 0: no ratio" if values else "no seed run by both"}
     iv = log_ratio_interval(glora, final, confidence)
-    other = float(np.exp(np.mean(np.log(glora) - np.log(trained)))) if len(values) else None
+    other = float(np.exp(np.mean(np.log(glora) - np.log(trained)))) if (trained > 0).all() else None
     counts = {"used": "adapter_params_effective (AdaLoRA at its final ranks)", "why": H4_BASIS,
               "adalora_final_ranks": float(final.mean()) if len(values) else None,
               "adalora_trained": float(trained.mean()) if len(values) else None, "ratio_to_trained": other}
     out = {"estimate": iv["estimate"], "ci": iv["ci"], "n": iv["n"], "reason": iv["reason"], "bounds": bounds,
            "interval": "t-interval of the per-seed log parameter ratio, exponentiated (geometric mean ratio)",
-           "adalora_params": counts, "detail": None if other is None else (
+           "adalora_params": counts, "detail": (
+               "AdaLoRA at its final ranks; its trained count is 0 on some seed: no ratio to it" if other is None else
                "AdaLoRA at its final ranks; its trained count equals it here" if np.allclose(trained, final) else
                f"AdaLoRA at its final ranks ({counts['adalora_final_ranks']:,.0f}); to the parameters it trains "
                f"({counts['adalora_trained']:,.0f}, init_r triplets): ×{other:.3f}"),

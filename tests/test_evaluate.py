@@ -1507,6 +1507,10 @@ def test_h4_interval_over_seeds_and_both_adalora_counts():
     assert counts["adalora_trained"] == 442368.0
     assert counts["ratio_to_trained"] == pytest.approx(np.exp(np.mean(np.log(glora) - np.log(442368.0))))
     assert f"×{counts['ratio_to_trained']:.3f}" in h4["detail"] and "init_r" in h4["detail"]
+    # a trained count of 0 (a broken record) gives no ratio to it, not inf; H4 still reads the final ranks
+    zero = verdicts(E.aggregate(h4_records(glora, final, [442368.0, 0.0, 442368.0])), "H4")["sst2"]
+    assert zero["adalora_params"]["ratio_to_trained"] is None and "trained count is 0" in zero["detail"]
+    assert zero["ci"] == pytest.approx(h4["ci"]) and zero["status"] == "supported"
     # the same ratio on every seed: nothing to estimate, the exact ratio is judged (and the line says so)
     exact = verdicts(E.aggregate(h4_records([331000.0] * 3, [329000.0] * 3, trained)), "H4")["sst2"]
     assert exact["exact"] and exact["status"] == "supported" and exact["ci"] is None and exact["test"] is None
