@@ -334,6 +334,13 @@ def padded_tokens(lengths, batch_size: int) -> int:
     return sum(len(b) * max(b) for b in (lengths[i:i + batch_size] for i in range(0, len(lengths), batch_size)))
 
 
+def eval_order(lengths) -> list[int]:
+    """An eval split's examples longest first (ties in file order): each batch pads to about its own length, and the
+    largest batch comes first, so a memory limit shows at the first batch. Metrics do not depend on the order; the
+    predictions are put back in file order (src.train.evaluate_split)."""
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+
 def make_loaders(ds: DatasetDict, tokenizer, batch_size: int, eval_batch_size: int, seed: int,
                  num_workers: int = 0, pin_memory: bool = False, group_by_length: bool = False,
                  start_method: str = "fork") -> tuple[DataLoader, dict[str, DataLoader]]:
@@ -347,7 +354,8 @@ def make_loaders(ds: DatasetDict, tokenizer, batch_size: int, eval_batch_size: i
 
     `group_by_length`: transformers' LengthGroupedSampler on the same generator: a random order cut into
     mega-batches of 50 batches, each sorted by length, so a batch pads to about its own examples' length (less
-    padding on tasks whose lengths vary, e.g. MNLI); still one order per seed and epoch. `start_method`: how loader
+    padding on tasks whose lengths vary, e.g. MNLI); still one order per seed and epoch; the eval splits are read
+    longest first (eval_order: about a third of the padded tokens of file order on MNLI). `start_method`: how loader
     processes start on Linux ("fork"; "forkserver" from a data-parallel process, whose communication threads a fork
     would copy into the child mid-lock)."""
     collate = DataCollatorWithPadding(tokenizer)
@@ -357,18 +365,18 @@ def make_loaders(ds: DatasetDict, tokenizer, batch_size: int, eval_batch_size: i
         workers["multiprocessing_context"] = start_method  # with one that cannot start loader processes
         if start_method == "forkserver":  # the server imports these once; its workers are forked with them loaded
             multiprocessing.set_forkserver_preload(["torch", "transformers", "datasets", "src.preprocess"])
+    lengths = {split: [len(ids) for ids in ds[split]["input_ids"]] for split in ds} if group_by_length else {}
+    ds = ds.with_format("torch")
     if group_by_length:
         from transformers.trainer_pt_utils import LengthGroupedSampler
 
-        lengths = [len(ids) for ids in ds["train"]["input_ids"]]
-        ds = ds.with_format("torch")
-        order = dict(sampler=LengthGroupedSampler(batch_size, lengths=lengths, generator=generator))
+        order = dict(sampler=LengthGroupedSampler(batch_size, lengths=lengths["train"], generator=generator))
     else:
-        ds = ds.with_format("torch")
         order = dict(shuffle=True)
     train = DataLoader(ds["train"], batch_size=batch_size, generator=generator, collate_fn=collate, **order,
                        **workers)
-    evals = {split: DataLoader(ds[split], batch_size=eval_batch_size, shuffle=False, collate_fn=collate,
+    evals = {split: DataLoader(ds[split], batch_size=eval_batch_size, collate_fn=collate,
+                               **(dict(sampler=eval_order(lengths[split])) if group_by_length else dict(shuffle=False)),
                                generator=torch.Generator().manual_seed(seed), **workers)
              for split in ds if split != "train"}
     return train, evals

@@ -639,6 +639,14 @@ def expected_batch_max(lengths: np.ndarray, batch_size: int, draws: int = 256, s
     return float(np.mean(maxima))
 
 
+def sorted_split_tokens(lengths: np.ndarray, batch_size: int, n: int) -> float:
+    """Padded tokens of an n-example split read longest first (preprocess.eval_order), from a sample of its token
+    lengths: batch i pads to the length at quantile 1 - i * batch_size / n."""
+    starts = np.arange(0, n, batch_size)
+    return float(np.sum(np.minimum(batch_size, n - starts)
+                        * np.quantile(lengths, 1 - starts / n, method="inverted_cdf")))
+
+
 def run_shape(cfg, n_train: int, n_eval: dict[str, int], tuning: bool = False, train_lengths=None,
               eval_lengths=None) -> RunShape:
     """The shape a run of `cfg` has on a task with n_train training and n_eval[split] eval examples (before the
@@ -666,7 +674,10 @@ def run_shape(cfg, n_train: int, n_eval: dict[str, int], tuning: bool = False, t
     if train_lengths is not None:
         step_tokens = min(d.batch_size, train) * t.gradient_accumulation_steps * expected_batch_max(
             train_lengths, d.batch_size, grouped=bool(d.get("group_by_length", False)))
-    if eval_lengths is not None:
+    if eval_lengths is not None and d.get("group_by_length", False):  # each split read longest first
+        eval_tokens = sum(sorted_split_tokens(eval_lengths, d.eval_batch_size, min(n, d.max_eval_samples or n))
+                          for n in n_eval.values())
+    elif eval_lengths is not None:
         eval_tokens = evals * expected_batch_max(eval_lengths, d.eval_batch_size)
     return RunShape(train, evals, total, n, step_tokens, eval_tokens)
 
@@ -724,7 +735,8 @@ def evaluate_split(model, loader, spec: P.TaskSpec, device, autocast, dist: Dist
     validation losses incomparable across methods. Everything stays on the device until the end (one host sync per
     split); the loss sums in float64, batch by batch in order, the same additions as Python floats would make.
     Data parallel: process r evaluates batches r, r + W, ... (the same batches as one process would, so the same
-    padding), and every process gets all of them back in order."""
+    padding), and every process gets all of them back in order. A loader that reads the split in another order
+    (dataset.group_by_length: longest first) has its predictions and labels put back in the split's order."""
     dist = dist or Dist(solo=True)
     model.eval()
     batches = []  # (batch number, predictions, labels, summed loss), on the device
@@ -756,7 +768,11 @@ def evaluate_split(model, loader, spec: P.TaskSpec, device, autocast, dist: Dist
     for x in every:
         loss_sum += x[3]
     n = sum(len(x[2]) for x in every)
-    return np.concatenate([x[1] for x in every]), np.concatenate([x[2] for x in every]), loss_sum / max(n, 1)
+    preds, labels = np.concatenate([x[1] for x in every]), np.concatenate([x[2] for x in every])
+    if isinstance(getattr(loader, "sampler", None), list):  # read in this order (preprocess.eval_order): back to the split's order
+        order = np.asarray(loader.sampler)
+        preds[order], labels[order] = preds.copy(), labels.copy()
+    return preds, labels, loss_sum / max(n, 1)
 
 
 def run_evaluation(model, eval_loaders, spec, device, autocast, dist: Dist | None = None) -> tuple[dict, dict]:
@@ -1106,7 +1122,10 @@ def trial_forecast(run: RunSetup, summary: dict, imports_s: float, setup_s: floa
     train_lengths, tokenize_per_example = P.sample_lengths(run.pools["train"], run.tokenizer, d.max_length)
     eval_split = next(k for k in run.pools if k != "train")
     eval_lengths, _ = P.sample_lengths(run.pools[eval_split], run.tokenizer, d.max_length)
-    trial_eval_tokens = sum(P.padded_tokens([len(x) for x in ds["input_ids"]], d.eval_batch_size)
+    def read(lengths: list[int]) -> list[int]:  # in the order the eval loader reads them
+        return [lengths[i] for i in P.eval_order(lengths)] if d.get("group_by_length", False) else lengths
+
+    trial_eval_tokens = sum(P.padded_tokens(read([len(x) for x in ds["input_ids"]]), d.eval_batch_size)
                             for split, ds in run.data.items() if split != "train")
     # per token of the global batch (data parallel: each process trains on its share at the same time)
     rates = {"step_s_per_token": summary["step_time_s"]["median"] / (summary["step_time_s"]["tokens_median"]

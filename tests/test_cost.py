@@ -104,6 +104,13 @@ def test_length_grouped_batches_pad_to_about_their_own_length():
         "optuna": {"holdout_fraction": 0.1, "trial_epochs": None, "trial_max_steps": None}})
     assert T.run_shape(cfg, 1000, {"validation": 10}, train_lengths=lengths).step_tokens == pytest.approx(
         2 * T.expected_batch_max(lengths, 2, grouped=True))
+    # the eval splits are read longest first: 500 examples of 100 tokens then 500 of 10 pad to themselves, per split
+    # (two splits of 1000), against 77.5 a batch in file order
+    grouped = T.run_shape(cfg, 1000, {"validation": 1000, "validation_mm": 1000}, eval_lengths=lengths)
+    assert grouped.eval_tokens == 2 * (500 * 100 + 500 * 10)
+    cfg.dataset.group_by_length = False
+    plain = T.run_shape(cfg, 1000, {"validation": 1000, "validation_mm": 1000}, eval_lengths=lengths)
+    assert plain.eval_tokens == pytest.approx(2000 * 77.5, rel=0.03)
 
 
 def test_padded_tokens_pad_each_batch_to_its_longest():

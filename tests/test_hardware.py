@@ -402,6 +402,35 @@ def test_length_grouped_batches_pad_less_and_keep_one_order_per_seed_and_epoch(g
     assert padded["grouped"] < padded["random"], padded
 
 
+def test_length_grouped_evaluation_reads_longest_first_and_gives_the_file_order_back(glue_dir, tiny_model):
+    """dataset.group_by_length: each eval split read longest first (fewer padded tokens than file order), and
+    evaluate_split's predictions and labels come back in the split's own order, equal to a file-order pass; the
+    forecast's estimate of those tokens (sorted_split_tokens) is exact on the split's own lengths."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ds = P.tokenize(P.load_glue("mnli", str(glue_dir), "unused"), tok, 64)
+    split = "validation_matched" if "validation_matched" in ds else next(k for k in ds if k != "train")
+    lengths = [len(x) for x in ds[split]["input_ids"]]
+    grouped = P.make_loaders(ds, tok, 8, 4, 3, group_by_length=True)[1][split]
+    plain = P.make_loaders(ds, tok, 8, 4, 3)[1][split]
+    firsts = [int(b["attention_mask"].sum(1).max()) for b in grouped]
+    assert firsts == sorted(firsts, reverse=True) and firsts[0] == max(lengths)
+    tokens = {name: sum(b["input_ids"].numel() for b in loader) for name, loader in (("grouped", grouped),
+                                                                                        ("plain", plain))}
+    assert tokens["grouped"] < tokens["plain"], tokens
+    assert tokens["grouped"] == T.sorted_split_tokens(np.array(lengths), 4, len(lengths)) == P.padded_tokens(
+        sorted(lengths, reverse=True), 4)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=3,
+                                                               ignore_mismatched_sizes=True).eval()
+    _, spec = P.task_spec("glue_mnli")
+    a = T.evaluate_split(model, grouped, spec, torch.device("cpu"), T.nullcontext)
+    b = T.evaluate_split(model, plain, spec, torch.device("cpu"), T.nullcontext)
+    assert (a[1] == np.asarray(ds[split]["labels"])).all() and (a[1] == b[1]).all()
+    assert (a[0] == b[0]).all() and a[2] == pytest.approx(b[2], rel=1e-5)
+
+
 def test_data_parallel_shards_of_a_pinned_batch_stay_pinned_and_contiguous(monkeypatch):
     batch = {"input_ids": torch.arange(12).view(6, 2), "labels": torch.arange(6)}
     monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: True)
