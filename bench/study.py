@@ -400,8 +400,15 @@ def gpu_run_seconds(run: Run, args, rates: dict, tuning: bool) -> tuple[float | 
     step_rate = sum(share * method["phases"][p]["step_s_per_token"] for p, share in shares.items())
     setup = rates.get("load_s", 0.0) + method.get("init_s", 0.0) + (method.get("reallocation_s") or 0.0)
     seconds = T.forecast_seconds(shape, {"step_s_per_token": step_rate, "eval_s_per_token": method["eval_s_per_token"],
-                                         "tokenize_s_per_example": task["tokenize_s_per_example"]}, setup)
+                                         "tokenize_s_per_example": 0.0}, setup)  # tokenising: once per task
     return seconds, {"steps": shape.total_steps, "evaluations": shape.evaluations, "step_tokens": shape.step_tokens}
+
+
+def gpu_tokenize_seconds(task: str, rates: dict) -> float:
+    """Tokenising a task's splits once: the first trial or run writes the token cache (keyed by the files, the
+    tokenizer and max_length, so every method's trials and seeds of the task read it)."""
+    t = rates["tasks"][task]
+    return t["tokenize_s_per_example"] * sum(t["sizes"].values())
 
 
 def schedule_node(jobs: list[tuple[str, float, str | None]], slots: int) -> float:
@@ -432,6 +439,14 @@ def print_gpu_forecast(runs: list[Run], args, rates: dict, gpus: int) -> float:
             print(f"  {name}: sizes from the official split table, lengths from {t['source']}")
     tuning = tune_phase(runs, args)
     total, jobs, unknown, tune_left, counted = 0.0, [], [], {}, {"trials": 0, "runs": 0}
+    tokenized: dict[str, float] = {}  # task -> its tokenising seconds, charged to the first job that needs it
+
+    def tokenize(task: str) -> float:
+        if task in tokenized:
+            return 0.0
+        tokenized[task] = gpu_tokenize_seconds(task, rates)
+        return tokenized[task]
+
     if tuning:
         print(f"\n{'tune (one study per config, shared by its seeds)':<58} {'trials':>9} {'steps/trial':>11} "
               f"{unit:>10}")
@@ -442,21 +457,22 @@ def print_gpu_forecast(runs: list[Run], args, rates: dict, gpus: int) -> float:
             unknown.append(f"{rid} tuning: {shape}")
             print(f"{rid:<58} {finished:>4}/{planned:<4} {'-':>11} {'-':>10}")
             continue
-        rest = (planned - finished) * per_trial
+        rest = (planned - finished) * per_trial + tokenize(run.task)
         total += rest
         tune_left[rid] = rest
         counted["trials"] += planned - finished
         print(f"{rid:<58} {finished:>4}/{planned:<4} {shape['steps']:>11} {rest / 3600:>10.2f}")
-    print(f"\n{'run':<58} {'seed':>5} {'state':<10} {'steps':>8} {unit:>10}")
+    print(f"\n{'run':<58} {'seed':>5} {'state':<14} {'steps':>8} {unit:>10}")
     per_config = {}  # every seed of a config has the same forecast: computed once
     for r in runs:
-        state, _ = r.state()
+        state, step = r.state()
         if r.rid not in per_config:
             per_config[r.rid] = gpu_run_seconds(r, args, rates, tuning=False)
         seconds, shape = per_config[r.rid]
         if seconds is None:
             unknown.append(f"{r.rid}: {shape}")
-        elif state != "done":
+        elif state != "done":  # a partial run resumes from its newest checkpoint: the steps after it are left
+            seconds = seconds * max(0.0, 1 - (step or 0) / shape["steps"]) + tokenize(r.task)
             total += seconds
             counted["runs"] += 1
             if r.rid in tune_left and not any(name == f"tune {r.rid}" for name, *_ in jobs):
@@ -464,7 +480,8 @@ def print_gpu_forecast(runs: list[Run], args, rates: dict, gpus: int) -> float:
                 jobs.append((f"tune {r.rid}", tune_left[r.rid] + seconds, None))
             else:
                 jobs.append((r.folder.name, seconds, f"tune {r.rid}" if r.rid in tune_left else None))
-        print(f"{r.rid:<58} {r.seed:>5} {state:<10} {shape['steps'] if seconds else '-':>8} "
+        label = state if not step else f"{state} @{step}"
+        print(f"{r.rid:<58} {r.seed:>5} {label:<14} {shape['steps'] if seconds else '-':>8} "
               f"{'-' if seconds is None else f'{seconds / 3600:.2f}':>10}")
     wall = schedule_node(jobs, gpus)
     trials = sum(p - f for f, p, _ in tuning.values())
@@ -473,6 +490,9 @@ def print_gpu_forecast(runs: list[Run], args, rates: dict, gpus: int) -> float:
           f"{counted['runs']} runs with rates: {total / 3600:.1f} {unit}, on {gpus} {noun}{'s' if gpus > 1 else ''} "
           f"of this kind about {wall / 3600:.1f} h wall (a study's trials one after another, then its seeds; "
           f"pruning aside)")
+    if tokenized:
+        print("tokenising, once per task (the token cache serves every later trial, seed and method): "
+              + ", ".join(f"{t} {hms(sec)}" for t, sec in tokenized.items()))
     if args.runs_per_gpu > 1:
         print(f"--runs-per-gpu {args.runs_per_gpu}: no gain from sharing a GPU is assumed (gpu_check does not "
               f"measure one); each run's peak memory is in its table")

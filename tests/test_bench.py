@@ -529,9 +529,9 @@ def deberta_rates(length: int = 100) -> dict:
 
 
 def test_gpu_forecast_of_a_run_on_known_rates():
-    """Seconds = set-up + tokenising + steps x padded tokens x the phase-weighted rate + evaluations x eval tokens x
-    rate, with the MNLI configs' own schedule: 3 epochs of ceil(392,702 / 32) = 12,272 steps, one evaluation an
-    epoch, GLoRA's warm-up and AdaLoRA's final phase one epoch each (a third of the steps)."""
+    """Seconds = set-up + steps x padded tokens x the phase-weighted rate + evaluations x eval tokens x rate, with
+    the MNLI configs' own schedule: 3 epochs of ceil(392,702 / 32) = 12,272 steps, one evaluation an epoch, GLoRA's
+    warm-up and AdaLoRA's final phase one epoch each (a third of the steps); tokenising once per task, apart."""
     bench = load_study_bench()
     args = bench.parse_args(["--backbone", "DeBERTa-v3-base-86M", "--tasks", "MNLI", "--seeds", "1",
                              "--methods", "comparative-2", "comparative-1", "proposed", "comparative-3"])
@@ -539,10 +539,11 @@ def test_gpu_forecast_of_a_run_on_known_rates():
     rates = deberta_rates()
     tokens, evals = 392702 + 9815 + 9832, 3 * (9815 + 9832) * 100 * 1e-7
     steps = 36816 * 32 * 100
-    want = {"lora": 10 + tokens * 1e-4 + steps * 1e-6 + evals,
-            "adalora": 10 + tokens * 1e-4 + steps * (2 / 3 * 3e-6 + 1 / 3 * 1.5e-6) + evals,
-            "glora": 10 + 5 + tokens * 1e-4 + steps * (1 / 3 * 2e-6 + 2 / 3 * 1e-6) + evals,
-            "eva": 10 + 30 + tokens * 1e-4 + steps * 1e-6 + evals}
+    want = {"lora": 10 + steps * 1e-6 + evals,
+            "adalora": 10 + steps * (2 / 3 * 3e-6 + 1 / 3 * 1.5e-6) + evals,
+            "glora": 10 + 5 + steps * (1 / 3 * 2e-6 + 2 / 3 * 1e-6) + evals,
+            "eva": 10 + 30 + steps * 1e-6 + evals}
+    assert bench.gpu_tokenize_seconds("MNLI", rates) == pytest.approx(tokens * 1e-4)
     for kind, run in runs.items():
         seconds, shape = bench.gpu_run_seconds(run, args, rates, tuning=False)
         assert seconds == pytest.approx(want[kind], rel=1e-12), kind
@@ -556,8 +557,7 @@ def test_gpu_forecast_of_a_run_on_known_rates():
     assert shape["steps"] == T.trial_steps(3 * 11045, Fraction(1, 4))
     held = 392702 - 353431
     trial_evals = shape["evaluations"] * held * 100 * 1e-7
-    assert seconds == pytest.approx(10 + (353431 + held) * 1e-4 + shape["steps"] * 3200 * 1e-6 + trial_evals,
-                                    rel=1e-12)
+    assert seconds == pytest.approx(10 + shape["steps"] * 3200 * 1e-6 + trial_evals, rel=1e-12)
     missing = {**rates, "methods": {k: v for k, v in rates["methods"].items() if k != "eva"}}
     assert bench.gpu_run_seconds(runs["eva"], args, missing, tuning=False)[0] is None
 
@@ -601,6 +601,28 @@ def test_plan_with_a_gpu_check_prints_the_tune_and_seed_phases_in_gpu_hours(tmp_
                             r"([\d.]+) GPU-hours, on 8 GPUs", out)[1])
     assert total == pytest.approx(sum(float(r[2]) for r in tune_rows) + sum(float(r[3]) for r in run_rows),
                                   abs=0.1)
+    assert "tokenising, once per task (the token cache serves every later trial, seed and method): MNLI " in out
+
+
+def test_gpu_plan_counts_a_partial_run_from_its_checkpoint_and_tokenising_once_per_task(tmp_path, capsys):
+    """A run with a checkpoint at half its steps adds half its forecast; each task's tokenising is charged once,
+    to its first job, whatever the number of methods and seeds."""
+    bench = load_study_bench()
+    (tmp_path / "rates.json").write_text(json.dumps(deberta_rates()))
+    argv = ["--plan", "--backbone", "DeBERTa-v3-base-86M", "--tasks", "MNLI", "RTE", "--methods", "comparative-2",
+            "proposed", "--seeds", "1", "2", "--gpu-check", str(tmp_path / "rates.json"), "--set",
+            "optuna.n_trials=0", "--results-dir", str(tmp_path / "study")]
+    args = bench.parse_args(argv)
+    rates, runs = deberta_rates(), bench.matrix(args)
+    whole = bench.plan(runs, args)
+    per_run = {r.rid: bench.gpu_run_seconds(r, args, rates, tuning=False)[0] for r in runs}
+    tokenize = bench.gpu_tokenize_seconds("MNLI", rates) + bench.gpu_tokenize_seconds("RTE", rates)
+    assert whole == pytest.approx(2 * sum(per_run.values()) + tokenize, rel=1e-12)
+    partial = next(r for r in runs if r.kind == "lora" and r.task == "MNLI" and r.seed == 2)
+    (partial.folder / "checkpoint" / "step-18408").mkdir(parents=True)  # half of 36,816 steps
+    capsys.readouterr()
+    assert bench.plan(runs, args) == pytest.approx(whole - per_run[partial.rid] / 2, rel=1e-12)
+    assert re.search(r"comparative-2-DeBERTa-v3-base-86M--GLUE-MNLI\s+2 partial @18408\s+36816", capsys.readouterr().out)
 
 
 def test_plan_tries_one_trial_run_per_task_when_they_fail_and_says_there_is_no_forecast(tmp_path, monkeypatch,
