@@ -1169,29 +1169,54 @@ def seeds_needed(estimate: float | None, sd: float | None, bounds: list[float], 
     is an upper bound; otherwise only the nearer bound counts. Returns {n, level, power, assumes, prospective,
     effect, reason}; n None ("not decidable") on a bound, beyond n_max seeds, or with no sd.
     """
-    out = {"n": None, "level": confidence, "power": power, "assumes": SEEDS_ASSUME, "prospective": True,
-           "effect": None, "reason": None}
-    if estimate is None or sd is None or not (math.isfinite(estimate) and math.isfinite(sd)):
+    return seeds_to_decide([{"estimate": estimate, "sd": sd, "bounds": bounds}], confidence, power, n_max)
+
+
+def seeds_to_decide(conditions: list[dict], confidence: float | dict[int, float], power: float,
+                    n_max: int = SEEDS_MAX) -> dict:
+    """seeds_needed for a status that needs every one of `conditions` ({estimate, sd, bounds} each, e.g. H2's
+    Fieller test and AdaLoRA's gain above 0): the chance that all hold is bounded from below by the sum of their
+    chances minus (k - 1), as for two bounds. `confidence` a dict: a sequential design's looks, n -> that look's
+    level; the answer is the first look whose interval alone would decide with `power` (the looks' levels differ,
+    so the chance need not rise with n), and "not decidable" past the design's last look."""
+    sequential = isinstance(confidence, dict)
+    out = {"n": None, "level": None if sequential else confidence, "power": power, "assumes": SEEDS_ASSUME,
+           "prospective": True, "effect": None, "reason": None}
+    if sequential:
+        out["looks"] = {"first": min(confidence), "max_seeds": max(confidence)}
+    effects = []
+    for c in conditions:
+        estimate, sd, bounds = c["estimate"], c["sd"], c["bounds"]
+        if estimate is None or sd is None or not (math.isfinite(estimate) and math.isfinite(sd)):
+            return {**out, "reason": "no estimate and sd (needs >= 2 seeds)"}
+        if sd < 1e-12:
+            return {**out, "reason": "no spread (sd = 0): no interval to decide with"}
+        inside = len(bounds) == 2 and min(bounds) < estimate < max(bounds)
+        effects += [abs(estimate - b) / sd
+                    for b in (bounds if inside else [min(bounds, key=lambda b: abs(estimate - b))])]
+    if not effects:
         return {**out, "reason": "no estimate and sd (needs >= 2 seeds)"}
-    if sd < 1e-12:
-        return {**out, "reason": "no spread (sd = 0): no interval to decide with"}
-    alpha = (1 - confidence) / 2
-    inside = len(bounds) == 2 and min(bounds) < estimate < max(bounds)
-    effects = [abs(estimate - b) / sd for b in (bounds if inside else [min(bounds, key=lambda b: abs(estimate - b))])]
     out["effect"] = min(effects)
     if out["effect"] < 1e-9:
         return {**out, "reason": "not decidable: the estimate sits on the margin, so no number of seeds excludes it"}
 
-    def chance(n: int) -> float:
-        return sum(exclusion_power(d, n, alpha) for d in effects) - (len(effects) - 1)
+    def chance(n: int, level: float) -> float:
+        return sum(exclusion_power(d, n, (1 - level) / 2) for d in effects) - (len(effects) - 1)
 
-    if chance(n_max) < power:
+    if sequential:
+        n = next((n for n in sorted(confidence) if n >= 2 and chance(n, confidence[n]) >= power), None)
+        if n is None:
+            last = max(confidence)
+            return {**out, "reason": f"not decidable within the design: no look up to its {last} seeds reaches "
+                                     f"power {power:g} (at {last}: {max(0.0, chance(last, confidence[last])):.2f})"}
+        return {**out, "n": n, "level": confidence[n]}
+    if chance(n_max, confidence) < power:
         return {**out, "reason": f"not decidable: needs more than {n_max:,} seeds (the estimate is "
                                  f"{out['effect']:.3g} sd from the margin)"}
     low, high = 1, n_max  # chance rises with n: chance(high) >= power, and n = 1 has no interval
     while high - low > 1:
         mid = (low + high) // 2
-        low, high = (low, mid) if chance(mid) >= power else (mid, high)
+        low, high = (low, mid) if chance(mid, confidence) >= power else (mid, high)
     return {**out, "n": high}
 
 
@@ -1552,10 +1577,11 @@ VERDICT_RULE = (
     "of the ratio of mean gains, bounded only when AdaLoRA's gain is shown above 0 at that level; when the gain "
     "cannot be told from 0 (whatever the sign of its mean) Fieller's set is unbounded and holds shares on both sides "
     "of the margin: *undecided*, with that reason; H3 a "
-    "t-interval of the per-seed log step-time ratio (comparable runs only), exponentiated, or, where a timing record "
-    "timed the task's groups (bench/overhead.py --record, in {results_dir}/timing/), of the per-pair log ratio of its "
-    "interleaved blocks (pairs are the units; the GLUE average averages pair i over the tasks, and uses the study "
-    "runs unless every task has a record); H4 a t-interval of the per-seed log parameter ratio, exponentiated (when "
+    "t-interval of the per-seed log ratio of the runs' median step times (comparable runs only), exponentiated, or, "
+    "where a timing record timed the task's groups (bench/overhead.py --record, in {results_dir}/timing/), of the "
+    "per-pair log ratio of its interleaved blocks, a method's time per step in a pair being its phases' block mean "
+    "times per step weighted by each phase's share of the run's steps (pairs are the units; the GLUE average "
+    "averages pair i over the tasks, and uses the study runs unless every task has a record); H4 a t-interval of the per-seed log parameter ratio, exponentiated (when "
     "every seed gives the same ratio, that exact ratio is judged directly), AdaLoRA counted at its final ranks, the "
     "ratio to the parameters it trains (init_r) beside it. The GLUE average (the mean over the tasks that have the groups, per seed: seeds "
     "are the units) is the primary verdict, at 1 − α; per-task verdicts form one family per hypothesis and use "
@@ -1563,8 +1589,9 @@ VERDICT_RULE = (
     "shown with the bound the rule puts on it: supported when p ≤ (1 − level)/2, α/(2k) per task (TOST's p is the "
     "larger of its two one-sided p's), so p and status agree. Each entry names the seeds it leaves out (`excluded`: "
     "no partner run, a run skip_bad skipped, a missing or non-finite value) and gives `seeds_needed`, prospective: "
-    "the fewest seeds at which its own interval would exclude the margin with the configured power if the true value "
-    "and sd were the current estimates (not decidable on the margin, or beyond 10,000). H1–H4 are separate claims that must all hold for the "
+    "the fewest seeds at which its own interval would exclude the margin with the configured power (jointly over "
+    "the conditions its status needs: H2's two) if the true value and sd were the current estimates (not decidable "
+    "on the margin, or beyond 10,000; in a sequential design, the first look whose own level would decide). H1–H4 are separate claims that must all hold for the "
     "question's claim (an intersection-union test): no adjustment across them.")
 HYPOTHESIS_ROLES = {"H1": ("reference", "baseline"), "H2": ("reference", "adalora", "baseline"),
                     "H3a": ("reference", "baseline"), "H3b": ("reference", "adalora"), "H4": ("reference", "adalora")}
@@ -1971,17 +1998,20 @@ def verdict_entry(hid: str, task: str, values: dict, why: str | None, margin: fl
 
 
 def verdict_seeds(entry: dict, power: float) -> dict:
-    """An entry's `seeds_needed` (prospective, at its own level): seeds_needed for each condition its status needs
-    (`scales`; H2: the test Fieller inverts and AdaLoRA's gain above 0, each at `power`, the larger n), or why not."""
-    unit = {"unit": "pairs" if entry.get("instrument") == "interleaved" else "seeds"}  # H3's timer: its pairs
-    answers = [{**seeds_needed(s["estimate"], s["sd"], s["bounds"], entry["confidence"], power), **unit}
-               for s in entry["scales"]]
-    why = entry["scales_reason"] or (None if answers else f"not testable: {entry['reason']}")
-    if why or any(a["n"] is None for a in answers):
-        blocked = next((a for a in answers if a["n"] is None),
-                       {**seeds_needed(None, None, [], entry["confidence"], power), **unit})
-        return {**blocked, "reason": why or blocked["reason"]}
-    return {**max(answers, key=lambda a: a["n"]), "conditions": len(answers)}
+    """An entry's `seeds_needed` (prospective, at its own level): seeds_to_decide over every condition its status
+    needs (`scales`; H2: the test Fieller inverts and AdaLoRA's gain above 0, jointly at `power`), or why not. In a
+    sequential design the seeds are its looks, each at its own level (per task ÷ the family); the interleaved
+    timer's pairs (H3) are no look: they are read at the entry's level."""
+    pairs = entry.get("instrument") == "interleaved"
+    look = entry.get("sequential")
+    level = entry["confidence"]
+    if look and not pairs:
+        level = {n: 1 - a["alpha_this_look"] / entry["family_size"] for n, a in
+                 look_alphas(look["first_look"], look["max_seeds"], look["alpha"], look["spending"]).items()}
+    why = entry["scales_reason"] or (None if entry["scales"] else f"not testable: {entry['reason']}")
+    answer = seeds_to_decide(entry["scales"] if not why else [], level, power)
+    return {**answer, "unit": "pairs" if pairs else "seeds", "conditions": len(entry["scales"]),
+            "reason": why or answer["reason"]}
 
 
 def skipped_run(folder: Path, why: str) -> dict:
@@ -2863,8 +2893,9 @@ def verdict_line(e: dict) -> str:
     status = f"**{e['status']}**" + (f" ({e['reason']})" if e["reason"] else "") + (
         f"; {e['detail']}" if e.get("detail") else "") + (
         "" if e["status"] in ("not testable", "supported", "contradicted") or not needed else
-        f"; {needed.get('unit', 'seeds')} to decide at this level (prospective: power {needed['power']:g}, if the "
-        f"{needed['assumes']}): "
+        f"; {needed.get('unit', 'seeds')} to decide "
+        f"{'at a look of this design, at its level' if needed.get('looks') else 'at this level'} (prospective: "
+        f"power {needed['power']:g}, if the {needed['assumes']}): "
         + (str(needed["n"]) if needed["n"] is not None else needed["reason"])) + (
         "; seeds left out: " + "; ".join(f"{x['seed']} ({x['why']})" for x in e["excluded"])
         if e.get("excluded") else "") + fmt_decision(e)

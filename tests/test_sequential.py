@@ -192,3 +192,50 @@ def test_a_verdict_decided_at_an_earlier_look_is_kept_and_recomputed_from_the_ru
     assert "sequential_decision" not in verdicts(E.aggregate(records), "H1")["sst2"]
     line = E.verdict_line(second)
     assert "→ **supported**" in line and "decided at look 1 (n = 3), kept: this look alone reads undecided" in line
+
+
+def test_seeds_needed_in_a_sequential_design_is_the_first_look_that_decides_at_its_own_level():
+    """At look n the interval is read at 1 - alpha_this_look(n) (÷ the family per task): the answer is the first
+    look whose own interval excludes the margin with the power, and past the design's last look none does."""
+    from statsmodels.stats.power import TTestPower
+
+    looks = {n: 1 - a["alpha_this_look"] for n, a in E.look_alphas(5, 12, ALPHA).items()}
+
+    def chance(n: int, effect: float) -> float:
+        return TTestPower().power(effect_size=effect, nobs=n, alpha=(1 - looks[n]) / 2, alternative="larger")
+
+    got = E.seeds_to_decide([{"estimate": 0.015, "sd": 0.006, "bounds": [0.005]}], looks, 0.8)
+    n = got["n"]
+    assert chance(n, 0.01 / 0.006) >= 0.8 and all(chance(k, 0.01 / 0.006) < 0.8 for k in looks if k < n)
+    assert got["level"] == looks[n] and got["looks"] == {"first": 5, "max_seeds": 12}
+    assert n > E.seeds_needed(0.015, 0.006, [0.005], 0.95, 0.8)["n"]  # each look's level is above 95%
+    far = E.seeds_to_decide([{"estimate": 0.012, "sd": 0.006, "bounds": [0.005]}], looks, 0.8)  # 0.79 at 12
+    assert far["n"] is None and far["reason"].startswith("not decidable within the design: no look up to its 12")
+    # an entry of a sequential look carries it, per task at its family's share
+    settings = E.load_settings({"statistics": {"sequential": {"look_n": 6, "first_look": 5, "max_seeds": 12}}})
+    records = study(0.015, 0.006, n=6, tasks=("sst2", "cola"))  # +1.5 points, sd 0.6: undecided at look 2
+    e = verdicts(E.aggregate(records, settings), "H1")["sst2"]
+    per_task = {n: 1 - a["alpha_this_look"] / 2 for n, a in E.look_alphas(5, 12, ALPHA).items()}
+    want = E.seeds_to_decide(e["scales"], per_task, 0.8)
+    assert e["status"] == "undecided" and e["seeds_needed"]["n"] == want["n"] == 10
+    assert e["seeds_needed"]["level"] == per_task[10] and e["seeds_needed"]["looks"]["max_seeds"] == 12
+    assert "seeds to decide at a look of this design, at its level (prospective" in E.verdict_line(e)
+
+
+def test_seeds_needed_for_two_conditions_holds_the_power_jointly():
+    """H2 needs two intervals to exclude their bounds at once: P(both) >= P1 + P2 - 1, so the answer is at least
+    the larger single answer and, by simulation of two independent conditions, reaches the power jointly."""
+    a = {"estimate": 0.008, "sd": 0.010, "bounds": [0.0]}  # each 0.8 sd above its bound
+    b = {"estimate": 0.12, "sd": 0.15, "bounds": [0.0]}
+    both = E.seeds_to_decide([a, b], 0.95, 0.8)
+    single = max(E.seeds_needed(c["estimate"], c["sd"], c["bounds"], 0.95, 0.8)["n"] for c in (a, b))
+    assert both["n"] > single
+    rng = np.random.default_rng(3)
+
+    def excludes(c: dict, n: int, draws: int = 20000) -> np.ndarray:
+        x = rng.normal(c["estimate"], c["sd"], (draws, n))
+        half = stats.t.ppf(0.975, n - 1) * x.std(axis=1, ddof=1) / np.sqrt(n)
+        return x.mean(axis=1) - half > c["bounds"][0]
+
+    assert (excludes(a, both["n"]) & excludes(b, both["n"])).mean() >= 0.8
+    assert (excludes(a, single) & excludes(b, single)).mean() < 0.8  # the larger single answer falls short
