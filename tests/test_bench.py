@@ -416,6 +416,22 @@ def test_plan_counts_a_partial_runs_share_left_and_the_finished_runs_overrun(tmp
     assert study.overrun([half, done], {"half": 200.0, "done": 100.0}) == {"t": [pytest.approx(1.3)]}
 
 
+@pytest.mark.slow
+def test_committed_reports_rederive_from_their_records_with_the_current_evaluate():
+    """Every committed report.md and aggregated_metrics.json is what src.evaluate writes today for its committed
+    runs (bench/reports.py --check): a change to the statistics or the report's text comes with re-derived reports."""
+    spec = importlib.util.spec_from_file_location("bench_reports", REPO / "bench" / "reports.py")
+    reports = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reports)
+    names = [n for n in reports.REPORTS if reports.paths(n)[1].exists()]
+    assert {"sst2-demo", "study-MiniLM-L6-22M"} <= set(names)
+    for name in names:
+        report, metrics = reports.rederive(name)
+        md, js = reports.paths(name)
+        assert report == md.read_text(), f"{md.name}: re-derive with `uv run python bench/reports.py {name}`"
+        assert metrics == js.read_text(), f"{js.name}: re-derive with `uv run python bench/reports.py {name}`"
+
+
 def test_committed_study_record_matches_its_run_records():
     """The study's committed CSV (README, BENCHMARKS) is in the repository, has the issue's columns, and every row
     is re-derivable from the run record committed beside it (summary.json: metric value, train time, params)."""
