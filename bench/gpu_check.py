@@ -11,7 +11,8 @@ configs' own, `auto`), it does what the study's runs will do, with the run's own
   `mask_interval` steps) and then trains its last third at the final ranks; EVA's data pass runs first;
 - an evaluation (src.train.evaluate_split) on `--eval-batches` batches of the first dev split;
 - a checkpoint on the device (src.train.Checkpoints) after the last step: one more step is taken, the checkpoint
-  restored and that step retaken: its loss and weights must agree (RESUME_RTOL);
+  restored into a set-up built afresh (as a resumed run's) and that step retaken: loss and weights must agree
+  (RESUME_RTOL);
 - with 2 or more GPUs visible (or `--data-parallel on`), the GLoRA config in `mode=trial` on 2 processes under
   torchrun: its reallocation and the cross-process checks under data parallel.
 
@@ -215,9 +216,14 @@ def check_one(cfg, base, tokenizer, device: torch.device, steps: int, task: dict
     _, init = M.prepare_adapter(cfg, model, lambda size: P.make_loaders(task["data"], tokenizer, size, size,
                                                                         cfg.seed)[0], device, progress=False)
     init_s = time.perf_counter() - tic
-    optimizer = T.build_optimizer(model, cfg.training)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    hook = M.make_hook(cfg, model, optimizer)
+    initial = copy.deepcopy(model)  # what a resumed run has built when it restores: the set-up before any step
+
+    def set_up(model) -> tuple:
+        optimizer = T.build_optimizer(model, cfg.training)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        return model, optimizer, scheduler, M.make_hook(cfg, model, optimizer)
+
+    model, optimizer, scheduler, hook = set_up(model)
     T.check_fp32_state(model, optimizer)
     per_step, notes = [], []
     for step, batch in enumerate(batches[:steps], start=1):
@@ -250,7 +256,9 @@ def check_one(cfg, base, tokenizer, device: torch.device, steps: int, task: dict
                         "syncs_median": statistics.median(r[3] for r in rows) if device.type == "cuda" else None}
     evaluation = eval_rate(model, eval_loaders["validation"], P.TASKS[P.task_spec(d.name)[0]], device, autocast,
                            eval_batches)
-    resume = checkpoint_resume(model, optimizer, scheduler, hook, device, precision, batches[steps], autocast, cfg)
+    resume = checkpoint_resume((model, optimizer, scheduler, hook), set_up(initial), device, precision,
+                               batches[steps], autocast, cfg)
+    del initial
     state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.is_floating_point()]
     return {"precision": precision, "phases": rates, "init_s": init_s if init else 0.0,
             "reallocation_s": next((s for p, s, *_ in per_step if p == "reallocation"), None),
@@ -275,28 +283,32 @@ def eval_rate(model, loader, spec, device, autocast, n_batches: int) -> dict:
     return {"eval_s_per_token": seconds / tokens, "eval_examples": len(preds)}
 
 
-def checkpoint_resume(model, optimizer, scheduler, hook, device, precision, batch, autocast, cfg) -> dict:
-    """Save a checkpoint, take one step, restore the checkpoint and retake that step: the two must agree."""
-    def one_step(step: int) -> tuple[float, dict]:
+def checkpoint_resume(live: tuple, fresh: tuple, device, precision, batch, autocast, cfg) -> dict:
+    """Save a checkpoint of the `live` set-up (model, optimizer, scheduler, hook), take one step on it; restore the
+    checkpoint into the `fresh` set-up (built as the run built it, before any step: what a resumed process has, so
+    state the checkpoint lacks shows) and retake that step there: the two must agree."""
+    def one_step(parts: tuple, step: int) -> tuple[float, dict]:
+        model, optimizer, scheduler, hook = parts
         loss = T.forward_backward(model, batch, device, autocast)
         T.optimizer_step(model, optimizer, scheduler, hook, step, cfg.training.max_grad_norm)
         return float(loss), trainable_state(model)
 
-    step = scheduler.last_epoch  # the optimizer steps taken
+    step = live[2].last_epoch  # the optimizer steps taken
     with tempfile.TemporaryDirectory() as folder:
-        ckpt = T.Checkpoints(Path(folder), model, optimizer, scheduler, hook, keep=1, device=device,
-                             precision=precision)
         tic = time.perf_counter()
-        path = ckpt.save(T.LoopState(step=step))
+        path = T.Checkpoints(Path(folder), *live, keep=1, device=device, precision=precision).save(
+            T.LoopState(step=step))
         save_s = time.perf_counter() - tic
         size = sum(f.stat().st_size for f in path.iterdir())
-        first_loss, first = one_step(step + 1)
+        first_loss, first = one_step(live, step + 1)
         tic = time.perf_counter()
-        st = ckpt.restore_latest()
+        st = T.Checkpoints(Path(folder), *fresh, keep=1, device=device, precision=precision).restore_latest()
         load_s = time.perf_counter() - tic
-        again_loss, again = one_step(step + 1)
+        again_loss, again = one_step(fresh, step + 1)
     if st.step != step:
         raise T.TrainingError(f"the checkpoint of step {step} restored step {st.step}")
+    if set(first) != set(again) or any(first[n].shape != again[n].shape for n in first):
+        raise T.TrainingError("the restored model's trainable weights differ in names or shapes from the saved one")
     loss_diff = abs(first_loss - again_loss) / max(abs(first_loss), 1e-12)
     weight_diff = max(float((first[n] - again[n]).abs().max() / first[n].abs().max().clamp_min(1e-12))
                       for n in first)

@@ -519,6 +519,20 @@ def test_gpu_check_reports_a_rows_first_fault_and_goes_on(tiny_model, glue_dir, 
     assert set(json.loads((tmp_path / "r.json").read_text())["methods"]) == {"lora", "glora"}
 
 
+def test_gpu_check_restores_into_a_fresh_set_up_so_state_a_checkpoint_lacks_shows(tiny_model, glue_dir, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """GLoRA's hook state (its allocation) left out of the checkpoint: restored into a set-up built afresh (at the
+    initial ranks, as a resumed process has it) the weights no longer fit, and the row says so. Restored into the
+    live model, which already has the new ranks, nothing would have shown."""
+    monkeypatch.setattr(M.GloraHook, "state_dict", lambda self: ({}, {}))
+    monkeypatch.setattr(M.GloraHook, "load_state_dict", lambda self, tensors, meta: None)
+    code = load_gpu_check().main_(["--device", "cpu", "--backbone", str(tiny_model), "--steps", "6",
+                                   "--data-dir", str(glue_dir), "--out", str(tmp_path / "r.json"),
+                                   "--runs", MNLI_RUNS[2], "--set", "dataset.max_length=16"])
+    row = " ".join(table(capsys.readouterr().out)["GLoRA", "auto", "-"])
+    assert code == 1 and "FAULT: CheckpointError: checkpoint weights do not match this model" in row
+
+
 @pytest.mark.slow  # about 50 s here: the hub is asked for each task before the length model is used
 def test_gpu_check_without_the_task_files_uses_the_length_model_and_the_official_sizes(tiny_model, tmp_path,
                                                                                         monkeypatch, capsys):
