@@ -117,12 +117,15 @@ def model_lengths(n: int, max_length: int, seed: int = 0) -> np.ndarray:
 def task_data(task: str, cfg, tokenizer, vocab: int, n_train: int, n_eval: int) -> dict:
     """A task's examples for the check and what a forecast needs of it: the sizes of its splits, samples of its train
     and dev token lengths, the tokenizer's seconds per example; `data`: n_train + n_eval tokenised examples. From the
-    task's files (or the hub) when they can be read; else LENGTH_MODEL's lengths, random tokens, GLUE_SIZES."""
+    task's files (or the hub) when they can be read; else LENGTH_MODEL's lengths, random tokens, GLUE_SIZES. A task
+    folder that is in the given data_dir but cannot be read stops the check (the lengths would be a guess)."""
     spec = P.TASKS[task]
     d = cfg.dataset
     try:
         raw = P.load_glue(task, d.data_dir, d.cache_dir)
     except P.DataError as e:
+        if d.data_dir is not None and (Path(d.data_dir) / spec.folder).exists():  # there, but broken: not a guess
+            raise SystemExit(f"gpu_check: {Path(d.data_dir) / spec.folder} cannot be read: {e}") from None
         raw, reason = None, str(e).split(";")[0]
     if raw is not None:
         eval_split = next(s for s in raw if s != "train")
@@ -388,6 +391,9 @@ def main_(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.steps < 6:
         ap.error(f"--steps {args.steps}: at least 6, so that every phase has a timed step (the first is not timed)")
+    if args.data_dir and not Path(args.data_dir).is_dir():
+        ap.error(f"--data-dir {args.data_dir}: no such folder (a GLUE folder in the official layout, e.g. "
+                 f"{Path(args.data_dir) / 'MNLI' / 'train.tsv'})")
     overrides = [*args.set, f"hardware.device={args.device}"]
     overrides += [f"model.backbone={args.backbone}"] if args.backbone else []
     overrides += [f"dataset.data_dir={args.data_dir}"] if args.data_dir else []

@@ -552,6 +552,20 @@ def test_gpu_check_without_the_task_files_uses_the_length_model_and_the_official
     assert re.search(r"comparative-2-DeBERTa-v3-base-86M--GLUE-MNLI\s+1 todo\s+36816 ", out)
 
 
+def test_gpu_check_stops_on_a_data_dir_it_cannot_read(tiny_model, glue_dir, tmp_path):
+    """--data-dir that is not a folder, or whose task folder is there but broken: a clear stop before any work, not
+    the length model's guess."""
+    gc = load_gpu_check()
+    with pytest.raises(SystemExit):
+        gc.main_(["--device", "cpu", "--backbone", str(tiny_model), "--data-dir", str(tmp_path / "nope")])
+    broken = tmp_path / "glue"
+    shutil.copytree(glue_dir, broken)
+    (broken / "MNLI" / "train.tsv").write_text("not\ta\nGLUE file\n")
+    with pytest.raises(SystemExit, match=r"MNLI cannot be read"):
+        gc.main_(["--device", "cpu", "--backbone", str(tiny_model), "--data-dir", str(broken), "--steps", "6",
+                  "--runs", MNLI_RUNS[0], "--out", str(tmp_path / "r.json")])
+
+
 def test_the_length_model_has_its_stated_quantiles():
     gc = load_gpu_check()
     lengths = gc.model_lengths(20000, 512)
