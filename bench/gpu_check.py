@@ -93,18 +93,10 @@ def window_schedule(cfg, steps: int):
     if kind == "adalora":
         cfg.adalora.adaptation_start_step, cfg.adalora.final_steps = steps // 4, steps // 3
     cfg, _ = T.resolve_schedules(cfg, steps, steps)
-    phases = {s: phase_of(kind, s, steps, cfg) for s in range(1, steps + 1)}
-    return cfg, phases
+    from study import phase_steps  # the forecast's phases, so a rate measured here is the one it weights
 
-
-def phase_of(kind: str, step: int, total: int, cfg) -> str:
-    """Which cost regime a step is in: GLoRA's warm-up (scores kept) or after it, AdaLoRA's budgeting (importance
-    updated every step, masks every mask_interval) or its final phase (fixed ranks); one phase otherwise."""
-    if kind == "glora":
-        return "warm-up" if step <= cfg.glo_ra.warmup_steps else "after"
-    if kind == "adalora":
-        return "budgeting" if step <= total - cfg.adalora.final_steps else "final"
-    return "train"
+    phases = [p for p, n in phase_steps(kind, cfg, steps).items() for _ in range(n)]
+    return cfg, dict(enumerate(phases, start=1))
 
 
 def model_lengths(n: int, max_length: int, seed: int = 0) -> np.ndarray:

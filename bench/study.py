@@ -350,17 +350,22 @@ def plan(runs: list[Run], args) -> float:
     return left
 
 
-def phase_shares(kind: str, cfg, total: int) -> dict[str, float]:
-    """The share of a run's `total` optimizer steps in each cost regime bench/gpu_check.py times (cfg's schedules
-    resolved to steps): GLoRA's warm-up (scores kept) and after it; AdaLoRA's budgeting (importance every step,
-    masks every mask_interval) and its final phase at fixed ranks; one phase otherwise."""
+def phase_steps(kind: str, cfg, total: int) -> dict[str, int]:
+    """A run's `total` optimizer steps per cost regime bench/gpu_check.py times, in order (cfg's schedules resolved
+    to steps): GLoRA's warm-up (scores kept) and after it; AdaLoRA's budgeting (importance every step, masks every
+    mask_interval) and its final phase at fixed ranks; one phase otherwise."""
     if kind == "glora":
         warm = min(total, cfg.glo_ra.warmup_steps)
-        return {"warm-up": warm / total, "after": 1 - warm / total}
+        return {"warm-up": warm, "after": total - warm}
     if kind == "adalora":
         final = min(total, cfg.adalora.final_steps)
-        return {"budgeting": 1 - final / total, "final": final / total}
-    return {"train": 1.0}
+        return {"budgeting": total - final, "final": final}
+    return {"train": total}
+
+
+def phase_shares(kind: str, cfg, total: int) -> dict[str, float]:
+    """Each phase's share of the run's steps (phase_steps)."""
+    return {p: n / total for p, n in phase_steps(kind, cfg, total).items()}
 
 
 def forecast_gpus(args) -> int:
