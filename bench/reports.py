@@ -5,7 +5,7 @@ src.evaluate, and check or rewrite them.
     uv run python bench/reports.py             # rewrite them (report.md and aggregated_metrics.json)
 
 Each report reads the runs of the run configs its committed aggregated_metrics.json lists, every seed of them in its
-records folder (REPORTS), and that folder's timing records, at config/hypotheses.yaml's settings: what
+records folder (REPORTS), and that folder's timing records, at the settings it records: what
 `uv run python -m src.evaluate results_dir=<a copy of the folder> run_ids='[...]'` writes to comparison/, without
 the per-run figures and without writing into the committed folders.
 """
@@ -35,13 +35,15 @@ def paths(name: str) -> tuple[Path, Path]:
 
 
 def rederive(name: str) -> tuple[str, str]:
-    """(report.md, aggregated_metrics.json) as the current src.evaluate writes them for the report's runs."""
+    """(report.md, aggregated_metrics.json) as the current src.evaluate writes them for the report's runs, at the
+    settings the report records (config/hypotheses.yaml's, with any overrides it was made with)."""
     committed = json.loads(paths(name)[1].read_text())
     run_ids = list(dict.fromkeys(r["run_id"] for r in committed["runs"]))
     folder = RESULTS / REPORTS[name]
     records = E.load_runs(folder, run_ids, False, E.WandbSource())
-    agg = E.aggregate(records, E.load_settings(), E.load_timing_records(folder))
-    return E.report_markdown(agg), json.dumps(E._finite(agg), indent=2, allow_nan=False)
+    settings = E.load_settings({k: committed["settings"][k] for k in ("statistics", "hypotheses")})
+    texts = E.comparison_texts(E.aggregate(records, settings, E.load_timing_records(folder)))
+    return texts["report.md"], texts["aggregated_metrics.json"]
 
 
 def main(argv=None) -> int:
@@ -54,6 +56,9 @@ def main(argv=None) -> int:
     for name in args.names:
         if name not in REPORTS:
             p.error(f"unknown report {name!r}; known: {list(REPORTS)}")
+        if not all(path.exists() for path in paths(name)):
+            p.error(f"{name}: no committed report in {REPORT_DIR} to re-derive (its runs come from its committed "
+                    f"aggregated_metrics.json); write it first with src.evaluate or bench/study.py")
         texts = rederive(name)
         changed = [path.name for path, text in zip(paths(name), texts) if path.read_text() != text]
         if changed and not args.check:

@@ -445,9 +445,12 @@ def print_gpu_forecast(runs: list[Run], args, rates: dict, gpus: int) -> float:
     tuning = tune_phase(runs, args)
     total, jobs, unknown, tune_left, counted = 0.0, [], [], {}, {"trials": 0, "runs": 0}
     tokenized: dict[str, float] = {}  # task -> its tokenising seconds, charged to the first job that needs it
+    # a task with a trial or a run begun has its token cache already
+    started = {r.task for r in runs if r.state()[0] != "todo"} | {
+        next(r.task for r in runs if r.rid == rid) for rid, (finished, _, _) in tuning.items() if finished}
 
     def tokenize(task: str) -> float:
-        if task in tokenized:
+        if task in tokenized or task in started:
             return 0.0
         tokenized[task] = gpu_tokenize_seconds(task, rates)
         return tokenized[task]

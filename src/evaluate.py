@@ -1177,11 +1177,14 @@ def seeds_to_decide(conditions: list[dict], confidence: float | dict[int, float]
     """seeds_needed for a status that needs every one of `conditions` ({estimate, sd, bounds} each, e.g. H2's
     Fieller test and AdaLoRA's gain above 0): the chance that all hold is bounded from below by the sum of their
     chances minus (k - 1), as for two bounds. `confidence` a dict: a sequential design's looks, n -> that look's
-    level; the answer is the first look whose interval alone would decide with `power` (the looks' levels differ,
-    so the chance need not rise with n), and "not decidable" past the design's last look."""
+    level (the looks still to come); the answer is the first look whose interval alone would decide with `power`
+    (the looks' levels differ, so the chance need not rise with n), and "not decidable" past the design's last
+    look."""
     sequential = isinstance(confidence, dict)
     out = {"n": None, "level": None if sequential else confidence, "power": power, "assumes": SEEDS_ASSUME,
            "prospective": True, "effect": None, "reason": None}
+    if sequential and not confidence:
+        return {**out, "looks": None, "reason": "not decidable within the design: this was its last look"}
     if sequential:
         out["looks"] = {"first": min(confidence), "max_seeds": max(confidence)}
     effects = []
@@ -1587,7 +1590,8 @@ VERDICT_RULE = (
     "are the units) is the primary verdict, at 1 − α; per-task verdicts form one family per hypothesis and use "
     "Bonferroni intervals at 1 − α/k over its k tasks, so a task's verdict holds at α for the family. Each p is "
     "shown with the bound the rule puts on it: supported when p ≤ (1 − level)/2, α/(2k) per task (TOST's p is the "
-    "larger of its two one-sided p's), so p and status agree. Each entry names the seeds it leaves out (`excluded`: "
+    "larger of its two one-sided p's), so p and status agree (but for a sequential study's verdict kept from an "
+    "earlier look: its line names that look). Each entry names the seeds it leaves out (`excluded`: "
     "no partner run, a run skip_bad skipped, a missing or non-finite value) and gives `seeds_needed`, prospective: "
     "the fewest seeds at which its own interval would exclude the margin with the configured power (jointly over "
     "the conditions its status needs: H2's two) if the true value and sd were the current estimates (not decidable "
@@ -1899,6 +1903,9 @@ def keep_sequential_decisions(entries: list[dict], rows: list[dict], settings: d
     if not look:
         return
     seeds, kept = sorted({r["seed"] for r in rows if r["seed"] is not None}), {}
+    if len(seeds) != look["n"]:  # e.g. skip_bad left a whole seed out: the earlier looks' seeds would shift
+        raise EvaluationError(f"statistics.sequential.look_n={look['n']} but the runs have {len(seeds)} seeds "
+                              f"({seeds}): a look needs every run of its seeds")
     confidence = 1 - settings["statistics"]["alpha"]
     for m in range(look["first_look"], min(look["n"], len(seeds) + 1)):  # the looks before this one
         part = [r for r in rows if r["seed"] in seeds[:m]]
@@ -2005,9 +2012,10 @@ def verdict_seeds(entry: dict, power: float) -> dict:
     pairs = entry.get("instrument") == "interleaved"
     look = entry.get("sequential")
     level = entry["confidence"]
-    if look and not pairs:
+    if look and not pairs:  # the looks still to come: this one has been read
         level = {n: 1 - a["alpha_this_look"] / entry["family_size"] for n, a in
-                 look_alphas(look["first_look"], look["max_seeds"], look["alpha"], look["spending"]).items()}
+                 look_alphas(look["first_look"], look["max_seeds"], look["alpha"], look["spending"]).items()
+                 if n > look["n"]}
     why = entry["scales_reason"] or (None if entry["scales"] else f"not testable: {entry['reason']}")
     answer = seeds_to_decide(entry["scales"] if not why else [], level, power)
     return {**answer, "unit": "pairs" if pairs else "seeds", "conditions": len(entry["scales"]),
@@ -2910,7 +2918,8 @@ def fmt_decision(e: dict) -> str:
     if not d:
         return ""
     return f"; decided at look {d['look']} (n = {d['n']})" + (
-        f", kept: this look alone reads {e['status_this_look']}" if e.get("status_this_look") else "")
+        f", kept: this look alone reads {e['status_this_look']} (its interval and p above)"
+        if e.get("status_this_look") else "")
 
 
 def fmt_instrument(e: dict) -> str:
@@ -3017,13 +3026,19 @@ def evaluate_run(rec: RunRecord, results_dir: Path) -> None:
         plot_rank_allocation(rec, folder / f"{rec.name}_rank_allocation.pdf")
 
 
+def comparison_texts(agg: dict) -> dict[str, str]:
+    """comparison/'s text files: aggregated_metrics.json (NaN/inf as null) and report.md."""
+    return {"aggregated_metrics.json": json.dumps(_finite(agg), indent=2, allow_nan=False),
+            "report.md": report_markdown(agg)}
+
+
 def compare(records: list[RunRecord], results_dir: Path, settings: dict | None = None,
             skipped: list[dict] | tuple = ()) -> dict:
     """comparison/: aggregated_metrics.json, report.md and the comparison figures; `skipped`: load_runs'."""
     out = results_dir / "comparison"
     agg = aggregate(records, settings, load_timing_records(results_dir), skipped)
-    write_json(out / "aggregated_metrics.json", agg)
-    atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(report_markdown(agg)))
+    for name, text in comparison_texts(agg).items():
+        atomic_write(out / name, lambda tmp, text=text: Path(tmp).write_text(text))
     plot_score_bars(agg, out / "comparison_accuracy_bar_chart.pdf")
     plot_score_boxes(agg, out / "comparison_accuracy_box_plot.pdf")
     plot_learning_curves(records, out / "comparison_learning_curves.pdf")

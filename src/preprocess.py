@@ -334,11 +334,16 @@ def padded_tokens(lengths, batch_size: int) -> int:
     return sum(len(b) * max(b) for b in (lengths[i:i + batch_size] for i in range(0, len(lengths), batch_size)))
 
 
-def eval_order(lengths) -> list[int]:
+class EvalOrder(list):
+    """A permutation of an eval split's examples that its loader reads in (a list is a sampler): evaluate_split puts
+    the predictions read in this order back in the split's order."""
+
+
+def eval_order(lengths) -> EvalOrder:
     """An eval split's examples longest first (ties in file order): each batch pads to about its own length, and the
     largest batch comes first, so a memory limit shows at the first batch. Metrics do not depend on the order; the
     predictions are put back in file order (src.train.evaluate_split)."""
-    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return EvalOrder(sorted(range(len(lengths)), key=lambda i: -lengths[i]))
 
 
 def make_loaders(ds: DatasetDict, tokenizer, batch_size: int, eval_batch_size: int, seed: int,

@@ -769,7 +769,7 @@ def evaluate_split(model, loader, spec: P.TaskSpec, device, autocast, dist: Dist
         loss_sum += x[3]
     n = sum(len(x[2]) for x in every)
     preds, labels = np.concatenate([x[1] for x in every]), np.concatenate([x[2] for x in every])
-    if isinstance(getattr(loader, "sampler", None), list):  # read in this order (preprocess.eval_order): back to the split's order
+    if isinstance(getattr(loader, "sampler", None), P.EvalOrder):  # read in that order: back to the split's
         order = np.asarray(loader.sampler)
         preds[order], labels[order] = preds.copy(), labels.copy()
     return preds, labels, loss_sum / max(n, 1)

@@ -622,7 +622,8 @@ def test_plan_with_a_gpu_check_prints_the_tune_and_seed_phases_in_gpu_hours(tmp_
 
 def test_gpu_plan_counts_a_partial_run_from_its_checkpoint_and_tokenising_once_per_task(tmp_path, capsys):
     """A run with a checkpoint at half its steps adds half its forecast; each task's tokenising is charged once,
-    to its first job, whatever the number of methods and seeds."""
+    to its first job, whatever the number of methods and seeds, and not at all once the task has begun (its token
+    cache exists)."""
     bench = load_study_bench()
     (tmp_path / "rates.json").write_text(json.dumps(deberta_rates()))
     argv = ["--plan", "--backbone", "DeBERTa-v3-base-86M", "--tasks", "MNLI", "RTE", "--methods", "comparative-2",
@@ -637,7 +638,8 @@ def test_gpu_plan_counts_a_partial_run_from_its_checkpoint_and_tokenising_once_p
     partial = next(r for r in runs if r.kind == "lora" and r.task == "MNLI" and r.seed == 2)
     (partial.folder / "checkpoint" / "step-18408").mkdir(parents=True)  # half of 36,816 steps
     capsys.readouterr()
-    assert bench.plan(runs, args) == pytest.approx(whole - per_run[partial.rid] / 2, rel=1e-12)
+    assert bench.plan(runs, args) == pytest.approx(
+        whole - per_run[partial.rid] / 2 - bench.gpu_tokenize_seconds("MNLI", rates), rel=1e-12)
     assert re.search(r"comparative-2-DeBERTa-v3-base-86M--GLUE-MNLI\s+2 partial @18408\s+36816", capsys.readouterr().out)
 
 

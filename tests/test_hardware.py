@@ -404,8 +404,9 @@ def test_length_grouped_batches_pad_less_and_keep_one_order_per_seed_and_epoch(g
 
 def test_length_grouped_evaluation_reads_longest_first_and_gives_the_file_order_back(glue_dir, tiny_model):
     """dataset.group_by_length: each eval split read longest first (fewer padded tokens than file order), and
-    evaluate_split's predictions and labels come back in the split's own order, equal to a file-order pass; the
-    forecast's estimate of those tokens (sorted_split_tokens) is exact on the split's own lengths."""
+    evaluate_split's predictions and labels come back in the split's own order, equal to a file-order pass, also
+    gathered from two processes; the forecast's estimate of those tokens (sorted_split_tokens) is exact on the
+    split's own lengths."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -429,6 +430,21 @@ def test_length_grouped_evaluation_reads_longest_first_and_gives_the_file_order_
     b = T.evaluate_split(model, plain, spec, torch.device("cpu"), T.nullcontext)
     assert (a[1] == np.asarray(ds[split]["labels"])).all() and (a[1] == b[1]).all()
     assert (a[0] == b[0]).all() and a[2] == pytest.approx(b[2], rel=1e-5)
+
+    class Sent(FakeDist):  # process 1 of two: what it sends is what process 0 gathers from it
+        def gather(self, obj) -> list:
+            self.sent = obj
+            raise StopIteration
+
+    one = Sent(1, [])
+    one.shows = False
+    with pytest.raises(StopIteration):
+        T.evaluate_split(model, grouped, spec, torch.device("cpu"), T.nullcontext, one)
+    assert {b for b, *_ in one.sent} == set(range(1, len(grouped), 2))  # batches 1, 3, ...
+    zero = FakeDist(0, one.sent)
+    zero.shows = False
+    two = T.evaluate_split(model, grouped, spec, torch.device("cpu"), T.nullcontext, zero)
+    assert (two[0] == a[0]).all() and (two[1] == a[1]).all() and two[2] == pytest.approx(a[2], rel=1e-12)
 
 
 def test_data_parallel_shards_of_a_pinned_batch_stay_pinned_and_contiguous(monkeypatch):
@@ -552,12 +568,13 @@ def test_gpu_check_without_the_task_files_uses_the_length_model_and_the_official
     assert re.search(r"comparative-2-DeBERTa-v3-base-86M--GLUE-MNLI\s+1 todo\s+36816 ", out)
 
 
-def test_gpu_check_stops_on_a_data_dir_it_cannot_read(tiny_model, glue_dir, tmp_path):
+def test_gpu_check_stops_on_a_data_dir_it_cannot_read(tiny_model, glue_dir, tmp_path, capsys):
     """--data-dir that is not a folder, or whose task folder is there but broken: a clear stop before any work, not
     the length model's guess."""
     gc = load_gpu_check()
     with pytest.raises(SystemExit):
         gc.main_(["--device", "cpu", "--backbone", str(tiny_model), "--data-dir", str(tmp_path / "nope")])
+    assert "no such folder" in capsys.readouterr().err
     broken = tmp_path / "glue"
     shutil.copytree(glue_dir, broken)
     (broken / "MNLI" / "train.tsv").write_text("not\ta\nGLUE file\n")

@@ -220,6 +220,19 @@ def test_seeds_needed_in_a_sequential_design_is_the_first_look_that_decides_at_i
     assert e["status"] == "undecided" and e["seeds_needed"]["n"] == want["n"] == 10
     assert e["seeds_needed"]["level"] == per_task[10] and e["seeds_needed"]["looks"]["max_seeds"] == 12
     assert "seeds to decide at a look of this design, at its level (prospective" in E.verdict_line(e)
+    # only the looks still to come: at the design's last look there is none
+    last = E.load_settings({"statistics": {"sequential": {"look_n": 6, "first_look": 5, "max_seeds": 6}}})
+    e = verdicts(E.aggregate(records, last), "H1")["sst2"]
+    assert e["status"] == "undecided" and e["seeds_needed"]["n"] is None
+    assert e["seeds_needed"]["reason"] == "not decidable within the design: this was its last look"
+
+
+def test_a_look_whose_runs_lack_a_seed_is_an_error():
+    """A look's earlier looks are its first seeds: with a seed's runs missing (skip_bad) they would shift."""
+    settings = E.load_settings({"statistics": {"sequential": {"look_n": 6, "first_look": 5, "max_seeds": 8}}})
+    records = [r for r in study(0.0095, 0.001) if r.summary["seed"] != 2]
+    with pytest.raises(E.EvaluationError, match=r"look_n=6 but the runs have 5 seeds"):
+        E.aggregate(records, settings)
 
 
 def test_seeds_needed_for_two_conditions_holds_the_power_jointly():
