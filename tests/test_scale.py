@@ -184,7 +184,8 @@ def test_rank_mismatch_between_processes_is_an_error():
         assert got[rank] == "ranks differ between processes at optimizer step 4 (process 1 vs 0)"
 
 
-@pytest.mark.parametrize("launcher", ["accelerate", pytest.param("torchrun", marks=pytest.mark.slow)])
+@pytest.mark.slow  # 50 s a launcher: two launches of 2 processes, 4 trials; the README command stays within 6 min
+@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
 def test_the_readme_data_parallel_commands_tune_then_train(tiny_model, glue_dir, tmp_path, launcher):
     """The README's data-parallel lines with the run config's own Optuna study (n_trials > 0): each process is a
     worker of the one study, running whole trials alone; once the study has its trials both train the final run

@@ -204,6 +204,7 @@ def _finished(storage):
     return [t for t in study.trials if t.state.is_finished() and t.state != optuna.trial.TrialState.FAIL]
 
 
+@pytest.mark.slow  # 34 s: a study killed mid-trial and resumed through the CLI
 def test_killed_study_resumes_where_it_stopped(tiny_model, glue_dir, tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     args = _cli_args(tiny_model, glue_dir, tmp_path / "r", storage, 4)
