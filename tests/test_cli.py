@@ -104,6 +104,7 @@ def test_bad_input_fails_fast_with_one_clear_line(tmp_path, case):
     assert not results.exists()
 
 
+@pytest.mark.slow  # 10-17 s: the README's test command stays within 6 minutes
 def test_missing_data_folder_and_malformed_tsv(tiny_model, glue_dir, tmp_path):
     results = tmp_path / "results"
     base = [f"run={RUNS['LoRA'][0]}", "mode=trial", f"model.backbone={tiny_model}", f"results_dir={results}"]
@@ -129,6 +130,7 @@ def test_infeasible_budget_fails_before_training(tiny_model, glue_dir, tmp_path)
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow  # 10-17 s: the README's test command stays within 6 minutes
 def test_full_run_with_offline_wandb_writes_no_secret(tiny_model, glue_dir, tmp_path):
     """The W&B key reaches neither the config, the logs, the history, the summary nor W&B's own files."""
     secret = "0123456789abcdef0123456789abcdef01234567"
@@ -178,6 +180,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_mo
     assert not (run_dir / "summary.json").exists()
 
 
+@pytest.mark.slow  # 10-17 s: the README's test command stays within 6 minutes
 def test_resume_false_moves_the_old_run_aside(tiny_model, glue_dir, tmp_path):
     run_id, extra = RUNS["LoRA"]
     args = [f"run={run_id}", "mode=trial", *extra, *tiny_args(tiny_model, glue_dir, tmp_path)]

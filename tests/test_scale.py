@@ -141,6 +141,7 @@ def test_multirun_with_joblib_makes_every_run_folder_and_skips_finished_runs(tin
     assert {n: p.stat().st_mtime_ns for n, p in summaries.items()} == before
 
 
+@pytest.mark.slow  # 10-17 s: the README's test command stays within 6 minutes
 def test_a_failed_multirun_job_does_not_stop_the_others(tiny_model, glue_dir, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="needs `uv sync --group launchers`")
     # AdaLoRA's shipped budget (128) cannot fit the tiny model's 12 matrices at init rank 8: its jobs fail at start
@@ -170,6 +171,7 @@ def _check_same_worker(rank: int, port: int, results) -> None:
         dist.close()
 
 
+@pytest.mark.slow  # 10-17 s: the README's test command stays within 6 minutes
 def test_rank_mismatch_between_processes_is_an_error():
     ctx = torch.multiprocessing.get_context("spawn")
     results = ctx.Queue()

@@ -181,6 +181,7 @@ def test_trial_budget_and_scaled_steps():
     assert T.scaled_steps("training.lr_warmup_steps", 1, Fraction(1, 10)) == 0 and T.scaled_steps("x", None, half) is None
 
 
+@pytest.mark.slow  # 10-17 s: the README's test command stays within 6 minutes
 def test_trial_mode_never_creates_a_study(tiny_model, glue_dir, tmp_path):
     proc = run_cli(f"run={GLORA}", "mode=trial", f"model.backbone={tiny_model}", f"dataset.data_dir={glue_dir}",
                    f"results_dir={tmp_path}", "glo_ra.total_rank_budget=40")
