@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import heapq
 import io
 import json
 import math
@@ -416,22 +417,64 @@ def gpu_tokenize_seconds(task: str, rates: dict) -> float:
     return t["tokenize_s_per_example"] * sum(t["sizes"].values())
 
 
-def schedule_node(jobs: list[tuple[str, float, str | None]], slots: int) -> float:
-    """Wall seconds of jobs (name, seconds, the job it must follow or None) on `slots` GPUs, greedily in the given
-    order, each job on the first GPU free once what it follows has finished."""
-    free, done = [0.0] * max(1, slots), {}
-    for name, seconds, after in jobs:
-        i = min(range(len(free)), key=free.__getitem__)
-        start = max(free[i], done.get(after, 0.0))
-        free[i] = done[name] = start + seconds
-    return max(free)
+@dataclass
+class Job:
+    """One run of the queue as the node forecast sees it: its config (whose study its seeds share), its task and its
+    own seconds (training, and the task's tokenising for its first job)."""
+    name: str
+    config: str
+    task: str
+    seconds: float
+
+
+def schedule_node(jobs: list[Job], slots: int, studies: dict[str, tuple[int, float]] | None = None) -> float:
+    """Wall seconds of the queue `jobs` (in order) on `slots` GPUs, as bench/study.py and src.main run it: a job
+    starts on the first GPU free; while its config's study (`studies`: config -> (trials left, seconds a trial)) has
+    trials left, it is one of the study's Optuna workers and runs one trial after another; once none is left it waits
+    for the study's running trials (the best values need them all), then trains."""
+    studies = {c: [n, sec, 0] for c, (n, sec) in (studies or {}).items()}  # trials left, seconds, running
+    events: list[tuple[float, int, str, int, Job | None]] = []  # (time, order, kind, slot, job)
+    order, queue_ = iter(range(10**9)), list(jobs)
+    waiting: dict[str, list[tuple[int, Job]]] = {}
+    end = 0.0
+
+    def step(t: float, slot: int, job: Job) -> None:  # the job's next move at time t
+        study = studies.get(job.config)
+        if study and study[0] > 0:
+            study[0] -= 1
+            study[2] += 1
+            heapq.heappush(events, (t + study[1], next(order), "trial", slot, job))
+        elif study and study[2] > 0:
+            waiting.setdefault(job.config, []).append((slot, job))
+        else:
+            heapq.heappush(events, (t + job.seconds, next(order), "done", slot, job))
+
+    def take(t: float, slot: int) -> None:
+        if queue_:
+            step(t, slot, queue_.pop(0))
+
+    for slot in range(max(1, slots)):
+        take(0.0, slot)
+    while events:
+        t, _, kind, slot, job = heapq.heappop(events)
+        end = max(end, t)
+        if kind == "trial":
+            study = studies[job.config]
+            study[2] -= 1
+            if study[0] == 0 and study[2] == 0:  # the study is finished: its waiting workers train
+                for other_slot, other in waiting.pop(job.config, []):
+                    heapq.heappush(events, (t + other.seconds, next(order), "done", other_slot, other))
+            step(t, slot, job)
+        else:
+            take(t, slot)
+    return end
 
 
 def print_gpu_forecast(runs: list[Run], args, rates: dict, gpus: int) -> float:
     """The study's tune phase and seeds in GPU-hours on the gpu_check's device, what is left only; returns its
-    GPU-seconds. The trials of a config's study run one after another in its first seed's process, then that seed
-    trains; its other seeds start after it (an upper bound twice over: pruning aside, every trial runs to its budget,
-    and seeds that start while the study runs would be its workers)."""
+    GPU-seconds. The wall time: the queue (seed-major, as `train` runs it) on the node, a config's seeds running its
+    study's trials as its Optuna workers before they train (schedule_node); an upper bound in that every trial runs
+    to its budget (pruning aside)."""
     env = rates.get("environment", {})
     noun = "GPU" if env.get("device") == "cuda" else env.get("device", "device").upper()  # a CPU check: CPU-hours
     unit = f"{noun}-hours"
@@ -443,17 +486,14 @@ def print_gpu_forecast(runs: list[Run], args, rates: dict, gpus: int) -> float:
         if name in args.tasks and not t["source"].startswith("files"):
             print(f"  {name}: sizes from the official split table, lengths from {t['source']}")
     tuning = tune_phase(runs, args)
-    total, jobs, unknown, tune_left, counted = 0.0, [], [], {}, {"trials": 0, "runs": 0}
-    tokenized: dict[str, float] = {}  # task -> its tokenising seconds, charged to the first job that needs it
-    # a task with a trial or a run begun has its token cache already
+    total, jobs, unknown, studies, counted = 0.0, [], [], {}, {"trials": 0, "runs": 0}
+    # tokenising, once per task not begun (a task with a trial or a run begun has its token cache already): charged
+    # to the task's first job in the queue
     started = {r.task for r in runs if r.state()[0] != "todo"} | {
         next(r.task for r in runs if r.rid == rid) for rid, (finished, _, _) in tuning.items() if finished}
-
-    def tokenize(task: str) -> float:
-        if task in tokenized or task in started:
-            return 0.0
-        tokenized[task] = gpu_tokenize_seconds(task, rates)
-        return tokenized[task]
+    tokenized = {t: gpu_tokenize_seconds(t, rates) for t in dict.fromkeys(r.task for r in runs)
+                 if t not in started and t in rates.get("tasks", {})}
+    total += sum(tokenized.values())
 
     if tuning:
         print(f"\n{'tune (one study per config, shared by its seeds)':<58} {'trials':>9} {'steps/trial':>11} "
@@ -465,9 +505,9 @@ def print_gpu_forecast(runs: list[Run], args, rates: dict, gpus: int) -> float:
             unknown.append(f"{rid} tuning: {shape}")
             print(f"{rid:<58} {finished:>4}/{planned:<4} {'-':>11} {'-':>10}")
             continue
-        rest = (planned - finished) * per_trial + tokenize(run.task)
+        rest = (planned - finished) * per_trial
         total += rest
-        tune_left[rid] = rest
+        studies[rid] = (planned - finished, per_trial)
         counted["trials"] += planned - finished
         print(f"{rid:<58} {finished:>4}/{planned:<4} {shape['steps']:>11} {rest / 3600:>10.2f}")
     print(f"\n{'run':<58} {'seed':>5} {'state':<14} {'steps':>8} {unit:>10}")
@@ -480,24 +520,21 @@ def print_gpu_forecast(runs: list[Run], args, rates: dict, gpus: int) -> float:
         if seconds is None:
             unknown.append(f"{r.rid}: {shape}")
         elif state != "done":  # a partial run resumes from its newest checkpoint: the steps after it are left
-            seconds = seconds * max(0.0, 1 - (step or 0) / shape["steps"]) + tokenize(r.task)
+            seconds = seconds * max(0.0, 1 - (step or 0) / shape["steps"])
             total += seconds
             counted["runs"] += 1
-            if r.rid in tune_left and not any(name == f"tune {r.rid}" for name, *_ in jobs):
-                # the config's first seed left runs its study, then trains: its later seeds follow it
-                jobs.append((f"tune {r.rid}", tune_left[r.rid] + seconds, None))
-            else:
-                jobs.append((r.folder.name, seconds, f"tune {r.rid}" if r.rid in tune_left else None))
+            first = r.task in tokenized and not any(j.task == r.task for j in jobs)
+            jobs.append(Job(r.folder.name, r.rid, r.task, seconds + (tokenized[r.task] if first else 0.0)))
         label = state if not step else f"{state} @{step}"
         print(f"{r.rid:<58} {r.seed:>5} {label:<14} {shape['steps'] if seconds else '-':>8} "
               f"{'-' if seconds is None else f'{seconds / 3600:.2f}':>10}")
-    wall = schedule_node(jobs, gpus)
+    wall = schedule_node(jobs, gpus, studies)
     trials = sum(p - f for f, p, _ in tuning.values())
     left = sum(r.state()[0] != "done" for r in runs)
     print(f"\nwhat is left: {trials} tuning trials and {left} runs; the {counted['trials']} trials and "
           f"{counted['runs']} runs with rates: {total / 3600:.1f} {unit}, on {gpus} {noun}{'s' if gpus > 1 else ''} "
-          f"of this kind about {wall / 3600:.1f} h wall (a study's trials one after another, then its seeds; "
-          f"pruning aside)")
+          f"of this kind about {wall / 3600:.1f} h wall (the queue in this order, a job on the first free "
+          f"{noun}; a config's seeds are its study's workers, a trial each at a time, then train; pruning aside)")
     if tokenized:
         print("tokenising, once per task (the token cache serves every later trial, seed and method): "
               + ", ".join(f"{t} {hms(sec)}" for t, sec in tokenized.items()))

@@ -591,12 +591,24 @@ def test_set_values_reach_the_forecast_typed():
     assert shape["steps"] == -(-2490 // 16) and seconds > 0  # one epoch of ceil(2,490 / 16) steps
 
 
-def test_the_node_schedule_puts_each_job_on_the_first_free_gpu_after_what_it_follows():
+def test_the_node_schedule_runs_a_configs_study_on_its_seeds_as_workers_then_trains_them():
+    """Jobs in queue order on the first free GPU; while a config's study has trials left each of its seeds' jobs takes
+    one at a time (Optuna workers); a job that finds none left waits for the running ones, then trains."""
     bench = load_study_bench()
-    jobs = [("tune a", 10.0, None), ("b", 3.0, None), ("a2", 5.0, "tune a"), ("c", 4.0, None)]
-    # 2 GPUs: tune a [0, 10] | b [0, 3]; a2 on GPU 2 at max(3, 10) = 10 -> 15; c on GPU 1 at 10 -> 14
-    assert bench.schedule_node(jobs, 2) == 15.0
-    assert bench.schedule_node(jobs, 1) == 22.0 and bench.schedule_node(jobs, 8) == 15.0
+    Job = bench.Job
+    plain = [Job("b", "B", "t", 3.0), Job("c", "C", "t", 4.0), Job("d", "D", "t", 5.0)]
+    # no study: b [0, 3] | c [0, 4]; d on GPU 1 at 3 -> 8
+    assert bench.schedule_node(plain, 2) == 8.0 and bench.schedule_node(plain, 1) == 12.0
+    seeds = [Job("a1", "A", "t", 5.0), Job("a2", "A", "t", 5.0)]
+    # A's study: 3 trials of 2 s. 2 GPUs: a1 trials [0, 2], [2, 4]; a2 trial [0, 2], then none left but a1's running:
+    # waits to 4; both train [4, 9]
+    assert bench.schedule_node(seeds, 2, {"A": (3, 2.0)}) == 9.0
+    # 1 GPU: a1 runs the 3 trials [0, 6], trains [6, 11]; a2 finds the study done and trains [11, 16]
+    assert bench.schedule_node(seeds, 1, {"A": (3, 2.0)}) == 16.0
+    # 8 GPUs, 4 trials, 2 seeds: 2 workers, 2 trials each [0, 4], then both train: 9
+    assert bench.schedule_node(seeds, 8, {"A": (4, 2.0)}) == 9.0
+    # a finished study (0 trials left): the seeds just train
+    assert bench.schedule_node(seeds, 2, {"A": (0, 2.0)}) == 5.0
 
 
 def test_plan_with_a_gpu_check_prints_the_tune_and_seed_phases_in_gpu_hours(tmp_path, capsys):
