@@ -30,6 +30,7 @@ import argparse
 import csv
 import heapq
 import io
+import itertools
 import json
 import math
 import os
@@ -433,8 +434,8 @@ def schedule_node(jobs: list[Job], slots: int, studies: dict[str, tuple[int, flo
     trials left, it is one of the study's Optuna workers and runs one trial after another; once none is left it waits
     for the study's running trials (the best values need them all), then trains."""
     studies = {c: [n, sec, 0] for c, (n, sec) in (studies or {}).items()}  # trials left, seconds, running
-    events: list[tuple[float, int, str, int, Job | None]] = []  # (time, order, kind, slot, job)
-    order, queue_ = iter(range(10**9)), list(jobs)
+    events: list[tuple[float, int, str, int, Job]] = []  # (time, tie-break, kind, slot, job)
+    order, queue_ = itertools.count(), list(jobs)
     waiting: dict[str, list[tuple[int, Job]]] = {}
     end = 0.0
 
