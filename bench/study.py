@@ -821,6 +821,8 @@ def evaluate(runs: list[Run], args, extra: tuple[str, ...] = ()) -> tuple[list[R
     ids = list(dict.fromkeys(r.rid for r in finished))
     if not ids:
         sys.exit("bench/study.py: no finished run to evaluate")
+    if not any(x.startswith("seeds=") for x in extra):  # the study's seeds only, as its CSV: not others in the folder
+        extra = (f"seeds={json.dumps(sorted({r.seed for r in finished}))}", *extra)
     if subprocess.run([sys.executable, "-m", "src.evaluate", f"results_dir={args.results_dir}",
                        f"run_ids={json.dumps(ids)}", *extra], cwd=REPO).returncode:
         sys.exit("bench/study.py: src.evaluate failed (its error is above)")

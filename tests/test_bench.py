@@ -214,6 +214,13 @@ def test_study_plans_skips_resumes_and_writes_the_per_run_csv(tiny_model, glue_d
     again = json.loads((tmp_path / f"{rid}-seed43" / "summary.json").read_text())
     assert again["mcc"] == summary["mcc"] and again["resumes"] == 1
 
+    # --no-train on fewer seeds: the evaluation reads those seeds' runs only, as the CSV does
+    only = _study(tmp_path, tiny_model, glue_dir, "--no-train", "--seeds", "42")
+    assert only.returncode == 0, only.stderr[-3000:]
+    agg = json.loads((tmp_path / "comparison" / "aggregated_metrics.json").read_text())
+    assert [r["seed"] for r in agg["runs"]] == [42]
+    assert [r["seed"] for r in csv.DictReader((tmp_path / "study-MiniLM-L6-22M.csv").open())] == ["42"]
+
 
 def test_study_refuses_a_missing_task_config_before_training(tmp_path):
     bench = load_study_bench()
