@@ -1122,11 +1122,12 @@ def trial_forecast(run: RunSetup, summary: dict, imports_s: float, setup_s: floa
     train_lengths, tokenize_per_example = P.sample_lengths(run.pools["train"], run.tokenizer, d.max_length)
     eval_split = next(k for k in run.pools if k != "train")
     eval_lengths, _ = P.sample_lengths(run.pools[eval_split], run.tokenizer, d.max_length)
-    def read(lengths: list[int]) -> list[int]:  # in the order the eval loader reads them
-        return [lengths[i] for i in P.eval_order(lengths)] if d.get("group_by_length", False) else lengths
+    def padded(lengths: list[int]) -> float:  # in the order the eval loader reads them, as run_shape counts them
+        return (sorted_split_tokens(np.array(lengths), d.eval_batch_size, len(lengths))
+                if d.get("group_by_length", False) else P.padded_tokens(lengths, d.eval_batch_size))
 
-    trial_eval_tokens = sum(P.padded_tokens(read([len(x) for x in ds["input_ids"]]), d.eval_batch_size)
-                            for split, ds in run.data.items() if split != "train")
+    trial_eval_tokens = sum(padded([len(x) for x in ds["input_ids"]]) for split, ds in run.data.items()
+                            if split != "train")
     # per token of the global batch (data parallel: each process trains on its share at the same time)
     rates = {"step_s_per_token": summary["step_time_s"]["median"] / (summary["step_time_s"]["tokens_median"]
                                                                       * run.dist.world),
