@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from datasets import DatasetDict
 from omegaconf import OmegaConf
+from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -311,7 +312,9 @@ def measure(arms: list[Arm], batches, rounds: int, warmup: int, block: int, devi
     """`warmup` unmeasured rounds, then `rounds` measured ones: each arm's block of `block` steps on the round's
     batches, the arms in a fresh random order; garbage is collected between blocks, never inside one."""
     rng, pairs = random.Random(seed), []
-    for r in range(warmup + rounds):
+    # the bar moves between rounds, outside every timed block
+    for r in tqdm(range(warmup + rounds), desc=f"timing ({warmup} unmeasured rounds, then {rounds} pairs)",
+                  unit="round", file=sys.stderr):
         ids = [(r * block + j) % len(batches) for j in range(block)]
         order = rng.sample(arms, len(arms))
         times = {}
