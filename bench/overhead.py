@@ -16,7 +16,10 @@ after it (its final phase, re-masking every step). A round is one block of --blo
 a fresh random order, all on the round's same batches; --pairs measured rounds follow --warmup unmeasured ones. Per
 round, a method's step time is its arms' block means weighted by each phase's share of the run's optimizer steps, so
 each round gives one log ratio per pair of methods (the units of H3's interval). The record, written atomically, goes
-where src.evaluate reads it: `{results_dir}/timing/{backbone}--{task}.json`.
+where src.evaluate reads it: `{results_dir}/timing/{backbone}--{task}.json`. A killed record resumes: the pairs so far
+are written to `{record}.partial` after every round, and the same command keeps them, warms up again and measures the
+rounds left with the arm order and batches an uninterrupted run would have used (the record's `segments` say which
+process measured which pairs; a partial file of another design stops it before any step).
 
     uv run python bench/overhead.py --task SST-2 --allocation results/study/proposed-MiniLM-L6-22M--GLUE-SST-2 \
         --record results/study/timing/MiniLM-L6-22M--SST-2.json
@@ -308,15 +311,20 @@ def build_arms(cfgs, base, total, device, autocast, batches, sched, args) -> tup
     return [x for x in arms if x.share > 0], allocation
 
 
-def measure(arms: list[Arm], batches, rounds: int, warmup: int, block: int, device, autocast, seed: int) -> list:
+def measure(arms: list[Arm], batches, rounds: int, warmup: int, block: int, device, autocast, seed: int,
+            done: list | None = None, on_pair=None) -> list:
     """`warmup` unmeasured rounds, then `rounds` measured ones: each arm's block of `block` steps on the round's
-    batches, the arms in a fresh random order; garbage is collected between blocks, never inside one."""
-    rng, pairs = random.Random(seed), []
+    batches, the arms in a fresh random order; garbage is collected between blocks, never inside one. `done`: the
+    pairs a killed process measured, kept: this process warms up again, then measures the rounds after them with the
+    order and batches an uninterrupted one would have used. `on_pair(pairs)` after each measured round."""
+    rng, pairs = random.Random(seed), list(done or [])
     # the bar moves between rounds, outside every timed block
     for r in tqdm(range(warmup + rounds), desc=f"timing ({warmup} unmeasured rounds, then {rounds} pairs)",
                   unit="round", file=sys.stderr):
         ids = [(r * block + j) % len(batches) for j in range(block)]
-        order = rng.sample(arms, len(arms))
+        order = rng.sample(arms, len(arms))  # drawn for every round, kept or not, so the sequence is the same
+        if warmup <= r < warmup + len(done or []):
+            continue
         times = {}
         for arm in order:
             gc.collect()
@@ -325,6 +333,8 @@ def measure(arms: list[Arm], batches, rounds: int, warmup: int, block: int, devi
             gc.enable()
         if r >= warmup:
             pairs.append({"index": r - warmup, "order": [x.name for x in order], "batches": ids, "step_s": times})
+            if on_pair:
+                on_pair(pairs)
     return pairs
 
 
@@ -358,10 +368,27 @@ def record_main(args, argv: list[str]) -> int:
         M.check_budget(c, base, total)
     sched = schedule(cfgs, total)
     arms, allocation = build_arms(cfgs, base, total, device, autocast, batches, sched, args)
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-    pairs = measure(arms, batches, args.pairs, args.warmup, args.block, device, autocast, args.seed)
-    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     env = T.environment(device, 1, precision)
+    # a killed record goes on from its partial file (written after every pair) when the design is the same
+    partial = Path(f"{args.record}.partial") if args.record else None
+    key = {"task": args.task, "backbone": args.backbone, "run_ids": {role: c.run_id for role, c in cfgs.items()},
+           "arms": [a.name for a in arms], "allocation": allocation.get("ranks"), "pairs": args.pairs,
+           "block_steps": args.block, "warmup_rounds": args.warmup, "seed": args.seed, "threads": env["cpu_threads"]}
+    earlier = resumed_pairs(partial, key)
+    segment = {"date": date, "from_pair": len(earlier["pairs"]), "device_name": env["device_name"],
+               "measure_wall_s": 0.0, "cpu_time_s": 0.0}
+    segments = earlier["segments"] + [segment]
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+
+    def save(pairs: list) -> None:
+        segment.update(measure_wall_s=time.perf_counter() - wall0, cpu_time_s=time.process_time() - cpu0)
+        if partial:
+            E.write_json(partial, {"format": PARTIAL_FORMAT, "key": key, "segments": segments, "pairs": pairs})
+
+    pairs = measure(arms, batches, args.pairs, args.warmup, args.block, device, autocast, args.seed,
+                    earlier["pairs"], save)
+    save(pairs)
+    wall, cpu = sum(x["measure_wall_s"] for x in segments), sum(x["cpu_time_s"] for x in segments)
     task, _ = P.task_spec(probe.dataset.name)
     record = {"format": E.TIMING_FORMAT, "task": task, "task_folder": args.task, "backbone": str(probe.model.backbone),
               "backbone_label": args.backbone, "run_ids": {role: c.run_id for role, c in cfgs.items()},
@@ -373,7 +400,7 @@ def record_main(args, argv: list[str]) -> int:
               "schedule": sched, "arms": [a.describe() for a in arms],
               "adalora_phases_timed": [a.phase for a in arms if a.role == "adalora"], "allocation": allocation,
               "batches": source, "environment": env, "command": "python bench/overhead.py " + shlex.join(argv),
-              "date": date, "measure_wall_s": wall, "cpu_time_s": cpu,
+              "date": segments[0]["date"], "segments": segments, "measure_wall_s": wall, "cpu_time_s": cpu,
               "cpu_utilisation": cpu / (wall * env["cpu_threads"]) if env["device"] == "cpu" else None,
               "pairs": pairs}
     record["summary"] = ratio_summary(record)
@@ -381,8 +408,30 @@ def record_main(args, argv: list[str]) -> int:
     print_record(record)
     if args.record:
         E.write_json(Path(args.record), record)
+        partial.unlink(missing_ok=True)
         print(f"record: {args.record}")
     return 0
+
+
+PARTIAL_FORMAT = "glora-interleaved-timing-partial/1"
+
+
+def resumed_pairs(partial: Path | None, key: dict) -> dict:
+    """The pairs and segments a killed run of the same design left in its partial file ({"pairs": [], "segments":
+    []} when there is none); a partial file of another design stops here, before any step."""
+    if partial is None or not partial.exists():
+        return {"pairs": [], "segments": []}
+    try:
+        state = json.loads(partial.read_text())
+    except (OSError, ValueError) as e:
+        sys.exit(f"bench/overhead.py: {partial}: unreadable ({e}); delete it to start the record afresh")
+    if state.get("format") != PARTIAL_FORMAT or state.get("key") != key:
+        differ = sorted(k for k in key if (state.get("key") or {}).get(k) != key[k])
+        sys.exit(f"bench/overhead.py: {partial} holds pairs of another design (differs in {', '.join(differ) or 'format'});"
+                 f" delete it to start the record afresh")
+    print(f"resuming: {len(state['pairs'])} of {key['pairs']} pairs measured by an earlier process ({partial})",
+          flush=True)
+    return {"pairs": state["pairs"], "segments": state["segments"]}
 
 
 def print_record(record: dict) -> None:

