@@ -318,12 +318,13 @@ def measure(arms: list[Arm], batches, rounds: int, warmup: int, block: int, devi
     pairs a killed process measured, kept: this process warms up again, then measures the rounds after them with the
     order and batches an uninterrupted one would have used. `on_pair(pairs)` after each measured round."""
     rng, pairs = random.Random(seed), list(done or [])
+    kept = len(pairs)
     # the bar moves between rounds, outside every timed block
     for r in tqdm(range(warmup + rounds), desc=f"timing ({warmup} unmeasured rounds, then {rounds} pairs)",
                   unit="round", file=sys.stderr):
         ids = [(r * block + j) % len(batches) for j in range(block)]
         order = rng.sample(arms, len(arms))  # drawn for every round, kept or not, so the sequence is the same
-        if warmup <= r < warmup + len(done or []):
+        if warmup <= r < warmup + kept:
             continue
         times = {}
         for arm in order:
@@ -427,8 +428,8 @@ def resumed_pairs(partial: Path | None, key: dict) -> dict:
         sys.exit(f"bench/overhead.py: {partial}: unreadable ({e}); delete it to start the record afresh")
     if state.get("format") != PARTIAL_FORMAT or state.get("key") != key:
         differ = sorted(k for k in key if (state.get("key") or {}).get(k) != key[k])
-        sys.exit(f"bench/overhead.py: {partial} holds pairs of another design (differs in {', '.join(differ) or 'format'});"
-                 f" delete it to start the record afresh")
+        sys.exit(f"bench/overhead.py: {partial} holds pairs of another design (differs in "
+                 f"{', '.join(differ) or 'format'}); delete it to start the record afresh")
     print(f"resuming: {len(state['pairs'])} of {key['pairs']} pairs measured by an earlier process ({partial})",
           flush=True)
     return {"pairs": state["pairs"], "segments": state["segments"]}
