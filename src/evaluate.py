@@ -1755,8 +1755,9 @@ def timing_record_path(results_dir, backbone: str, task_folder: str) -> Path:
 
 
 def load_timing_records(results_dir: Path) -> list[dict]:
-    """Every timing record in {results_dir}/timing/, each with its `path`; a file there that is not one is an error
-    (a record is written atomically, so a half-written file is never seen)."""
+    """Every timing record in {results_dir}/timing/, each with its `path` relative to results_dir (`timing/...`: a
+    report re-derives the same wherever the folder lies); a file there that is not one is an error (a record is
+    written atomically, so a half-written file is never seen)."""
     folder = Path(results_dir) / TIMING_DIR
     records = []
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
@@ -1768,7 +1769,7 @@ def load_timing_records(results_dir: Path) -> list[dict]:
         if not isinstance(record, dict) or record.get("format") != TIMING_FORMAT:
             raise EvaluationError(f"{path}: not a timing record of format {TIMING_FORMAT!r} (bench/overhead.py "
                                   f"--record writes them)")
-        records.append({**record, "path": str(path)})
+        records.append({**record, "path": f"{TIMING_DIR}/{path.name}"})
     return records
 
 
